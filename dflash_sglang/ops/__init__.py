@@ -1,0 +1,146 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Public DFlash ops: argument checks, then the CUDA kernel or the PyTorch reference.
+
+Dispatch is explicit: CUDA tensors go to ``torch.ops.dflash.<op>`` when the extension loads (see
+``DFLASH_KERNELS`` in ``config.py``); CPU tensors, or CUDA with ``DFLASH_KERNELS=off``, use
+``ops.reference``. With ``DFLASH_KERNELS=auto`` a CUDA run without the extension says so once in the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from dflash_sglang.config import kernel_mode
+from dflash_sglang.ops import reference
+from dflash_sglang.ops._load import ExtensionUnavailable, load_ext
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["inject_kv", "verify_block", "kernels_available", "use_kernels_for"]
+
+
+@functools.cache
+def kernels_available() -> bool:
+    """Whether ``torch.ops.dflash`` is usable here (loads the extension on first call)."""
+    mode = kernel_mode()
+    if mode == "off":
+        return False
+    try:
+        load_ext()
+        return True
+    except ExtensionUnavailable as error:
+        if mode == "on":
+            raise
+        logger.warning("DFlash CUDA kernels unavailable, using the PyTorch path: %s", error)
+        return False
+
+
+def use_kernels_for(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and kernels_available()
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...],
+                  device: torch.device) -> None:
+    _check(isinstance(tensor, torch.Tensor), f"{name} must be a tensor, got {type(tensor).__name__}")
+    _check(tensor.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
+    _check(tensor.dtype in dtypes, f"{name} must be one of {dtypes}, got {tensor.dtype}")
+    _check(tensor.device == device, f"{name} is on {tensor.device} but the other inputs are on {device}")
+
+
+def inject_kv(kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, k_norm_weight: torch.Tensor,
+              cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float) -> None:
+    """K-norm + RoPE + cast + scatter of the context K/V of N tokens into every drafter layer's cache.
+
+    Shapes as in :func:`dflash_sglang.ops.reference.inject_kv_ref`: kv [N, L, 2, H, D]; positions, slots
+    [N] int64; k_norm_weight [L, D]; cos_sin_cache [P, D] fp32; k_cache, v_cache [L, S, H, D] (mutated).
+    """
+    device = kv.device
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    _check_tensor("kv", kv, 5, floats, device)
+    num_tokens, num_layers, two, num_heads, head_dim = kv.shape
+    _check(two == 2, f"kv must be [N, L, 2, H, D] (K then V), got shape {tuple(kv.shape)}")
+    _check_tensor("positions", positions, 1, (torch.int64,), device)
+    _check_tensor("slots", slots, 1, (torch.int64,), device)
+    _check(positions.shape[0] == num_tokens and slots.shape[0] == num_tokens,
+           f"positions {tuple(positions.shape)} and slots {tuple(slots.shape)} must have N={num_tokens} entries")
+    _check_tensor("k_norm_weight", k_norm_weight, 2, floats, device)
+    _check(tuple(k_norm_weight.shape) == (num_layers, head_dim),
+           f"k_norm_weight must be [L={num_layers}, D={head_dim}], got {tuple(k_norm_weight.shape)}")
+    _check_tensor("cos_sin_cache", cos_sin_cache, 2, (torch.float32,), device)
+    _check(cos_sin_cache.shape[1] == head_dim,
+           f"cos_sin_cache must be [max_position, D={head_dim}], got {tuple(cos_sin_cache.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, cache, 4, (torch.bfloat16, torch.float16, torch.float32), device)
+        _check(cache.shape[0] == num_layers and tuple(cache.shape[2:]) == (num_heads, head_dim),
+               f"{name} must be [L={num_layers}, slots, H={num_heads}, D={head_dim}], got {tuple(cache.shape)}")
+    _check(k_cache.dtype == v_cache.dtype, f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) differ")
+    if num_tokens == 0:
+        return
+    if use_kernels_for(kv):
+        torch.ops.dflash.inject_kv(kv.contiguous(), positions.contiguous(), slots.contiguous(),
+                                   k_norm_weight.contiguous(), cos_sin_cache.contiguous(), k_cache, v_cache,
+                                   float(eps))
+    else:
+        reference.inject_kv_ref(kv, positions, slots, k_norm_weight, cos_sin_cache, k_cache, v_cache, eps)
+
+
+def verify_block(block_tokens: torch.Tensor, block_slots: torch.Tensor, prefix_lens: torch.Tensor,
+                 stop_ids: torch.Tensor, budgets: torch.Tensor, *, target_ids: torch.Tensor | None = None,
+                 target_probs: torch.Tensor | None = None, draft_probs: torch.Tensor | None = None,
+                 uniforms: torch.Tensor | None = None):
+    """Tree-free verification of one block per request; greedy when ``target_ids`` is given, else
+    rejection sampling from ``target_probs``/``draft_probs`` with ``uniforms``.
+
+    See :func:`dflash_sglang.ops.reference.verify_block_ref` for shapes and the returned tuple.
+    """
+    device = block_tokens.device
+    _check_tensor("block_tokens", block_tokens, 2, (torch.int64,), device)
+    bs, block_size = block_tokens.shape
+    _check(2 <= block_size <= 32, f"block size must be in [2, 32], got {block_size}")
+    _check_tensor("block_slots", block_slots, 2, (torch.int64,), device)
+    _check(tuple(block_slots.shape) == (bs, block_size),
+           f"block_slots must be [bs={bs}, B={block_size}], got {tuple(block_slots.shape)}")
+    _check_tensor("prefix_lens", prefix_lens, 1, (torch.int64,), device)
+    _check_tensor("budgets", budgets, 1, (torch.int64,), device)
+    _check(prefix_lens.shape[0] == bs and budgets.shape[0] == bs,
+           f"prefix_lens {tuple(prefix_lens.shape)} and budgets {tuple(budgets.shape)} must have bs={bs} entries")
+    _check_tensor("stop_ids", stop_ids, 2, (torch.int64,), device)
+    _check(stop_ids.shape[0] == bs, f"stop_ids must be [bs={bs}, S], got {tuple(stop_ids.shape)}")
+    greedy = target_ids is not None
+    if greedy:
+        _check(target_probs is None and draft_probs is None and uniforms is None,
+               "give either target_ids (greedy) or target_probs + draft_probs + uniforms (sampling), not both")
+        _check_tensor("target_ids", target_ids, 2, (torch.int64,), device)
+        _check(tuple(target_ids.shape) == (bs, block_size),
+               f"target_ids must be [bs={bs}, B={block_size}], got {tuple(target_ids.shape)}")
+    else:
+        _check(target_probs is not None and draft_probs is not None and uniforms is not None,
+               "sampling verification needs target_probs, draft_probs and uniforms (or pass target_ids)")
+        _check_tensor("target_probs", target_probs, 3, (torch.float32,), device)
+        vocab = target_probs.shape[2]
+        _check(tuple(target_probs.shape) == (bs, block_size, vocab),
+               f"target_probs must be [bs={bs}, B={block_size}, V], got {tuple(target_probs.shape)}")
+        _check_tensor("draft_probs", draft_probs, 3, (torch.float32,), device)
+        _check(tuple(draft_probs.shape) == (bs, block_size - 1, vocab),
+               f"draft_probs must be [bs={bs}, B-1={block_size - 1}, V={vocab}], got {tuple(draft_probs.shape)}")
+        _check_tensor("uniforms", uniforms, 2, (torch.float32,), device)
+        _check(tuple(uniforms.shape) == (bs, block_size),
+               f"uniforms must be [bs={bs}, B={block_size}], got {tuple(uniforms.shape)}")
+    if use_kernels_for(block_tokens):
+        empty = block_tokens.new_empty(0)
+        return torch.ops.dflash.verify_block(
+            block_tokens.contiguous(), target_ids.contiguous() if greedy else empty,
+            empty.float() if greedy else target_probs.contiguous(),
+            empty.float() if greedy else draft_probs.contiguous(),
+            empty.float() if greedy else uniforms.contiguous(),
+            block_slots.contiguous(), prefix_lens.contiguous(), stop_ids.contiguous(), budgets.contiguous())
+    return reference.verify_block_ref(block_tokens, target_ids, target_probs, draft_probs, uniforms, block_slots,
+                                      prefix_lens, stop_ids, budgets)

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pure-PyTorch reference of every DFlash op: the specification, the test oracle and the CPU path.
+
+Each ``<op>_ref`` has the same signature and semantics as the CUDA op ``torch.ops.dflash.<op>`` and is
+written for clarity, with fp32 arithmetic.
+
+* :func:`inject_kv_ref` -- the epilogue of the KV injection: given the projected context K/V of ``N``
+  tokens for all drafter layers (one batched GEMM's output), apply the per-head K RMSNorm and RoPE and
+  scatter K and V into the drafter's KV cache at the tokens' slots, in the cache's dtype.
+* :func:`verify_block_ref` -- tree-free block verification for a batch: accepted length, committed
+  tokens (accepted drafts + bonus, cut at stop tokens / the token budget), KV slots to keep and to free,
+  and new sequence lengths; greedy or speculative rejection sampling with caller-given uniforms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inject_kv_ref(kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, k_norm_weight: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float) -> None:
+    """Writes the drafter context K/V of ``N`` tokens into every layer's cache.
+
+    Args:
+        kv: [N, L, 2, num_kv_heads, head_dim] bf16/fp16/fp32; ``kv[:, l, 0]`` is layer l's k_proj output
+            and ``kv[:, l, 1]`` its v_proj output for the tokens' projected context features.
+        positions: [N] int64 absolute positions (RoPE).
+        slots: [N] int64 cache slots; a negative slot marks padding and writes nothing.
+        k_norm_weight: [L, head_dim] the layers' per-head K RMSNorm weights.
+        cos_sin_cache: [max_position, head_dim] fp32; row p is cat(cos(p * inv_freq), sin(p * inv_freq))
+            (NeoX / rotate-half RoPE over the whole head).
+        k_cache, v_cache: [L, num_slots, num_kv_heads, head_dim], mutated in place; cast to their dtype.
+        eps: RMSNorm epsilon.
+    """
+    valid = slots >= 0
+    kv, positions, slots = kv[valid], positions[valid], slots[valid]
+    k = kv[:, :, 0].float()  # [n, L, H, D]
+    v = kv[:, :, 1]
+    k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps)
+    # RMSNorm's reference casts back to the input dtype before the weight multiply; keep that rounding.
+    k = k.to(kv.dtype).float() * k_norm_weight.float()[None, :, None, :]
+    k = k.to(kv.dtype).float()
+    half = k.shape[-1] // 2
+    cos_sin = cos_sin_cache[positions].float()  # [n, D]
+    cos = torch.cat([cos_sin[:, :half], cos_sin[:, :half]], dim=-1)[:, None, None, :]
+    sin = torch.cat([cos_sin[:, half:], cos_sin[:, half:]], dim=-1)[:, None, None, :]
+    rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    k = k * cos + rotated * sin
+    k_cache[:, slots] = k.transpose(0, 1).to(k_cache.dtype)
+    v_cache[:, slots] = v.transpose(0, 1).to(v_cache.dtype)
+
+
+def verify_block_ref(
+    block_tokens: torch.Tensor,
+    target_ids: torch.Tensor | None,
+    target_probs: torch.Tensor | None,
+    draft_probs: torch.Tensor | None,
+    uniforms: torch.Tensor | None,
+    block_slots: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    stop_ids: torch.Tensor,
+    budgets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Verifies one drafted block per request against the target's verify pass.
+
+    The block of request i is ``block_tokens[i] = [t0, d1, ..., d_{B-1}]``: ``t0`` is the last verified
+    token (already emitted) and ``d1..`` are the drafts; the target's verify pass ran over the block at
+    positions ``prefix_lens[i] + j`` and wrote its KV to ``block_slots[i, j]``.
+
+    Greedy mode (``target_ids`` given, the target's argmax at each block position): accept the longest
+    prefix with ``d_{j+1} == target_ids[j]``; the bonus is ``target_ids[a]``.
+    Sampling mode (``target_probs``/``draft_probs``/``uniforms`` given): accept ``d_{j+1}`` while
+    ``uniforms[i, j] * q(d) < p(d)`` (i.e. with probability min(1, p/q)); at the first rejection the bonus
+    is drawn from normalize(max(0, p_j - q_j)) by inverse CDF with ``uniforms[i, B-1]``; after a full accept
+    it is drawn from ``p_{B-1}`` the same way.
+
+    The emitted tokens ``[d1..da, bonus]`` are then cut after the first stop token and to ``budgets[i]``
+    tokens (a budget of 0 emits nothing).
+
+    Args:
+        block_tokens: [bs, B] int64.
+        target_ids: [bs, B] int64 or None.
+        target_probs: [bs, B, V] fp32 or None (the target's processed distribution at each position).
+        draft_probs: [bs, B-1, V] fp32 or None (the drafter's distribution q that proposed d1..).
+        uniforms: [bs, B] fp32 in [0, 1) or None.
+        block_slots: [bs, B] int64 KV slots of the block positions.
+        prefix_lens: [bs] int64, tokens with committed KV before the block (``t0``'s position).
+        stop_ids: [bs, S] int64 stop token ids, padded with -1.
+        budgets: [bs] int64, how many more tokens each request may emit.
+    Returns:
+        (num_accepted [bs] int32: drafts accepted before any cut,
+         num_emitted [bs] int32: tokens emitted this step, in [0, B],
+         emitted [bs, B] int64: the emitted tokens, -1 padded,
+         keep_slots [bs, B] int64: block slots whose KV stays (t0 and the emitted drafts), -1 elsewhere,
+         free_slots [bs, B] int64: block slots to free, -1 elsewhere,
+         new_prefix_lens [bs] int64: prefix_lens + number of kept slots (max(num_emitted, 1)),
+         finished [bs] bool: a stop token was emitted or the budget is used up.)
+    """
+    bs, block_size = block_tokens.shape
+    device = block_tokens.device
+    greedy = target_ids is not None
+    num_accepted = torch.zeros(bs, dtype=torch.int32, device=device)
+    num_emitted = torch.zeros(bs, dtype=torch.int32, device=device)
+    emitted = torch.full((bs, block_size), -1, dtype=torch.int64, device=device)
+    keep_slots = torch.full((bs, block_size), -1, dtype=torch.int64, device=device)
+    free_slots = torch.full((bs, block_size), -1, dtype=torch.int64, device=device)
+    new_prefix_lens = prefix_lens.clone().to(torch.int64)
+    finished = torch.zeros(bs, dtype=torch.bool, device=device)
+    for i in range(bs):
+        drafts = block_tokens[i, 1:].tolist()
+        accepted = 0
+        if greedy:
+            while accepted < block_size - 1 and drafts[accepted] == int(target_ids[i, accepted]):
+                accepted += 1
+            bonus = int(target_ids[i, accepted])
+        else:
+            bonus = None
+            for j, token in enumerate(drafts):
+                p = float(target_probs[i, j, token])
+                q = float(draft_probs[i, j, token])
+                if float(uniforms[i, j]) * q < p:
+                    accepted += 1
+                    continue
+                residual = (target_probs[i, j] - draft_probs[i, j]).clamp_min(0)
+                if float(residual.sum()) <= 0:
+                    residual = target_probs[i, j]
+                bonus = sample_inverse_cdf(residual, float(uniforms[i, block_size - 1]))
+                break
+            if bonus is None:
+                bonus = sample_inverse_cdf(target_probs[i, block_size - 1], float(uniforms[i, block_size - 1]))
+        tokens = drafts[:accepted] + [bonus]
+        stops = {int(s) for s in stop_ids[i].tolist() if s >= 0}
+        stop_at = next((j for j, token in enumerate(tokens) if token in stops), None)
+        budget = int(budgets[i])
+        n = max(0, min(len(tokens), budget, len(tokens) if stop_at is None else stop_at + 1))
+        num_accepted[i] = accepted
+        num_emitted[i] = n
+        if n:
+            emitted[i, :n] = torch.tensor(tokens[:n], dtype=torch.int64, device=device)
+        # t0's KV (computed by this verify pass) always stays; so does that of each emitted draft except
+        # the last emitted token, which has no KV yet (the bonus) or becomes the next block's t0.
+        kept = max(n, 1)
+        keep_slots[i, :kept] = block_slots[i, :kept]
+        free_slots[i, kept:] = block_slots[i, kept:]
+        new_prefix_lens[i] = prefix_lens[i] + kept
+        finished[i] = n >= budget or (stop_at is not None and stop_at < n)
+    return num_accepted, num_emitted, emitted, keep_slots, free_slots, new_prefix_lens, finished
+
+
+def sample_inverse_cdf(weights: torch.Tensor, uniform: float) -> int:
+    """The first token whose running weight sum exceeds ``uniform * sum(weights)``: [V] -> token id.
+
+    Weights need not be normalized; zero-weight tokens are never chosen (ties go to the last token with
+    weight, which also absorbs rounding when the running sum never exceeds the threshold).
+    """
+    cdf = torch.cumsum(weights, dim=0)
+    threshold = torch.tensor([uniform], dtype=cdf.dtype, device=cdf.device) * cdf[-1]
+    index = int(torch.searchsorted(cdf, threshold, right=True).item())
+    last_nonzero = int(torch.nonzero(weights > 0).max())
+    return min(index, last_nonzero)
