@@ -25,10 +25,13 @@ class BuildWithHook(build_py):
 
     def run(self) -> None:
         super().run()
-        self.copy_file(os.path.join(HERE, HOOK_PTH), os.path.join(self.build_lib, HOOK_PTH))
+        self.copy_file(os.path.join(HERE, HOOK_PTH), self._hook_target())
 
-    def get_outputs(self, include_bytecode: bool = True) -> list:
-        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, HOOK_PTH)]
+    def _hook_target(self) -> str:
+        # An editable wheel ships what lands in install_lib (its unpacked root), not build_lib.
+        if getattr(self, "editable_mode", False):
+            return os.path.join(self.get_finalized_command("install").install_lib, HOOK_PTH)
+        return os.path.join(self.build_lib, HOOK_PTH)
 
 
 def nvcc_release(cuda_home: str) -> str | None:

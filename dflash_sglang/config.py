@@ -320,3 +320,8 @@ def kernel_build_dir() -> str:
     """Where a JIT build of the CUDA extension is cached (``DFLASH_BUILD_DIR``)."""
     default = os.path.join(os.path.expanduser("~"), ".cache", "dflash_sglang", "build")
     return os.environ.get("DFLASH_BUILD_DIR", default)
+
+
+def hook_disabled() -> bool:
+    """``DFLASH_SGLANG_DISABLE=1`` leaves SGLang exactly as installed (the start-up hook does nothing)."""
+    return os.environ.get("DFLASH_SGLANG_DISABLE", "").strip().lower() in ("1", "true", "yes")

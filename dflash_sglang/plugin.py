@@ -1,0 +1,172 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The only module that patches SGLang: it teaches SGLang 0.5.10.post1 the DFLASH algorithm.
+
+SGLang has no plugin entry point for speculative algorithms and parses arguments before user code runs,
+in the launching process and again in its spawned scheduler processes. So ``dflash_sglang_hook.pth``
+(installed into site-packages) calls :func:`install_import_hook` at every interpreter start-up; the hook
+costs one ``sys.meta_path`` entry and imports nothing. When SGLang later imports one of the modules below,
+the hook lets it load and then applies that module's patch, once:
+
+* ``sglang.srt.speculative.spec_info`` -- adds ``SpeculativeAlgorithm.DFLASH`` (replaces nothing; the
+  member is added to the enum) and wraps ``SpeculativeAlgorithm.create_worker`` so DFLASH builds
+  ``dflash_sglang.worker.DFlashWorker``.
+* ``sglang.srt.server_args`` -- appends ``DFLASH`` to the ``--speculative-algorithm`` choices in
+  ``ServerArgs.add_cli_args`` and wraps ``ServerArgs._handle_speculative_decoding`` to validate the drafter
+  against the target and set DFLASH's defaults (``dflash_sglang.server_defaults``).
+* ``sglang.srt.models.registry`` -- registers the models of ``dflash_sglang.models`` (the drafter, and
+  targets SGLang lacks) with ``ModelRegistry.register``, as ``SGLANG_EXTERNAL_MODEL_PACKAGE`` would.
+
+Set ``DFLASH_SGLANG_DISABLE=1`` to leave SGLang untouched. Other SGLang versions get a clear error.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+from types import ModuleType
+from typing import Callable
+
+SUPPORTED_SGLANG_VERSIONS = ("0.5.10.post1",)
+ALGORITHM = "DFLASH"
+
+
+class UnsupportedSGLangVersion(RuntimeError):
+    pass
+
+
+def check_sglang_version() -> None:
+    from importlib.metadata import version
+
+    found = version("sglang")
+    if found not in SUPPORTED_SGLANG_VERSIONS:
+        raise UnsupportedSGLangVersion(
+            f"dflash-sglang supports SGLang {', '.join(SUPPORTED_SGLANG_VERSIONS)}, but {found} is installed: "
+            f"pip install sglang=={SUPPORTED_SGLANG_VERSIONS[-1]}, or set DFLASH_SGLANG_DISABLE=1 to run SGLang "
+            "without DFLASH")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Patches, one per SGLang module. Each is idempotent.
+def patch_spec_info(module: ModuleType) -> None:
+    """Adds SpeculativeAlgorithm.DFLASH and routes it to DFlashWorker."""
+    algorithm_enum = module.SpeculativeAlgorithm
+    if ALGORITHM in algorithm_enum.__members__:
+        return
+    check_sglang_version()
+    value = max(member.value for member in algorithm_enum) + 1
+    member = object.__new__(algorithm_enum)
+    member._name_ = ALGORITHM
+    member._value_ = value
+    member.__objclass__ = algorithm_enum
+    algorithm_enum._member_map_[ALGORITHM] = member
+    algorithm_enum._value2member_map_[value] = member
+    algorithm_enum._member_names_.append(ALGORITHM)
+    type.__setattr__(algorithm_enum, ALGORITHM, member)
+    algorithm_enum.is_dflash = lambda self: self is member
+
+    original_create_worker = algorithm_enum.create_worker
+
+    def create_worker(self, server_args):
+        if self is member:
+            from dflash_sglang.worker import DFlashWorker
+
+            return DFlashWorker
+        return original_create_worker(self, server_args)
+
+    algorithm_enum.create_worker = create_worker
+
+
+def patch_server_args(module: ModuleType) -> None:
+    """Accepts --speculative-algorithm DFLASH and applies DFLASH's defaults and checks."""
+    server_args_cls = module.ServerArgs
+    if getattr(server_args_cls, "_dflash_patched", False):
+        return
+    check_sglang_version()
+    original_add_cli_args = server_args_cls.add_cli_args
+    original_handle = server_args_cls._handle_speculative_decoding
+
+    def add_cli_args(parser) -> None:
+        original_add_cli_args(parser)
+        for action in parser._actions:
+            if "--speculative-algorithm" in action.option_strings and action.choices is not None:
+                if ALGORITHM not in action.choices:
+                    action.choices = [*action.choices, ALGORITHM]
+
+    def handle_speculative_decoding(self) -> None:
+        if self.speculative_algorithm is not None and self.speculative_algorithm.upper() == ALGORITHM:
+            from dflash_sglang.server_defaults import apply_dflash_server_defaults
+
+            self.speculative_algorithm = ALGORITHM
+            apply_dflash_server_defaults(self)
+        original_handle(self)
+
+    server_args_cls.add_cli_args = staticmethod(add_cli_args)
+    server_args_cls._handle_speculative_decoding = handle_speculative_decoding
+    server_args_cls._dflash_patched = True
+
+
+def patch_model_registry(module: ModuleType) -> None:
+    """Registers dflash_sglang.models (drafter and extra targets) with SGLang's model registry."""
+    registry = module.ModelRegistry
+    if getattr(registry, "_dflash_registered", False):
+        return
+    check_sglang_version()
+    registry.register("dflash_sglang.models", overwrite=False)
+    registry._dflash_registered = True
+
+
+PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "sglang.srt.speculative.spec_info": patch_spec_info,
+    "sglang.srt.server_args": patch_server_args,
+    "sglang.srt.models.registry": patch_model_registry,
+}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The import hook.
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, wrapped: importlib.abc.Loader, patch: Callable[[ModuleType], None]) -> None:
+        self._wrapped = wrapped
+        self._patch = patch
+
+    def create_module(self, spec):
+        return self._wrapped.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._wrapped.exec_module(module)
+        self._patch(module)
+
+    def __getattr__(self, name: str):  # get_source, get_code, is_package, ... for tools and tracebacks
+        return getattr(self._wrapped, name)
+
+
+class SGLangPatchFinder(importlib.abc.MetaPathFinder):
+    """Finds the SGLang modules named in PATCHES with the other finders and wraps their loaders."""
+
+    def find_spec(self, fullname, path, target=None):
+        patch = PATCHES.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, patch)
+                return spec
+        return None
+
+
+def install_import_hook() -> None:
+    """Called by dflash_sglang_hook.pth at start-up; also patches modules already imported."""
+    from dflash_sglang.config import hook_disabled
+
+    if hook_disabled():
+        return
+    if not any(isinstance(finder, SGLangPatchFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, SGLangPatchFinder())
+    for name, patch in PATCHES.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            patch(module)
