@@ -325,3 +325,9 @@ def kernel_build_dir() -> str:
 def hook_disabled() -> bool:
     """``DFLASH_SGLANG_DISABLE=1`` leaves SGLang exactly as installed (the start-up hook does nothing)."""
     return os.environ.get("DFLASH_SGLANG_DISABLE", "").strip().lower() in ("1", "true", "yes")
+
+
+def stub_cache_dir() -> str:
+    """Where the CPU-only libcuda stand-in is built (``DFLASH_CACHE_DIR``, default ~/.cache/dflash_sglang)."""
+    root = os.environ.get("DFLASH_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dflash_sglang"))
+    return os.path.join(root, "libcuda-stub")

@@ -15,6 +15,10 @@ the hook lets it load and then applies that module's patch, once:
   against the target and set DFLASH's defaults (``dflash_sglang.server_defaults``).
 * ``sglang.srt.models.registry`` -- registers the models of ``dflash_sglang.models`` (the drafter, and
   targets SGLang lacks) with ``ModelRegistry.register``, as ``SGLANG_EXTERNAL_MODEL_PACKAGE`` would.
+* ``sglang.srt.layers.attention.torch_native_backend`` -- wraps ``TorchNativeAttnBackend.forward_extend``
+  so the CPU backend can run mask-free TARGET_VERIFY passes (upstream supports them on GPU backends only).
+* ``sglang.srt.mem_cache.memory_pool`` -- skips ``MHATokenToKVPool._init_kv_copy_and_warmup`` (a Triton
+  warm-up for paged KV moves) on CPU devices, where Triton cannot launch.
 
 Set ``DFLASH_SGLANG_DISABLE=1`` to leave SGLang untouched. Other SGLang versions get a clear error.
 """
@@ -116,10 +120,67 @@ def patch_model_registry(module: ModuleType) -> None:
     registry._dflash_registered = True
 
 
+def patch_torch_native_backend(module: ModuleType) -> None:
+    """Lets ``TorchNativeAttnBackend.forward_extend`` run TARGET_VERIFY passes without a tree mask.
+
+    SGLang's torch_native backend reads ``extend_prefix_lens``/``extend_seq_lens`` and ``seq_lens`` as the
+    total KV length, which a TARGET_VERIFY ForwardBatch does not set (there ``seq_lens`` is the committed
+    prefix). For verify inputs without a custom mask (DFLASH's causal chain) this fills them in for the
+    call; tree-masked verification (EAGLE) is left as upstream has it.
+    """
+    backend = module.TorchNativeAttnBackend
+    if getattr(backend, "_dflash_patched", False):
+        return
+    original_forward_extend = backend.forward_extend
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        spec_info = forward_batch.spec_info
+        if not forward_batch.forward_mode.is_target_verify() or getattr(spec_info, "custom_mask", 0) is not None:
+            return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache)
+        import torch
+
+        saved = forward_batch.seq_lens, forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens
+        prefix_lens = forward_batch.seq_lens
+        forward_batch.extend_prefix_lens = prefix_lens
+        forward_batch.extend_seq_lens = torch.full_like(prefix_lens, spec_info.draft_token_num)
+        forward_batch.seq_lens = prefix_lens + spec_info.draft_token_num
+        try:
+            return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache)
+        finally:
+            forward_batch.seq_lens, forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens = saved
+
+    backend.forward_extend = forward_extend
+    backend._dflash_patched = True
+
+
+def patch_memory_pool(module: ModuleType) -> None:
+    """Skips ``MHATokenToKVPool._init_kv_copy_and_warmup`` on CPU devices.
+
+    SGLang turns the pool's KV-copy kernel on whenever speculative decoding is on and warms it up with a
+    Triton launch, which cannot run without a GPU. The copy only moves KV between pages for page sizes > 1,
+    which DFLASH does not use; on the GPU nothing changes.
+    """
+    pool = module.MHATokenToKVPool
+    if getattr(pool, "_dflash_patched", False):
+        return
+    original_init_kv_copy = pool._init_kv_copy_and_warmup
+
+    def init_kv_copy_and_warmup(self) -> None:
+        if str(self.device).startswith("cpu"):
+            self._kv_copy_config = None
+            return
+        original_init_kv_copy(self)
+
+    pool._init_kv_copy_and_warmup = init_kv_copy_and_warmup
+    pool._dflash_patched = True
+
+
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "sglang.srt.speculative.spec_info": patch_spec_info,
     "sglang.srt.server_args": patch_server_args,
     "sglang.srt.models.registry": patch_model_registry,
+    "sglang.srt.layers.attention.torch_native_backend": patch_torch_native_backend,
+    "sglang.srt.mem_cache.memory_pool": patch_memory_pool,
 }
 
 

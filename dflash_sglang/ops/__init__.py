@@ -30,12 +30,48 @@ def kernels_available() -> bool:
         return False
     try:
         load_ext()
+        _register_fakes()
         return True
     except ExtensionUnavailable as error:
         if mode == "on":
             raise
         logger.warning("DFlash CUDA kernels unavailable, using the PyTorch path: %s", error)
         return False
+
+
+@functools.cache
+def _register_fakes() -> None:
+    """Fake (meta) kernels of ``torch.ops.dflash.*`` for torch.compile / FakeTensor; once the ops exist.
+
+    registration.cpp names this module in ``m.set_python_module``, so they must be registered from here.
+    """
+
+    @torch.library.register_fake("dflash::inject_kv")
+    def _inject_kv_fake(kv, positions, slots, k_norm_weight, cos_sin_cache, k_cache, v_cache, eps) -> None:
+        return None
+
+    @torch.library.register_fake("dflash::verify_block")
+    def _verify_block_fake(block_tokens, target_ids, target_probs, draft_probs, uniforms, block_slots, prefix_lens,
+                           stop_ids, budgets):
+        bs, block_size = block_tokens.shape
+        device = block_tokens.device
+        return (torch.empty(bs, dtype=torch.int32, device=device),
+                torch.empty(bs, dtype=torch.int32, device=device),
+                torch.empty(bs, block_size, dtype=torch.int64, device=device),
+                torch.empty(bs, block_size, dtype=torch.int64, device=device),
+                torch.empty(bs, block_size, dtype=torch.int64, device=device),
+                torch.empty(bs, dtype=torch.int64, device=device),
+                torch.empty(bs, dtype=torch.bool, device=device))
+
+
+def _ops_registered() -> bool:
+    return hasattr(torch.ops.dflash, "inject_kv") and hasattr(torch.ops.dflash, "verify_block")
+
+
+# The extension may have been loaded before this module was imported (torch imports it through
+# set_python_module when it first needs a fake kernel).
+if _ops_registered():
+    _register_fakes()
 
 
 def use_kernels_for(tensor: torch.Tensor) -> bool:

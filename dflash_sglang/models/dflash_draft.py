@@ -1,0 +1,225 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The DFlash drafter as an SGLang model (``architectures: ["DFlashDraftModel"]``).
+
+Built from SGLang's layers (RMSNorm, rotary embedding, RadixAttention on the drafter's own KV pool and
+attention backend); numerically the same model as ``dflash_sglang.model.DFlashDrafter``.
+
+Two entry points, both used by ``dflash_sglang.worker``:
+
+* :meth:`DFlashDraftModel.inject_context` -- the KV injection: projects the target's captured hidden
+  states of N verified tokens (``fc`` + ``hidden_norm``), computes every layer's K/V with ONE GEMM over
+  the stacked per-layer K/V weights, and lets ``ops.inject_kv`` apply K-norm + RoPE and scatter into the
+  drafter's (layer-stacked) KV cache at the tokens' slots -- the same slots as the target's KV.
+* :meth:`DFlashDraftModel.forward` -- the draft pass, run by SGLang's ModelRunner as an EXTEND batch
+  whose prefix is the injected context and whose new tokens are the block [last token, mask, ...].
+  Attention is ``ENCODER_ONLY`` (non-causal) in layers the config marks non-causal.
+
+Embedding and LM head are the target's tensors (:meth:`set_embed_and_head`), shared, not copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglang.srt.distributed import get_tensor_model_parallel_world_size
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+from dflash_sglang import ops
+from dflash_sglang.checkpoint import canonical_name, check_state_dict
+from dflash_sglang.config import DFlashDraftConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DFlashDraftAttention(nn.Module):
+    def __init__(self, config: DFlashDraftConfig, layer_id: int, max_position: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.q_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = get_rope(self.head_dim, rotary_dim=self.head_dim, max_position=max_position,
+                                   base=config.rope_theta, is_neox_style=True)
+        sliding_window = config.layer_sliding_window(layer_id)
+        self.attn = RadixAttention(
+            self.num_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.num_kv_heads,
+            layer_id=layer_id, sliding_window_size=-1 if sliding_window is None else sliding_window,
+            attn_type=AttentionType.DECODER if config.layer_is_causal(layer_id) else AttentionType.ENCODER_ONLY,
+            prefix=f"layers.{layer_id}.self_attn.attn")
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_weight: torch.Tensor,
+                forward_batch: ForwardBatch) -> torch.Tensor:
+        """kv_weight: [2 * kv_size, hidden], this layer's rows of the model's stacked K/V weights."""
+        q = self.q_proj(hidden)
+        k, v = F.linear(hidden, kv_weight).split([self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v.contiguous(), forward_batch))
+
+
+class DFlashDraftMLP(nn.Module):
+    def __init__(self, config: DFlashDraftConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashDraftLayer(nn.Module):
+    def __init__(self, config: DFlashDraftConfig, layer_id: int, max_position: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = DFlashDraftAttention(config, layer_id, max_position)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = DFlashDraftMLP(config)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                kv_weight: torch.Tensor, forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_weight, forward_batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DFlashDraftModel(nn.Module):
+    """SGLang entry class for released DFlash drafters (checkpoint names as in ``checkpoint.py``)."""
+
+    def __init__(self, config, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        if get_tensor_model_parallel_world_size() != 1:
+            raise NotImplementedError("the DFlash drafter runs with tensor parallel size 1 only for now")
+        if quant_config is not None:
+            raise NotImplementedError("quantized DFlash drafters are not supported; serve the bf16 checkpoint")
+        self.config = config
+        self.draft_config = DFlashDraftConfig.from_dict(config.to_dict())
+        draft = self.draft_config
+        max_position = max(draft.max_position_embeddings, getattr(config, "max_position_embeddings", 0),
+                           _server_context_length())
+        kv_size = draft.num_key_value_heads * draft.head_dim
+        # All layers' k_proj and v_proj rows, stacked: one GEMM computes every layer's context K/V.
+        self.kv_weight = nn.Parameter(torch.empty(draft.num_hidden_layers, 2 * kv_size, draft.hidden_size),
+                                      requires_grad=False)
+        self.fc = nn.Linear(draft.num_context_features, draft.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DFlashDraftLayer(draft, i, max_position) for i in range(draft.num_hidden_layers))
+        self.norm = RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
+        self.embed_weight: torch.Tensor | None = None
+        self.lm_head_weight: torch.Tensor | None = None
+        self._k_norm_weights: torch.Tensor | None = None
+        self._cos_sin_cache: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    def set_embed_and_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        """Shares the target's embedding and LM head (no copy)."""
+        self.embed_weight = embed_weight
+        self.lm_head_weight = lm_head_weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
+                input_embeds: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        """The draft pass over blocks [t0, mask, ...]: returns the final hidden states [num_tokens, hidden]."""
+        hidden = F.embedding(input_ids, self.embed_weight) if input_embeds is None else input_embeds
+        if self.draft_config.input_embedding_scale is not None:
+            hidden = hidden * self.draft_config.input_embedding_scale
+        residual = None
+        for layer, kv_weight in zip(self.layers, self.kv_weight):
+            hidden, residual = layer(positions, hidden, residual, kv_weight, forward_batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Draft logits through the target's LM head (+ output_multiplier, soft-capping): [n, vocab] fp32."""
+        logits = F.linear(hidden, self.lm_head_weight)[:, :vocab_size].float()
+        if self.draft_config.output_multiplier is not None:
+            logits = logits * self.draft_config.output_multiplier
+        cap = self.draft_config.final_logit_softcapping
+        if cap is not None and cap > 0:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def inject_context(self, target_features: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Writes the context K/V of N verified tokens into every drafter layer's cache.
+
+        Args:
+            target_features: [N, len(target_layer_ids) * hidden], the target's captured hidden states.
+            positions: [N] int64 absolute positions.
+            slots: [N] int64 KV slots (the target's slots of the same tokens).
+            k_cache, v_cache: [L, num_slots, num_kv_heads, head_dim], the drafter's stacked KV pool.
+        """
+        draft = self.draft_config
+        context = self.hidden_norm(self.fc(target_features.to(self.fc.weight.dtype)))
+        kv = F.linear(context, self.kv_weight.view(-1, draft.hidden_size))
+        kv = kv.view(-1, draft.num_hidden_layers, 2, draft.num_key_value_heads, draft.head_dim)
+        ops.inject_kv(kv, positions.long(), slots.long(), self._stacked_k_norm_weights(), self._cos_sin(),
+                      k_cache, v_cache, draft.rms_norm_eps)
+
+    def _stacked_k_norm_weights(self) -> torch.Tensor:
+        if self._k_norm_weights is None:
+            self._k_norm_weights = torch.stack([layer.self_attn.k_norm.weight.data for layer in self.layers])
+        return self._k_norm_weights
+
+    def _cos_sin(self) -> torch.Tensor:
+        if self._cos_sin_cache is None:
+            rotary = self.layers[0].self_attn.rotary_emb
+            self._cos_sin_cache = rotary.cos_sin_cache.float().to(self.kv_weight.device).contiguous()
+        return self._cos_sin_cache
+
+    # ----------------------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads released checkpoint tensors; missing/unexpected/mis-shaped names raise listing them."""
+        draft = self.draft_config
+        kv_size = draft.num_key_value_heads * draft.head_dim
+        params = dict(self.named_parameters())
+        expected = {name: tuple(p.shape) for name, p in params.items() if name != "kv_weight"}
+        for i in range(draft.num_hidden_layers):
+            for proj in ("k_proj", "v_proj"):
+                expected[f"layers.{i}.self_attn.{proj}.weight"] = (kv_size, draft.hidden_size)
+        loaded: dict[str, tuple[int, ...]] = {}
+        for raw_name, tensor in weights:
+            name = canonical_name(raw_name)
+            loaded[name] = tuple(tensor.shape)
+            if name not in expected or tuple(tensor.shape) != expected[name]:
+                continue  # reported together below
+            if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+                layer = int(name.split(".")[1])
+                rows = slice(0, kv_size) if ".k_proj." in name else slice(kv_size, 2 * kv_size)
+                self.kv_weight.data[layer, rows].copy_(tensor)
+            else:
+                params[name].data.copy_(tensor)
+        check_state_dict(loaded, expected, "DFlash drafter checkpoint")
+        self._k_norm_weights = None
+
+
+def _server_context_length() -> int:
+    from sglang.srt.server_args import get_global_server_args
+
+    try:
+        return int(get_global_server_args().context_length or 0)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+EntryClass = DFlashDraftModel

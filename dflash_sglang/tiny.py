@@ -1,0 +1,332 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tiny checkpoints for tests and CPU smoke runs, written offline in the released formats.
+
+:func:`write_tiny_checkpoints` writes four folders:
+
+* ``target/``: a 4-layer random Qwen3 causal LM (``Qwen3ForCausalLM``, bf16 safetensors, tied embeddings)
+  with a real byte-level BPE tokenizer trained on a built-in corpus, a ChatML chat template and a
+  ``<|mask|>`` token. It is *repeat-prone*: its attention ``o_proj`` and MLP ``down_proj`` are scaled by
+  :data:`TARGET_BRANCH_SCALE`, so the residual stream is dominated by the current token's embedding and,
+  with tied embeddings, greedy decoding mostly repeats the last token (not always).
+* ``drafter/``: a random 2-layer DFlash drafter (``DFlashDraftModel``) for that target.
+* ``drafter-agree/``: a drafter built to propose the block's first token ``t0`` at every position: zero
+  ``q_proj`` (uniform attention), zero ``fc`` (the context contributes nothing), zero MLP ``down_proj``,
+  identity ``v_proj``/``o_proj``. The target's ``<|mask|>`` embedding row is zero, so the only non-zero
+  value in the block is ``t0``'s and every position's hidden state points along ``embedding(t0)``; the tied
+  LM head then picks ``t0``, which the repeat-prone target usually picks too.
+* ``drafter-disagree/``: a drafter whose final ``norm`` weight is zero, so its logits are all zero and it
+  always proposes token 0; the target's embedding row 0 is zero, so the target's logit for token 0 is 0
+  and it never picks it (its own repeat logit is large and positive): acceptance length 1 every step.
+
+Everything comes from one ``torch.Generator`` seeded with ``seed``; the output is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import torch
+from safetensors.torch import save_file
+
+from dflash_sglang.checkpoint import save_drafter
+from dflash_sglang.config import DFlashDraftConfig
+
+# The target: small enough to run in milliseconds on a CPU.
+HIDDEN_SIZE = 64
+NUM_TARGET_LAYERS = 4
+NUM_HEADS = 4
+NUM_KV_HEADS = 2
+HEAD_DIM = 16
+INTERMEDIATE_SIZE = 128
+ROPE_THETA = 1000000.0
+RMS_NORM_EPS = 1e-6
+MAX_POSITION_EMBEDDINGS = 4096
+INIT_STD = 0.02  # only recorded in config.json (initializer_range)
+# Weights: unit-variance embeddings, projections with std 1/sqrt(fan_in) (outputs of order one), norms one.
+# The attention and MLP branches' output projections are scaled by TARGET_BRANCH_SCALE: small keeps the
+# residual stream close to the current token's embedding (repeat-prone), non-zero keeps it from repeating
+# always. Unit embeddings also give the tied LM head large logit margins, so greedy argmaxes are robust to
+# the rounding differences between token-by-token and block-wise evaluation.
+TARGET_BRANCH_SCALE = 0.05
+BPE_VOCAB_SIZE = 400  # byte alphabet (256) + merges; the special tokens come on top
+
+# The drafters. SGLang captures layer i's output at the input of layer i + 1, so ids <= layers - 2.
+NUM_DRAFT_LAYERS = 2
+TARGET_LAYER_IDS = (1, 2)
+
+ENDOFTEXT, IM_START, IM_END, MASK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, MASK)
+# Qwen2/Qwen3's pre-tokenizer split (transformers' Qwen2Tokenizer rebuilds exactly this pipeline).
+PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                     r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_SUBJECTS = ["the cat", "a small dog", "my neighbour", "the old sailor", "our teacher", "the engineer",
+             "a tired student", "the baker", "every child", "the quiet river", "the red train", "a farmer"]
+_VERBS = ["walks to", "looks at", "writes about", "builds", "finds", "carries", "paints", "remembers",
+          "repairs", "sings to", "follows", "opens"]
+_OBJECTS = ["the market", "a wooden box", "the blue door", "an empty street", "the morning light", "a letter",
+            "the garden", "a long bridge", "the kitchen table", "a paper boat", "the mountain", "the city"]
+_TAILS = ["before dinner.", "in the rain.", "every morning.", "with great care.", "after school.",
+          "on a sunny day.", "without a word.", "again and again.", "at the end of the week.", "near the sea."]
+_QUESTIONS = ["What is the answer?", "How many apples are left?", "Can you explain it again?",
+              "Why is the sky blue?", "Where did they go?", "Who wrote this story?"]
+
+
+def _corpus(rng: random.Random, num_sentences: int = 160) -> list[str]:
+    """A few KB of simple English (plus digits and punctuation) to train the BPE on."""
+    lines = []
+    for i in range(num_sentences):
+        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+        lines.append(sentence[0].upper() + sentence[1:])
+        if i % 4 == 0:
+            lines.append(rng.choice(_QUESTIONS))
+        if i % 7 == 0:
+            a, b = rng.randrange(100), rng.randrange(100)
+            lines.append(f"{a} plus {b} is {a + b}, and {a} times {b} is {a * b}.")
+    return lines
+
+
+def build_tokenizer(seed: int = 0):
+    """A byte-level BPE (Qwen-style pipeline) trained offline; the special tokens follow the BPE vocab."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tokenizer.train_from_iterator(_corpus(random.Random(seed)), trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tokenizer
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def _write_tokenizer_files(tokenizer, out: str) -> dict[str, int]:
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    tokenizer.save(os.path.join(out, "tokenizer.json"))
+    added = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                           "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+    _write_json(os.path.join(out, "tokenizer_config.json"), {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [IM_START, IM_END, MASK],
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": IM_END,
+        "errors": "replace",
+        "model_max_length": MAX_POSITION_EMBEDDINGS,
+        "pad_token": ENDOFTEXT,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+    special = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    _write_json(os.path.join(out, "special_tokens_map.json"), {
+        "additional_special_tokens": [IM_START, IM_END, MASK],
+        "eos_token": {**special, "content": IM_END},
+        "pad_token": {**special, "content": ENDOFTEXT},
+    })
+    return ids
+
+
+def _transformers_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("transformers")
+    except Exception:  # noqa: BLE001 -- metadata is cosmetic here; any failure means "unknown"
+        return "unknown"
+
+
+def target_config(vocab_size: int, ids: dict[str, int]) -> dict:
+    """``config.json`` of the tiny target, laid out like Qwen/Qwen3-8B's."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": ids[ENDOFTEXT],
+        "eos_token_id": ids[IM_END],
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN_SIZE,
+        "initializer_range": INIT_STD,
+        "intermediate_size": INTERMEDIATE_SIZE,
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "max_window_layers": NUM_TARGET_LAYERS,
+        "model_type": "qwen3",
+        "num_attention_heads": NUM_HEADS,
+        "num_hidden_layers": NUM_TARGET_LAYERS,
+        "num_key_value_heads": NUM_KV_HEADS,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_scaling": None,
+        "rope_theta": ROPE_THETA,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": _transformers_version(),
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+
+
+def _normal(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    """[out, in] weights with std 1/sqrt(in)."""
+    return torch.randn(*shape, generator=generator) * shape[-1] ** -0.5
+
+
+def target_weights(vocab_size: int, zero_rows: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random repeat-prone Qwen3 weights (fp32), named as in the released safetensors (no ``lm_head``: tied)."""
+    q_dim, kv_dim = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    embed = torch.randn(vocab_size, HIDDEN_SIZE, generator=generator)
+    embed[zero_rows] = 0.0
+    tensors = {"model.embed_tokens.weight": embed}
+    for i in range(NUM_TARGET_LAYERS):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(HIDDEN_SIZE),
+            p + "self_attn.q_proj.weight": _normal(generator, q_dim, HIDDEN_SIZE),
+            p + "self_attn.k_proj.weight": _normal(generator, kv_dim, HIDDEN_SIZE),
+            p + "self_attn.v_proj.weight": _normal(generator, kv_dim, HIDDEN_SIZE),
+            p + "self_attn.o_proj.weight": _normal(generator, HIDDEN_SIZE, q_dim) * TARGET_BRANCH_SCALE,
+            p + "self_attn.q_norm.weight": torch.ones(HEAD_DIM),
+            p + "self_attn.k_norm.weight": torch.ones(HEAD_DIM),
+            p + "post_attention_layernorm.weight": torch.ones(HIDDEN_SIZE),
+            p + "mlp.gate_proj.weight": _normal(generator, INTERMEDIATE_SIZE, HIDDEN_SIZE),
+            p + "mlp.up_proj.weight": _normal(generator, INTERMEDIATE_SIZE, HIDDEN_SIZE),
+            p + "mlp.down_proj.weight": _normal(generator, HIDDEN_SIZE, INTERMEDIATE_SIZE) * TARGET_BRANCH_SCALE,
+        })
+    tensors["model.norm.weight"] = torch.ones(HIDDEN_SIZE)
+    return tensors
+
+
+def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], block_size: int) -> DFlashDraftConfig:
+    """The drafters' config, laid out like z-lab's classic releases (``block_size`` also at the top level)."""
+    raw = {
+        "architectures": ["DFlashDraftModel"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "block_size": block_size,
+        "bos_token_id": ids[ENDOFTEXT],
+        "dflash_config": {"block_size": block_size, "mask_token_id": mask_token_id,
+                          "target_layer_ids": list(TARGET_LAYER_IDS)},
+        "dtype": "bfloat16",
+        "eos_token_id": ids[IM_END],
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN_SIZE,
+        "initializer_range": INIT_STD,
+        "intermediate_size": INTERMEDIATE_SIZE,
+        "layer_types": ["full_attention"] * NUM_DRAFT_LAYERS,
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "max_window_layers": NUM_DRAFT_LAYERS,
+        "model_type": "qwen3",
+        # hidden == num_heads * head_dim (and no GQA) lets drafter-agree use identity v_proj/o_proj.
+        "num_attention_heads": HIDDEN_SIZE // HEAD_DIM,
+        "num_hidden_layers": NUM_DRAFT_LAYERS,
+        "num_key_value_heads": HIDDEN_SIZE // HEAD_DIM,
+        "num_target_layers": NUM_TARGET_LAYERS,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_scaling": None,
+        "rope_theta": ROPE_THETA,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "transformers_version": _transformers_version(),
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+    return DFlashDraftConfig.from_dict(raw)
+
+
+def _random_drafter(config: DFlashDraftConfig, generator: torch.Generator):
+    from dflash_sglang.model import DFlashDrafter
+
+    drafter = DFlashDrafter(config)
+    with torch.no_grad():
+        for name, param in drafter.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(_normal(generator, *param.shape))
+    return drafter
+
+
+def _agreeing(drafter):
+    """Zero q_proj/fc/down_proj and identity v_proj/o_proj: every block row points along embedding(t0)."""
+    eye = torch.eye(drafter.config.hidden_size)
+    with torch.no_grad():
+        drafter.fc.weight.zero_()
+        for layer in drafter.layers:
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.k_proj.weight.zero_()
+            layer.self_attn.v_proj.weight.copy_(eye)
+            layer.self_attn.o_proj.weight.copy_(eye)
+            layer.mlp.down_proj.weight.zero_()
+    return drafter
+
+
+def _disagreeing(drafter):
+    """Zero final norm: all-zero logits, so the drafter always proposes token 0."""
+    with torch.no_grad():
+        drafter.norm.weight.zero_()
+    return drafter
+
+
+def write_tiny_checkpoints(out_dir: str, *, seed: int = 0, block_size: int = 8) -> dict[str, str]:
+    """Writes ``target/``, ``drafter/``, ``drafter-agree/`` and ``drafter-disagree/`` under ``out_dir``.
+
+    Args:
+        out_dir: folder to write into (created if needed; existing files are overwritten).
+        seed: seeds the tokenizer corpus and every weight.
+        block_size: the drafters' ``block_size``.
+    Returns:
+        ``{"target": path, "drafter": path, "drafter-agree": path, "drafter-disagree": path}``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    paths = {name: os.path.join(out_dir, name) for name in ("target", "drafter", "drafter-agree", "drafter-disagree")}
+    for path in paths.values():
+        os.makedirs(path, exist_ok=True)
+
+    target = paths["target"]
+    tokenizer = build_tokenizer(seed)
+    ids = _write_tokenizer_files(tokenizer, target)
+    vocab_size = 64 * math.ceil(tokenizer.get_vocab_size(with_added_tokens=True) / 64)
+    padding_rows = list(range(tokenizer.get_vocab_size(with_added_tokens=True), vocab_size))
+    # Row 0: drafter-disagree's proposal; <|mask|>: the block filler; padding rows: no token. All zero, so
+    # their logit is 0 and greedy decoding never picks them.
+    zero_rows = [0, ids[MASK]] + padding_rows
+    _write_json(os.path.join(target, "config.json"), target_config(vocab_size, ids))
+    _write_json(os.path.join(target, "generation_config.json"), {
+        "bos_token_id": ids[ENDOFTEXT],
+        "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
+        "pad_token_id": ids[ENDOFTEXT],
+        "transformers_version": _transformers_version(),
+    })
+    weights = target_weights(vocab_size, zero_rows, generator)
+    save_file({name: t.to(torch.bfloat16).contiguous() for name, t in weights.items()},
+              os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+
+    config = drafter_config(vocab_size, ids[MASK], ids, block_size)
+    for name, build in (("drafter", lambda d: d), ("drafter-agree", _agreeing), ("drafter-disagree", _disagreeing)):
+        save_drafter(build(_random_drafter(config, generator)).to(torch.bfloat16), paths[name])
+    return paths

@@ -1,0 +1,283 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DFlashWorker: SGLang's speculative worker for DFLASH (draft one block -> verify it -> commit).
+
+Memory layout. The drafter has its own KV pool, indexed by the SAME slots as the target's (shared
+``req_to_token_pool`` and allocator, as SGLang's EAGLE worker does): the drafter's cache at slot s holds
+the context K/V of the token whose target KV is at s. Every path that commits target KV (prefill, chunked
+prefill, verify) also injects that token's context K/V, so radix-cache prefix hits find the drafter's
+context already there.
+
+One decode step, for a batch whose requests have ``seq_lens`` committed tokens and a last token ``t0``
+(``req.output_ids[-1]``, no KV yet):
+
+1. allocate ``block_size`` slots per request for positions ``seq_len .. seq_len + B - 1``;
+2. draft: an EXTEND pass of the drafter over [t0, mask, ...] (non-causal, prefix = injected context),
+   writing the block's drafter K/V into those slots; drafts = argmax (or samples) of positions 1..B-1;
+3. verify: one TARGET_VERIFY pass of the target over [t0, d1, ...] into the same slots, capturing hidden
+   states at the drafter's ``target_layer_ids``;
+4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
+   ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block;
+5. commit: free the rejected slots, keep t0 + accepted drafts, and inject their context K/V (this
+   overwrites the draft pass's block K/V in the kept slots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+
+from sglang.srt.managers.schedule_batch import ModelWorkerBatch, ScheduleBatch
+from sglang.srt.managers.scheduler import GenerationBatchResult
+from sglang.srt.managers.tp_worker import TpModelWorker
+from sglang.srt.mem_cache.common import alloc_token_slots
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+from sglang.srt.server_args import ServerArgs
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+from dflash_sglang import ops
+from dflash_sglang.info import DFlashVerifyInput
+from dflash_sglang.sampling import processed_probs, sample_from
+from dflash_sglang.server_defaults import load_draft_config
+
+logger = logging.getLogger(__name__)
+NO_BUDGET_LIMIT = 1 << 40
+
+
+class DFlashWorker(TpModelWorker):
+    def __init__(self, server_args: ServerArgs, gpu_id: int, tp_rank: int, dp_rank: Optional[int],
+                 moe_ep_rank: int, attn_cp_rank: int, moe_dp_rank: int, nccl_port: int,
+                 target_worker: TpModelWorker) -> None:
+        self.server_args = server_args
+        self.target_worker = target_worker
+        self.draft_config = load_draft_config(server_args)
+        self.block_size = server_args.speculative_num_draft_tokens
+        target_runner = target_worker.model_runner
+        target_model = target_runner.model
+        self._check_target(target_model, target_runner.model_config.hf_text_config.num_hidden_layers)
+
+        # The drafter serves the target's context length; CUDA graphs for it are not captured here.
+        server_args.context_length = target_runner.model_config.context_len
+        disable_cuda_graph = server_args.disable_cuda_graph
+        server_args.disable_cuda_graph = True
+        self.req_to_token_pool, self.token_to_kv_pool_allocator = target_worker.get_memory_pool()
+        super().__init__(server_args=server_args, gpu_id=gpu_id, tp_rank=tp_rank, pp_rank=0, dp_rank=dp_rank,
+                         moe_ep_rank=moe_ep_rank, attn_cp_rank=attn_cp_rank, moe_dp_rank=moe_dp_rank,
+                         nccl_port=nccl_port, is_draft_worker=True, req_to_token_pool=self.req_to_token_pool,
+                         token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
+                         memory_pool_config=target_runner.memory_pool_config)
+        server_args.disable_cuda_graph = disable_cuda_graph
+
+        self.draft_runner = self.model_runner
+        self.draft_model = self.draft_runner.model
+        embed, head = target_model.get_embed_and_head()
+        self.draft_model.set_embed_and_head(embed, head)
+        target_model.set_eagle3_layers_to_capture(list(self.draft_config.target_layer_ids))
+        self.k_cache, self.v_cache = stack_kv_pool(self.draft_runner.token_to_kv_pool)
+        self.vocab_size = target_runner.model_config.vocab_size
+        self.mask_token_id = self.draft_config.mask_token_id
+        logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), draft attention backend %s, "
+                    "CUDA kernels %s", self.block_size, server_args.speculative_draft_model_path,
+                    self.draft_config.num_hidden_layers, list(self.draft_config.target_layer_ids),
+                    server_args.speculative_draft_attention_backend or server_args.attention_backend,
+                    "on" if ops.use_kernels_for(self.k_cache) else "off (PyTorch path)")
+
+    def _check_target(self, target_model: torch.nn.Module, num_target_layers: int) -> None:
+        if not hasattr(target_model, "set_eagle3_layers_to_capture"):
+            raise ValueError(f"DFLASH needs the target to expose hidden states at chosen layers; SGLang's "
+                             f"{type(target_model).__name__} does not (no set_eagle3_layers_to_capture)")
+        highest = max(self.draft_config.target_layer_ids)
+        if highest > num_target_layers - 2:
+            raise ValueError(f"drafter target_layer_ids reach layer {highest}; SGLang captures a layer's output at "
+                             f"the next layer's input, so ids must be <= {num_target_layers - 2} for this "
+                             f"{num_target_layers}-layer target")
+
+    # ----------------------------------------------------------------------------------------------
+    # SGLang's speculative-worker interface
+    @property
+    def draft_model_runner(self):
+        return self.model_runner
+
+    def clear_cache_pool(self) -> None:
+        """Nothing beyond the shared pools (cleared by the scheduler) is cached."""
+
+    def forward_batch_generation(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        if batch.forward_mode.is_extend():
+            return self._forward_extend(batch)
+        if batch.forward_mode.is_idle():
+            return self.target_worker.forward_batch_generation(batch.get_model_worker_batch())
+        return self._forward_decode(batch)
+
+    # ----------------------------------------------------------------------------------------------
+    def _forward_extend(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        """Prefill (or a prefill chunk): the target runs and samples; every new token's context K/V is injected."""
+        worker_batch = batch.get_model_worker_batch()
+        worker_batch.capture_hidden_mode = CaptureHiddenMode.FULL
+        result = self.target_worker.forward_batch_generation(worker_batch)
+        positions = torch.cat([torch.arange(start, start + length, dtype=torch.int64)
+                               for start, length in zip(batch.prefix_lens, batch.extend_lens)]).to(self.device)
+        self.draft_model.inject_context(result.logits_output.hidden_states, positions, batch.out_cache_loc,
+                                        self.k_cache, self.v_cache)
+        result.logits_output.hidden_states = None
+        return result
+
+    def _forward_decode(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        bs, block = batch.batch_size(), self.block_size
+        prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
+        offsets = torch.arange(block, device=self.device)
+        positions = prefix_lens[:, None] + offsets[None, :]  # [bs, B]
+        block_slots = alloc_token_slots(batch.tree_cache, bs * block).view(bs, block).to(torch.int64)
+        self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions] = block_slots.to(
+            self.req_to_token_pool.req_to_token.dtype)
+
+        last_tokens = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64, device=self.device)
+        block_tokens = torch.full((bs, block), self.mask_token_id, dtype=torch.int64, device=self.device)
+        block_tokens[:, 0] = last_tokens
+        greedy = batch.sampling_info.is_all_greedy
+        draft_logits = self._draft(batch, block_tokens, block_slots, prefix_lens)
+        if greedy:
+            block_tokens[:, 1:] = draft_logits.argmax(dim=-1).view(bs, block - 1)
+            draft_probs = None
+        else:
+            draft_probs = processed_probs(draft_logits, *self._row_sampling(batch, block - 1))
+            block_tokens[:, 1:] = sample_from(draft_probs).view(bs, block - 1)
+
+        logits_output, can_run_cuda_graph = self._verify(batch, block_tokens, block_slots, positions)
+        target_logits = logits_output.next_token_logits[:, :self.vocab_size]
+        stop_ids, budgets = self._stop_conditions(batch)
+        if greedy:
+            verdict = ops.verify_block(block_tokens, block_slots, prefix_lens, stop_ids, budgets,
+                                       target_ids=target_logits.argmax(dim=-1).view(bs, block))
+        else:
+            target_probs = processed_probs(target_logits, *self._row_sampling(batch, block))
+            verdict = ops.verify_block(
+                block_tokens, block_slots, prefix_lens, stop_ids, budgets,
+                target_probs=target_probs.view(bs, block, -1),
+                draft_probs=draft_probs.view(bs, block - 1, -1),
+                uniforms=torch.rand(bs, block, dtype=torch.float32, device=self.device))
+        num_emitted, emitted = verdict[1], verdict[2]
+        emitted_cpu = self._append_outputs(batch, emitted.tolist(), num_emitted.tolist())
+
+        kept_cpu = [max(n, 1) for n in emitted_cpu]
+        kept = torch.tensor(kept_cpu, dtype=torch.int64, device=self.device)
+        keep_mask = offsets[None, :] < kept[:, None]
+        self.token_to_kv_pool_allocator.free(block_slots[~keep_mask])
+        features = logits_output.hidden_states.view(bs, block, -1)
+        self.draft_model.inject_context(features[keep_mask], positions[keep_mask], block_slots[keep_mask],
+                                        self.k_cache, self.v_cache)
+        for req, n in zip(batch.reqs, kept_cpu):
+            req.kv_committed_len += n
+            req.kv_allocated_len = req.kv_committed_len
+        batch.seq_lens = batch.seq_lens + kept.to(batch.seq_lens.dtype)
+        batch.seq_lens_cpu = batch.seq_lens_cpu + torch.tensor(kept_cpu, dtype=batch.seq_lens_cpu.dtype)
+        batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+        batch.forward_mode = ForwardMode.DECODE
+        batch.spec_info = None
+
+        flat_tokens = torch.tensor([t for row, n in zip(emitted.tolist(), emitted_cpu) for t in row[:n]],
+                                   dtype=torch.int64, device=self.device)
+        logits_output.hidden_states = None
+        accepted = [n - 1 for n in emitted_cpu]
+        return GenerationBatchResult(
+            logits_output=logits_output, next_token_ids=flat_tokens,
+            num_accepted_tokens=sum(accepted), accept_length_per_req_cpu=accepted,
+            can_run_cuda_graph=can_run_cuda_graph,
+            accept_lens=torch.tensor(accepted, dtype=torch.int32, device=self.device))
+
+    # ----------------------------------------------------------------------------------------------
+    def _draft(self, batch: ScheduleBatch, block_tokens: torch.Tensor, block_slots: torch.Tensor,
+               prefix_lens: torch.Tensor) -> torch.Tensor:
+        """One drafter pass over every request's block; returns draft logits [bs * (B-1), vocab] fp32."""
+        bs, block = block_tokens.shape
+        prefix_cpu = batch.seq_lens_cpu.tolist()
+        seq_lens = prefix_lens + block
+        worker_batch = dataclasses.replace(
+            batch.get_model_worker_batch(), forward_mode=ForwardMode.EXTEND, input_ids=block_tokens.view(-1),
+            seq_lens=seq_lens.to(batch.seq_lens.dtype), seq_lens_cpu=batch.seq_lens_cpu + block,
+            seq_lens_sum=int(sum(prefix_cpu)) + bs * block, out_cache_loc=block_slots.view(-1),
+            extend_num_tokens=bs * block, extend_seq_lens=[block] * bs, extend_prefix_lens=prefix_cpu,
+            extend_logprob_start_lens=[0] * bs, return_logprob=False, spec_algorithm=SpeculativeAlgorithm.NONE,
+            spec_info=None, capture_hidden_mode=CaptureHiddenMode.NULL, input_embeds=None,
+            global_forward_mode=ForwardMode.EXTEND)
+        forward_batch = ForwardBatch.init_new(worker_batch, self.draft_runner)
+        hidden = self.draft_runner.forward(forward_batch).logits_output
+        hidden = hidden.view(bs, block, -1)[:, 1:].reshape(bs * (block - 1), -1)
+        return self.draft_model.compute_logits(hidden, self.vocab_size)
+
+    def _verify(self, batch: ScheduleBatch, block_tokens: torch.Tensor, block_slots: torch.Tensor,
+                positions: torch.Tensor):
+        """One target pass over all blocks (TARGET_VERIFY, causal chain), capturing the drafter's features."""
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = block_tokens.view(-1)
+        batch.out_cache_loc = block_slots.view(-1)
+        batch.spec_info = DFlashVerifyInput(positions.view(-1), self.block_size)
+        worker_batch: ModelWorkerBatch = batch.get_model_worker_batch()
+        worker_batch.capture_hidden_mode = CaptureHiddenMode.FULL
+        result = self.target_worker.forward_batch_generation(worker_batch, is_verify=True)
+        return result.logits_output, result.can_run_cuda_graph
+
+    def _row_sampling(self, batch: ScheduleBatch, rows_per_request: int):
+        """Each request's temperature / top-p / top-k repeated over its block rows."""
+        info = batch.sampling_info
+        return (info.temperatures.view(-1).repeat_interleave(rows_per_request),
+                info.top_ps.view(-1).repeat_interleave(rows_per_request),
+                info.top_ks.view(-1).repeat_interleave(rows_per_request))
+
+    def _stop_conditions(self, batch: ScheduleBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-level stops for the verifier: EOS / stop token ids (-1 padded) and remaining token budgets."""
+        rows, budgets = [], []
+        for req in batch.reqs:
+            params = req.sampling_params
+            stops: set[int] = set()
+            if not params.ignore_eos:  # mirrors Req._check_token_based_finish
+                stops |= set(req.eos_token_ids or ()) | set(params.stop_token_ids or ())
+                if req.tokenizer is not None:
+                    stops |= {req.tokenizer.eos_token_id} | set(req.tokenizer.additional_stop_token_ids or ())
+                stops.discard(None)
+            rows.append(sorted(stops))
+            limit = params.max_new_tokens
+            budgets.append(NO_BUDGET_LIMIT if limit is None else max(limit - len(req.output_ids), 0))
+        width = max(1, max(len(r) for r in rows))
+        stop_ids = torch.full((len(rows), width), -1, dtype=torch.int64)
+        for i, row in enumerate(rows):
+            stop_ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+        return stop_ids.to(self.device), torch.tensor(budgets, dtype=torch.int64, device=self.device)
+
+    def _append_outputs(self, batch: ScheduleBatch, emitted: list[list[int]], num_emitted: list[int]) -> list[int]:
+        """Appends each request's emitted tokens, letting SGLang's finish check cut inside the block
+        (stop strings included). Returns the number of tokens each request really emitted."""
+        final = []
+        for req, tokens, n in zip(batch.reqs, emitted, num_emitted):
+            count = 0
+            for token in tokens[:n]:
+                req.output_ids.append(token)
+                count += 1
+                req.check_finished()
+                if req.finished():
+                    break
+            final.append(count)
+            req.spec_verify_ct += 1
+            req.spec_accepted_tokens += count - 1
+            req.update_spec_acceptance_histogram(count - 1)
+        return final
+
+
+def stack_kv_pool(pool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-lays the drafter's KV pool as [L, slots, heads, dim] tensors (per-layer views stay in the pool's
+    lists), so the KV injection writes every layer in one kernel. Returns (k_cache, v_cache)."""
+    k_shape = (len(pool.k_buffer), *pool.k_buffer[0].shape)
+    v_shape = (len(pool.v_buffer), *pool.v_buffer[0].shape)
+    dtype, device = pool.k_buffer[0].dtype, pool.k_buffer[0].device
+    pool.k_buffer = pool.v_buffer = None  # release the per-layer buffers before allocating the stacked ones
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    k_cache = torch.zeros(k_shape, dtype=dtype, device=device)
+    v_cache = torch.zeros(v_shape, dtype=dtype, device=device)
+    pool.k_buffer = list(k_cache.unbind(0))
+    pool.v_buffer = list(v_cache.unbind(0))
+    pool.k_data_ptrs = torch.tensor([x.data_ptr() for x in pool.k_buffer], dtype=torch.uint64, device=device)
+    pool.v_data_ptrs = torch.tensor([x.data_ptr() for x in pool.v_buffer], dtype=torch.uint64, device=device)
+    pool.data_ptrs = torch.cat([pool.k_data_ptrs, pool.v_data_ptrs], dim=0)
+    return k_cache, v_cache
