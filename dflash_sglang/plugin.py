@@ -19,6 +19,8 @@ the hook lets it load and then applies that module's patch, once:
   so the CPU backend can run mask-free TARGET_VERIFY passes (upstream supports them on GPU backends only).
 * ``sglang.srt.mem_cache.memory_pool`` -- skips ``MHATokenToKVPool._init_kv_copy_and_warmup`` (a Triton
   warm-up for paged KV moves) on CPU devices, where Triton cannot launch.
+* ``sglang.srt.managers.tokenizer_manager`` -- wraps ``TokenizerManager._validate_one_request`` so a
+  DFLASH server answers requests for options it does not serve (``request_rules.py``) with HTTP 400.
 
 Set ``DFLASH_SGLANG_DISABLE=1`` to leave SGLang untouched. Other SGLang versions get a clear error.
 """
@@ -175,12 +177,31 @@ def patch_memory_pool(module: ModuleType) -> None:
     pool._dflash_patched = True
 
 
+def patch_tokenizer_manager(module: ModuleType) -> None:
+    """Wraps ``TokenizerManager._validate_one_request`` to refuse options DFLASH does not serve (HTTP 400)."""
+    manager = module.TokenizerManager
+    if getattr(manager, "_dflash_patched", False):
+        return
+    original_validate = manager._validate_one_request
+
+    def validate_one_request(self, obj, input_ids):
+        original_validate(self, obj, input_ids)
+        if self.server_args.speculative_algorithm == ALGORITHM and hasattr(obj, "return_logprob"):
+            from dflash_sglang.request_rules import check_request
+
+            check_request(obj.sampling_params, obj.return_logprob, getattr(obj, "custom_logit_processor", None))
+
+    manager._validate_one_request = validate_one_request
+    manager._dflash_patched = True
+
+
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "sglang.srt.speculative.spec_info": patch_spec_info,
     "sglang.srt.server_args": patch_server_args,
     "sglang.srt.models.registry": patch_model_registry,
     "sglang.srt.layers.attention.torch_native_backend": patch_torch_native_backend,
     "sglang.srt.mem_cache.memory_pool": patch_memory_pool,
+    "sglang.srt.managers.tokenizer_manager": patch_tokenizer_manager,
 }
 
 

@@ -1,0 +1,115 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Starting, health-checking and stopping an SGLang server process (tests, benchmarks, scripts).
+
+``ServerProcess`` runs ``python -m sglang.launch_server ARGS`` in its own process group with its log in a
+file, waits until ``/health_generate`` answers, and stops the whole group. On a CPU device it adds the
+libcuda stand-in and SGLang's CPU engine to the environment (``cpu_stub.cpu_server_env``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Sequence
+
+from dflash_sglang.cpu_stub import cpu_server_env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """One SGLang server. ``args`` are launch_server arguments without --host/--port."""
+
+    def __init__(self, args: Sequence[str], *, log_path: str, port: int | None = None, host: str = "127.0.0.1",
+                 env: dict[str, str] | None = None) -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.args = [*args, "--host", host, "--port", str(self.port)]
+        self.log_path = log_path
+        base_env = dict(os.environ if env is None else env)
+        self.env = cpu_server_env(base_env) if _device_of(args) == "cpu" else base_env
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 600.0) -> "ServerProcess":
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *self.args], stdout=log,
+                                            stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(f"SGLang server exited with code {self.process.returncode}; log tail:\n"
+                                       f"{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise ServerStartError(f"SGLang server not healthy after {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/health_generate", timeout=30) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def server_info(self) -> dict:
+        with urllib.request.urlopen(f"{self.base_url}/get_server_info", timeout=30) as response:
+            return json.load(response)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def log_text(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _device_of(args: Sequence[str]) -> str | None:
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--device" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return None

@@ -1,0 +1,18 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared pytest configuration: the markers used across the test suite, and the tiny checkpoints."""
+
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an sm_90+ CUDA GPU and the dflash CUDA extension (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: starts real SGLang server processes (minutes on a CPU)")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """The tiny target + drafters (block_size 8) of ``dflash_sglang.tiny``, written once per session:
+    ``{"target", "drafter", "drafter-agree", "drafter-disagree"} -> folder``."""
+    from dflash_sglang.tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(str(tmp_path_factory.mktemp("tiny-checkpoints")), seed=0, block_size=8)
