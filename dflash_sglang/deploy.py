@@ -148,8 +148,9 @@ def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str,
     finally:
         loader.dispose()
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        found = "an empty file" if data is None else f"a {type(data).__name__}"
         raise DeployConfigError(f"{source}: a deployment config must be a YAML mapping (key: value lines), got "
-                                f"{type(data).__name__}")
+                                f"{found}")
     origins: dict[tuple[str, ...], str] = {}
     for key_node, value_node in node.value:
         key = (key_node.value,)
@@ -179,7 +180,9 @@ def _apply_override(data: dict[str, Any], origins: dict[tuple[str, ...], str], i
         raise DeployConfigError(f"{where}: the value is not valid YAML ({error})") from None
     parts = tuple(key.split("."))
     if len(parts) == 2 and parts[0] == "extra_args" and parts[1]:
-        extra = data.setdefault("extra_args", {})
+        if data.get("extra_args") is None:
+            data["extra_args"] = {}
+        extra = data["extra_args"]
         if not isinstance(extra, dict):
             raise DeployConfigError(f"{origins.get(('extra_args',), where)}: `extra_args` must be a mapping")
         extra[parts[1]] = value
