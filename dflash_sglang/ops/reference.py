@@ -121,7 +121,7 @@ def verify_block_ref(
                 if float(uniforms[i, j]) * q < p:
                     accepted += 1
                     continue
-                residual = (target_probs[i, j] - draft_probs[i, j]).clamp_min(0)
+                residual = (target_probs[i, j].double() - draft_probs[i, j].double()).clamp_min(0)
                 if float(residual.sum()) <= 0:
                     residual = target_probs[i, j]
                 bonus = sample_inverse_cdf(residual, float(uniforms[i, block_size - 1]))
@@ -153,6 +153,7 @@ def sample_inverse_cdf(weights: torch.Tensor, uniform: float) -> int:
     Weights need not be normalized; zero-weight tokens are never chosen (ties go to the last token with
     weight, which also absorbs rounding when the running sum never exceeds the threshold).
     """
+    weights = weights.double()  # fp64 running sums: fp32 rounding over a 262k vocabulary exceeds a token's mass
     cdf = torch.cumsum(weights, dim=0)
     threshold = torch.tensor([uniform], dtype=cdf.dtype, device=cdf.device) * cdf[-1]
     index = int(torch.searchsorted(cdf, threshold, right=True).item())
