@@ -14,7 +14,7 @@ if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$out/pip.log"
   # No setuptools in the image's venv (and no network for an isolated build): install what `pip install -e .`
   # would -- the repo on sys.path and the start-up hook -- by hand.
   site=$(python3 -c "import site; print(site.getsitepackages()[0])")
-  echo "$PWD" > "$site/dflash_sglang_repo.pth"
+  echo "$PWD" > "$site/dflash_sglang_0repo.pth"  # sorts before the hook .pth, which imports the package
   cp dflash_sglang_hook.pth "$site/"
   echo "pip install -e . failed (see pip.log); installed the hook and repo path into $site" | tee -a "$out/pip.log"
 fi

@@ -91,6 +91,22 @@ def _check_tensor(name: str, tensor: torch.Tensor, ndim: int, dtypes: tuple[torc
     _check(tensor.device == device, f"{name} is on {tensor.device} but the other inputs are on {device}")
 
 
+INJECT_KV_KERNEL_HEAD_DIMS = (64, 128, 256)
+
+
+def _kernel_covers_head_dim(head_dim: int) -> bool:
+    if head_dim in INJECT_KV_KERNEL_HEAD_DIMS:
+        return True
+    _log_once(f"inject_kv: no fused kernel for head_dim {head_dim} (kernels cover {INJECT_KV_KERNEL_HEAD_DIMS}); "
+              "using the PyTorch path")
+    return False
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.warning(message)
+
+
 def inject_kv(kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, k_norm_weight: torch.Tensor,
               cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float) -> None:
     """K-norm + RoPE + cast + scatter of the context K/V of N tokens into every drafter layer's cache.
@@ -120,7 +136,7 @@ def inject_kv(kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, k_
     _check(k_cache.dtype == v_cache.dtype, f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) differ")
     if num_tokens == 0:
         return
-    if use_kernels_for(kv):
+    if use_kernels_for(kv) and _kernel_covers_head_dim(head_dim):
         torch.ops.dflash.inject_kv(kv.contiguous(), positions.contiguous(), slots.contiguous(),
                                    k_norm_weight.contiguous(), cos_sin_cache.contiguous(), k_cache, v_cache,
                                    float(eps))
