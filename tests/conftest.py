@@ -5,7 +5,8 @@ import pytest
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs an sm_90+ CUDA GPU and the dflash CUDA extension (skipped otherwise)")
+    config.addinivalue_line(
+        "markers", "gpu: needs an sm_90+ CUDA GPU and the dflash CUDA extension (skipped otherwise)")
     config.addinivalue_line("markers", "slow: starts real SGLang server processes (minutes on a CPU)")
 
 
@@ -16,3 +17,15 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
     from dflash_sglang.tiny import write_tiny_checkpoints
 
     return write_tiny_checkpoints(str(tmp_path_factory.mktemp("tiny-checkpoints")), seed=0, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for the module: the tiny models gain nothing from threads, and on a shared
+    2-core host OpenMP threads contending with other processes make them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
