@@ -71,6 +71,15 @@ class ServerProcess:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
+    def generate_greedy(self, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
+        """Native ``/generate`` at temperature 0: (output token ids, SGLang's meta_info)."""
+        body = {"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+        request = urllib.request.Request(f"{self.base_url}/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            result = json.load(response)
+        return result["output_ids"], result["meta_info"]
+
     def server_info(self) -> dict:
         with urllib.request.urlopen(f"{self.base_url}/get_server_info", timeout=30) as response:
             return json.load(response)

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,21 +28,12 @@ from dflash_sglang.tiny import write_tiny_checkpoints  # noqa: E402
 PROMPTS = [f"{'one two three ' * (i % 5)}Tell me about item number {i} and why it" for i in range(16)]
 
 
-def generate(server: ServerProcess, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
-    body = {"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
-    request = urllib.request.Request(f"{server.base_url}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        result = json.load(response)
-    return result["output_ids"], result["meta_info"]
-
-
 def run_batch(server: ServerProcess, max_new_tokens: int, concurrent_requests: bool = True
               ) -> tuple[list[list[int]], list[dict], float]:
     """All prompts at once (one batch) or one after another (batch size 1)."""
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS) if concurrent_requests else 1) as pool:
-        results = list(pool.map(lambda p: generate(server, p, max_new_tokens), PROMPTS))
+        results = list(pool.map(lambda p: server.generate_greedy(p, max_new_tokens), PROMPTS))
     return [r[0] for r in results], [r[1] for r in results], time.perf_counter() - start
 
 

@@ -85,18 +85,6 @@ def _chat(server: ServerProcess, content: str, max_tokens: int, stream: bool) ->
     return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
 
-def _generate_ids(server: ServerProcess, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
-    import json
-    import urllib.request
-
-    body = {"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
-    request = urllib.request.Request(f"{server.base_url}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        result = json.load(response)
-    return result["output_ids"], result["meta_info"]
-
-
 def _assert_no_leak(server: ServerProcess) -> None:
     time.sleep(3)  # the scheduler checks its pools when idle (strict mode raises on a leak)
     assert server.healthy(), f"server died after the requests:\n{server.log_tail()}"
@@ -105,8 +93,8 @@ def _assert_no_leak(server: ServerProcess) -> None:
 
 def test_greedy_token_identical_generate(baseline, dflash):
     for prompt in PROMPTS[:3]:
-        spec_ids, meta = _generate_ids(dflash, prompt, 32)
-        base_ids, _ = _generate_ids(baseline, prompt, 32)
+        spec_ids, meta = dflash.generate_greedy(prompt, 32)
+        base_ids, _ = baseline.generate_greedy(prompt, 32)
         assert spec_ids == base_ids, prompt
         assert meta["spec_verify_ct"] >= 1 and len(spec_ids) == 32
 
@@ -141,8 +129,8 @@ def test_stop_strings_eos_and_max_tokens_inside_a_block(baseline, dflash):
 def test_agreeing_drafter_is_accepted_and_lossless(baseline, dflash_agree):
     reported = []
     for prompt in PROMPTS[:3]:
-        spec_ids, meta = _generate_ids(dflash_agree, prompt, 48)
-        base_ids, _ = _generate_ids(baseline, prompt, 48)
+        spec_ids, meta = dflash_agree.generate_greedy(prompt, 48)
+        base_ids, _ = baseline.generate_greedy(prompt, 48)
         assert spec_ids == base_ids, prompt
         # SGLang's own per-request acceptance: tokens per verify step, as the server reports it.
         assert meta["spec_accept_length"] == pytest.approx(len(spec_ids) / meta["spec_verify_ct"], abs=0.5)
