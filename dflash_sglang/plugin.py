@@ -21,6 +21,11 @@ the hook lets it load and then applies that module's patch, once:
   warm-up for paged KV moves) on CPU devices, where Triton cannot launch.
 * ``sglang.srt.managers.tokenizer_manager`` -- wraps ``TokenizerManager._validate_one_request`` so a
   DFLASH server answers requests for options it does not serve (``request_rules.py``) with HTTP 400.
+* ``sglang.srt.utils.hf_transformers_utils`` -- adds the Gemma 4 configs (``models/gemma4_config.py``) to
+  ``_CONFIG_REGISTRY`` and transformers' ``AutoConfig``: SGLang's pinned transformers 5.3.0 has no ``gemma4``.
+* ``sglang.srt.configs.model_config`` -- wraps ``ModelConfig._derive_model_shapes`` and
+  ``ModelConfig.get_total_num_kv_heads`` so a Gemma 4 target is served text-only with a KV pool as wide as
+  its widest layer (``gemma4_config.adapt_model_config``); other models are left as they are.
 
 Set ``DFLASH_SGLANG_DISABLE=1`` to leave SGLang untouched. Other SGLang versions get a clear error.
 """
@@ -195,6 +200,48 @@ def patch_tokenizer_manager(module: ModuleType) -> None:
     manager._dflash_patched = True
 
 
+def patch_hf_transformers_utils(module: ModuleType) -> None:
+    """Registers the Gemma 4 configs with SGLang's ``_CONFIG_REGISTRY`` and transformers' ``AutoConfig``."""
+    registry = module._CONFIG_REGISTRY
+    if "gemma4" in registry:
+        return
+    check_sglang_version()
+    from transformers import AutoConfig
+
+    from dflash_sglang.models.gemma4_config import Gemma4Config, Gemma4TextConfig
+
+    for config_cls in (Gemma4Config, Gemma4TextConfig):
+        registry[config_cls.model_type] = config_cls
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+        except ValueError:  # a transformers with its own Gemma 4: SGLang's registry (ours) still wins
+            pass
+
+
+def patch_model_config(module: ModuleType) -> None:
+    """Adapts ``ModelConfig`` to Gemma 4 targets (text-only, KV pool shape); no-op for other models."""
+    model_config_cls = module.ModelConfig
+    if getattr(model_config_cls, "_dflash_patched", False):
+        return
+    check_sglang_version()
+    original_derive_shapes = model_config_cls._derive_model_shapes
+    original_num_kv_heads = model_config_cls.get_total_num_kv_heads
+
+    def derive_model_shapes(self) -> None:
+        original_derive_shapes(self)
+        from dflash_sglang.models.gemma4_config import adapt_model_config
+
+        adapt_model_config(self)
+
+    def get_total_num_kv_heads(self) -> int:
+        pool_heads = getattr(self.hf_text_config, "kv_pool_num_heads", None)  # Gemma4TextConfig only
+        return pool_heads if pool_heads is not None else original_num_kv_heads(self)
+
+    model_config_cls._derive_model_shapes = derive_model_shapes
+    model_config_cls.get_total_num_kv_heads = get_total_num_kv_heads
+    model_config_cls._dflash_patched = True
+
+
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "sglang.srt.speculative.spec_info": patch_spec_info,
     "sglang.srt.server_args": patch_server_args,
@@ -202,6 +249,8 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "sglang.srt.layers.attention.torch_native_backend": patch_torch_native_backend,
     "sglang.srt.mem_cache.memory_pool": patch_memory_pool,
     "sglang.srt.managers.tokenizer_manager": patch_tokenizer_manager,
+    "sglang.srt.utils.hf_transformers_utils": patch_hf_transformers_utils,
+    "sglang.srt.configs.model_config": patch_model_config,
 }
 
 

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
@@ -97,7 +98,24 @@ def _corpus(rng: random.Random, num_sentences: int = 160) -> list[str]:
     return lines
 
 
-def build_tokenizer(seed: int = 0):
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a tiny tokenizer's files say: its special tokens (after the BPE vocabulary), chat template, roles."""
+
+    special_tokens: tuple[str, ...]
+    chat_template: str
+    eos_token: str
+    pad_token: str
+    bos_token: str | None
+    tokenizer_class: str
+    add_bos_token: bool = False
+
+
+QWEN3_TOKENIZER = TokenizerSpec(SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None,
+                                tokenizer_class="Qwen2Tokenizer")
+
+
+def build_tokenizer(seed: int = 0, special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
     """A byte-level BPE (Qwen-style pipeline) trained offline; the special tokens follow the BPE vocab."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -111,7 +129,7 @@ def build_tokenizer(seed: int = 0):
     trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tokenizer.train_from_iterator(_corpus(random.Random(seed)), trainer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return tokenizer
 
 
@@ -121,34 +139,41 @@ def _write_json(path: str, obj) -> None:
         handle.write("\n")
 
 
-def _write_tokenizer_files(tokenizer, out: str) -> dict[str, int]:
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+def write_tokenizer(out: str, spec: TokenizerSpec = QWEN3_TOKENIZER, seed: int = 0) -> tuple[dict[str, int], int]:
+    """Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into ``out``.
+
+    Returns:
+        (special token -> id, padded vocabulary size: the tokenizer's size rounded up to a multiple of 64).
+    """
+    tokenizer = build_tokenizer(seed, spec.special_tokens)
+    ids = {token: tokenizer.token_to_id(token) for token in spec.special_tokens}
     tokenizer.save(os.path.join(out, "tokenizer.json"))
     added = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                           "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+                           "single_word": False, "special": True} for t in spec.special_tokens}
+    additional = [t for t in spec.special_tokens if t not in (spec.pad_token, spec.bos_token)]
     _write_json(os.path.join(out, "tokenizer_config.json"), {
-        "add_bos_token": False,
+        "add_bos_token": spec.add_bos_token,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
-        "additional_special_tokens": [IM_START, IM_END, MASK],
-        "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "additional_special_tokens": additional,
+        "bos_token": spec.bos_token,
+        "chat_template": spec.chat_template,
         "clean_up_tokenization_spaces": False,
-        "eos_token": IM_END,
+        "eos_token": spec.eos_token,
         "errors": "replace",
         "model_max_length": MAX_POSITION_EMBEDDINGS,
-        "pad_token": ENDOFTEXT,
+        "pad_token": spec.pad_token,
         "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
+        "tokenizer_class": spec.tokenizer_class,
         "unk_token": None,
     })
     special = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _write_json(os.path.join(out, "special_tokens_map.json"), {
-        "additional_special_tokens": [IM_START, IM_END, MASK],
-        "eos_token": {**special, "content": IM_END},
-        "pad_token": {**special, "content": ENDOFTEXT},
-    })
-    return ids
+    token_map = {"additional_special_tokens": additional, "eos_token": {**special, "content": spec.eos_token},
+                 "pad_token": {**special, "content": spec.pad_token}}
+    if spec.bos_token is not None:
+        token_map["bos_token"] = {**special, "content": spec.bos_token}
+    _write_json(os.path.join(out, "special_tokens_map.json"), token_map)
+    return ids, 64 * math.ceil(tokenizer.get_vocab_size(with_added_tokens=True) / 64)
 
 
 def _transformers_version() -> str:
@@ -222,21 +247,24 @@ def target_weights(vocab_size: int, zero_rows: list[int], generator: torch.Gener
     return tensors
 
 
-def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], block_size: int) -> DFlashDraftConfig:
-    """The drafters' config, laid out like z-lab's classic releases (``block_size`` also at the top level)."""
+def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], block_size: int, *,
+                   bos: str = ENDOFTEXT, eos: str = IM_END, hidden_size: int = HIDDEN_SIZE,
+                   num_target_layers: int = NUM_TARGET_LAYERS, dflash_extra: dict | None = None) -> DFlashDraftConfig:
+    """The drafters' config, laid out like z-lab's classic releases (``block_size`` also at the top level).
+    ``dflash_extra`` adds ``dflash_config`` keys (a Gemma target's ``input_embedding_scale``, ...)."""
     raw = {
         "architectures": ["DFlashDraftModel"],
         "attention_bias": False,
         "attention_dropout": 0.0,
         "block_size": block_size,
-        "bos_token_id": ids[ENDOFTEXT],
+        "bos_token_id": ids[bos],
         "dflash_config": {"block_size": block_size, "mask_token_id": mask_token_id,
-                          "target_layer_ids": list(TARGET_LAYER_IDS)},
+                          "target_layer_ids": list(TARGET_LAYER_IDS), **(dflash_extra or {})},
         "dtype": "bfloat16",
-        "eos_token_id": ids[IM_END],
+        "eos_token_id": ids[eos],
         "head_dim": HEAD_DIM,
         "hidden_act": "silu",
-        "hidden_size": HIDDEN_SIZE,
+        "hidden_size": hidden_size,
         "initializer_range": INIT_STD,
         "intermediate_size": INTERMEDIATE_SIZE,
         "layer_types": ["full_attention"] * NUM_DRAFT_LAYERS,
@@ -244,10 +272,10 @@ def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], blo
         "max_window_layers": NUM_DRAFT_LAYERS,
         "model_type": "qwen3",
         # hidden == num_heads * head_dim (and no GQA) lets drafter-agree use identity v_proj/o_proj.
-        "num_attention_heads": HIDDEN_SIZE // HEAD_DIM,
+        "num_attention_heads": hidden_size // HEAD_DIM,
         "num_hidden_layers": NUM_DRAFT_LAYERS,
-        "num_key_value_heads": HIDDEN_SIZE // HEAD_DIM,
-        "num_target_layers": NUM_TARGET_LAYERS,
+        "num_key_value_heads": hidden_size // HEAD_DIM,
+        "num_target_layers": num_target_layers,
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_scaling": None,
         "rope_theta": ROPE_THETA,
@@ -261,7 +289,7 @@ def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], blo
     return DFlashDraftConfig.from_dict(raw)
 
 
-def _random_drafter(config: DFlashDraftConfig, generator: torch.Generator):
+def random_drafter(config: DFlashDraftConfig, generator: torch.Generator):
     from dflash_sglang.model import DFlashDrafter
 
     drafter = DFlashDrafter(config)
@@ -311,10 +339,8 @@ def write_tiny_checkpoints(out_dir: str, *, seed: int = 0, block_size: int = 8) 
         os.makedirs(path, exist_ok=True)
 
     target = paths["target"]
-    tokenizer = build_tokenizer(seed)
-    ids = _write_tokenizer_files(tokenizer, target)
-    vocab_size = 64 * math.ceil(tokenizer.get_vocab_size(with_added_tokens=True) / 64)
-    padding_rows = list(range(tokenizer.get_vocab_size(with_added_tokens=True), vocab_size))
+    ids, vocab_size = write_tokenizer(target, QWEN3_TOKENIZER, seed)
+    padding_rows = list(range(max(ids.values()) + 1, vocab_size))
     # Row 0: drafter-disagree's proposal; <|mask|>: the block filler; padding rows: no token. All zero, so
     # their logit is 0 and greedy decoding never picks them.
     zero_rows = [0, ids[MASK]] + padding_rows
@@ -331,5 +357,5 @@ def write_tiny_checkpoints(out_dir: str, *, seed: int = 0, block_size: int = 8) 
 
     config = drafter_config(vocab_size, ids[MASK], ids, block_size)
     for name, build in (("drafter", lambda d: d), ("drafter-agree", _agreeing), ("drafter-disagree", _disagreeing)):
-        save_drafter(build(_random_drafter(config, generator)).to(torch.bfloat16), paths[name])
+        save_drafter(build(random_drafter(config, generator)).to(torch.bfloat16), paths[name])
     return paths

@@ -1,0 +1,208 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Gemma 4 attention, MLP and mixture-of-experts blocks built from SGLang's layers.
+
+Numerics follow transformers' ``models/gemma4/modeling_gemma4.py`` (>= 5.17):
+
+* attention: per-head RMSNorm on q and k (weighted) and on v (no weight), then RoPE on q and k; scaling 1.0
+  (the norms set the scale); ``attention_k_eq_v`` full-attention layers have no ``v_proj`` and use the raw
+  key projection as values (before ``k_norm``, through ``v_norm``).
+* RoPE per layer type: sliding layers the default RoPE over the whole head; full layers the
+  ``proportional`` RoPE: frequencies ``theta^(-2i/head_dim)`` for the first ``partial_rotary_factor`` of the
+  pairs and zero (no rotation) for the rest, with rotate-half pairing over the whole head.
+* MoE (26B-A4B): a router (weight-free RMSNorm, times ``scale * hidden^-0.5``, linear, softmax, top-k,
+  renormalized, times ``per_expert_scale`` of the chosen experts) and GELU-gated experts.
+
+KV cache layout. SGLang 0.5.10.post1 keeps one KV pool for all layers with one head count and head size,
+but Gemma 4's sliding and full layers differ in both (31B: 16 x 256 vs 4 x 512). Every layer therefore
+writes ``kv_pool_num_heads x kv_pool_head_dim``: narrower heads are zero-padded (q too, so q.k and the
+attention output's leading ``head_dim`` channels are exact) and layers with fewer KV heads repeat each head
+(grouped-query attention maps query heads to the same original KV head). This costs memory (about 2x for
+31B) but runs on every attention backend.
+TODO(gemma4): per-layer-type KV pools (SGLang's SWAKVPool) to drop the padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglang.srt.layers.activation import GeluAndMul
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
+                                      RowParallelLinear)
+from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+from sglang.srt.layers.moe.topk import StandardTopKOutput
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import RotaryEmbedding, get_rope
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.utils import add_prefix
+
+from dflash_sglang.models.gemma4_config import Gemma4TextConfig
+
+
+def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight (Gemma 4's ``v_norm`` and router norm), in fp32."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class ProportionalRotaryEmbedding(RotaryEmbedding):
+    """Gemma 4's ``proportional`` RoPE: ``num_rotated`` frequency pairs rotate, the others keep cos 1 / sin 0."""
+
+    def __init__(self, head_dim: int, max_position: int, base: float, rotary_fraction: float,
+                 dtype: torch.dtype) -> None:
+        self._num_rotated = int(rotary_fraction * head_dim // 2)  # as transformers' rope_angles
+        super().__init__(head_dim, head_dim, max_position, base, True, dtype)
+
+    def _compute_inv_freq(self, base: float) -> torch.Tensor:
+        inv_freq = super()._compute_inv_freq(base)
+        inv_freq[self._num_rotated:] = 0.0
+        return inv_freq
+
+
+class Gemma4Attention(nn.Module):
+    def __init__(self, config: Gemma4TextConfig, layer_id: int, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        spec = config.layer_attention(layer_id)
+        self.head_dim = spec.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.k_eq_v = spec.k_eq_v
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.eps = config.rms_norm_eps
+        if self.k_eq_v:
+            self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, [self.q_size, self.kv_size],
+                                                       bias=config.attention_bias, quant_config=quant_config,
+                                                       prefix=add_prefix("qkv_proj", prefix))
+        else:
+            self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                              bias=config.attention_bias, quant_config=quant_config,
+                                              prefix=add_prefix("qkv_proj", prefix))
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=config.attention_bias,
+                                        quant_config=quant_config, prefix=add_prefix("o_proj", prefix))
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        max_position = config.max_position_embeddings
+        if spec.rotary_fraction < 1.0:
+            self.rotary_emb = ProportionalRotaryEmbedding(self.head_dim, max_position, spec.rope_theta,
+                                                          spec.rotary_fraction, torch.get_default_dtype())
+        else:
+            self.rotary_emb = get_rope(self.head_dim, rotary_dim=self.head_dim, max_position=max_position,
+                                       base=spec.rope_theta, is_neox_style=True)
+        self.pool_head_dim = config.kv_pool_head_dim
+        self.kv_repeat = config.kv_pool_num_heads // self.num_kv_heads
+        # SGLang's window counts the keys before the query; transformers' counts the query too.
+        window = -1 if spec.sliding_window is None else spec.sliding_window - 1
+        self.attn = RadixAttention(self.num_heads, self.pool_head_dim, 1.0, num_kv_heads=config.kv_pool_num_heads,
+                                   layer_id=layer_id, sliding_window_size=window, prefix=add_prefix("attn", prefix))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden)
+        if self.k_eq_v:
+            q, k = qkv.split([self.q_size, self.kv_size], dim=-1)
+            v = k
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
+        v = rms_norm_no_scale(v.reshape(-1, self.num_kv_heads, self.head_dim), self.eps)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(self._to_pool(q, self.num_heads, 1), self._to_pool(k, self.num_kv_heads, self.kv_repeat),
+                        self._to_pool(v, self.num_kv_heads, self.kv_repeat), forward_batch)
+        out = out.view(-1, self.num_heads, self.pool_head_dim)[..., :self.head_dim].reshape(-1, self.q_size)
+        out, _ = self.o_proj(out)
+        return out
+
+    def _to_pool(self, x: torch.Tensor, num_heads: int, repeat: int) -> torch.Tensor:
+        """[tokens, num_heads * head_dim] -> [tokens, num_heads * repeat, pool_head_dim] (see the module doc)."""
+        x = x.reshape(-1, num_heads, self.head_dim)
+        if repeat > 1:
+            x = x.repeat_interleave(repeat, dim=1)
+        if self.pool_head_dim > self.head_dim:
+            x = F.pad(x, (0, self.pool_head_dim - self.head_dim))
+        return x.contiguous()
+
+
+class Gemma4MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False,
+                                                       quant_config=quant_config,
+                                                       prefix=add_prefix("gate_up_proj", prefix))
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, quant_config=quant_config,
+                                           prefix=add_prefix("down_proj", prefix))
+        self.act_fn = GeluAndMul(approximate="tanh")  # gelu_pytorch_tanh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class Gemma4Router(nn.Module):
+    """Checkpoint names ``router.proj.weight``, ``router.scale``, ``router.per_expert_scale``."""
+
+    def __init__(self, config: Gemma4TextConfig, prefix: str = "") -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.top_k = config.top_k_experts
+        self.input_scale = config.hidden_size ** -0.5
+        self.proj = ReplicatedLinear(config.hidden_size, config.num_experts, bias=False,
+                                     prefix=add_prefix("proj", prefix))
+        self.scale = nn.Parameter(torch.ones(config.hidden_size), requires_grad=False)
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> StandardTopKOutput:
+        x = rms_norm_no_scale(hidden, self.eps) * self.scale * self.input_scale
+        logits, _ = self.proj(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * self.per_expert_scale[ids].float()
+        return StandardTopKOutput(topk_weights=weights, topk_ids=ids.to(torch.int32), router_logits=logits)
+
+
+class Gemma4MoE(nn.Module):
+    """Router + SGLang's FusedMoE experts (``w13_weight`` [E, 2I, H] gate|up, ``w2_weight`` [E, H, I]).
+
+    On CUDA the experts run SGLang's fused MoE kernels. NOTE(gemma4): its ``gelu`` activation is the erf
+    GELU, not Gemma's tanh approximation (|difference| < 1e-3 of the activation). SGLang's CPU MoE path
+    supports SiLU only, so on the CPU the experts run in PyTorch on the same weights (exact tanh GELU).
+    """
+
+    def __init__(self, config: Gemma4TextConfig, layer_id: int, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        self.router = Gemma4Router(config, prefix=add_prefix("router", prefix))
+        self.experts = FusedMoE(num_experts=config.num_experts, hidden_size=config.hidden_size,
+                                intermediate_size=config.moe_intermediate_size, layer_id=layer_id,
+                                top_k=config.top_k_experts, reduce_results=True, quant_config=quant_config,
+                                activation="gelu", prefix=add_prefix("experts", prefix))
+
+    def forward(self, router_input: torch.Tensor, expert_input: torch.Tensor) -> torch.Tensor:
+        routing = self.router(router_input)
+        if expert_input.is_cuda:
+            return self.experts(expert_input, routing)
+        if getattr(self.experts, "use_intel_amx_backend", False):
+            raise NotImplementedError("Gemma 4 MoE on an AMX CPU: SGLang packs the expert weights for a SiLU-only "
+                                      "kernel; serve it on a GPU or a CPU without AMX")
+        return experts_reference(expert_input, routing.topk_weights, routing.topk_ids.long(),
+                                 self.experts.w13_weight, self.experts.w2_weight)
+
+
+def experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                      w2: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh)-gated experts in PyTorch, expert by expert (fp32 accumulation of the weighted sum).
+
+    Args:
+        x: [tokens, hidden]; topk_weights: [tokens, k] fp32; topk_ids: [tokens, k] int64;
+        w13: [experts, 2 * intermediate, hidden] (gate rows, then up rows); w2: [experts, hidden, intermediate].
+    """
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for expert in topk_ids.unique().tolist():
+        token_idx, slot = torch.where(topk_ids == expert)
+        gate, up = F.linear(x[token_idx], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(F.gelu(gate, approximate="tanh") * up, w2[expert])
+        out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None])
+    return out.to(x.dtype)
