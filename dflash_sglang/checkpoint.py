@@ -57,7 +57,7 @@ def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def check_state_dict(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
-                     where: str) -> None:
+                     where: str, hint: str = "is it a DFlash drafter checkpoint for this config?") -> None:
     """Raises :class:`CheckpointError` listing every missing, unexpected or mis-shaped tensor."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -71,8 +71,7 @@ def check_state_dict(found: Mapping[str, tuple[int, ...]], expected: Mapping[str
     if mis_shaped:
         problems.append(f"shape mismatches: {'; '.join(mis_shaped)}")
     if problems:
-        raise CheckpointError(f"{where} does not match its config.json ({' | '.join(problems)}); is it a DFlash "
-                              "drafter checkpoint for this config?")
+        raise CheckpointError(f"{where} does not match its config.json ({' | '.join(problems)}); {hint}")
 
 
 def load_drafter_state_dict(path: str, expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ own environment; the tests only read what it writes. Regenerate with::
 
 (the main virtual environment supplies torch, safetensors, huggingface_hub). For each variant it writes
 ``tests/fixtures/gemma4/<variant>/``: ``config.json`` (our ``dflash_sglang.tiny_gemma4.gemma4_config``, the
-released layout), ``model.safetensors`` (bf16, saved by transformers' ``save_pretrained``, so the names are
-transformers' own, vision tower included) and ``reference.safetensors``:
+released layout) and ``model.safetensors`` (bf16, saved by transformers' ``save_pretrained``, so the names are
+transformers' own, vision tower included), and next to it ``reference-<variant>.safetensors``:
 
 * ``prompt_ids`` [P] int64, ``output_ids`` [N] int64 (greedy continuation);
 * ``prefill_logprobs`` [P, vocab] fp32: log-softmax of the soft-capped logits at each prompt position;
@@ -94,7 +94,7 @@ def main() -> None:
     for index, variant in enumerate(VARIANTS):
         out = os.path.join(FIXTURES, variant)
         config = build_checkpoint(variant, out, seed=index)
-        save_file(reference(out, config, seed=index), os.path.join(out, "reference.safetensors"))
+        save_file(reference(out, config, seed=index), os.path.join(FIXTURES, f"reference-{variant}.safetensors"))
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ class Gemma4ForCausalLM(nn.Module):
                 loaded[target] = expected.get(target, ())
         if skipped:
             logger.info("Gemma 4: serving text only; skipped %d vision/audio tower tensors", skipped)
-        check_state_dict(loaded, expected, "Gemma 4 checkpoint")
+        check_state_dict(loaded, expected, "Gemma 4 checkpoint",
+                         hint="is it a Gemma 4 text checkpoint (google/gemma-4-*) for this config?")
 
     def _targets(self, name: str, tensor: torch.Tensor):
         """(our parameter, tensor, shard) for one checkpoint tensor; fused projections and stacked experts

@@ -139,23 +139,35 @@ class Gemma4TextConfig(PretrainedConfig):
         return max(self.layer_attention(i).num_kv_heads for i in range(self.num_hidden_layers))
 
 
+class Gemma4VisionConfig(PretrainedConfig):
+    """Kept as read (vision is not served); a config object because SGLang inspects ``vision_config.model_type``."""
+
+    model_type = "gemma4_vision"
+    base_config_key = "vision_config"
+
+
+class Gemma4AudioConfig(PretrainedConfig):
+    model_type = "gemma4_audio"
+    base_config_key = "audio_config"
+
+
 class Gemma4Config(PretrainedConfig):
-    """The multimodal wrapper (``Gemma4ForConditionalGeneration``). Only ``text_config`` is served; the
-    vision and audio sub-configs are kept as plain dicts."""
+    """The multimodal wrapper (``Gemma4ForConditionalGeneration``). Only ``text_config`` is served."""
 
     model_type = "gemma4"
-    sub_configs = {"text_config": Gemma4TextConfig}
+    sub_configs = {"text_config": Gemma4TextConfig, "vision_config": Gemma4VisionConfig,
+                   "audio_config": Gemma4AudioConfig}
 
     def __init__(self, text_config: dict | Gemma4TextConfig | None = None, vision_config: dict | None = None,
                  audio_config: dict | None = None, tie_word_embeddings: bool = True, **kwargs: Any) -> None:
-        if text_config is None:
-            text_config = Gemma4TextConfig()
-        elif isinstance(text_config, dict):
-            text_config = Gemma4TextConfig(**text_config)
-        self.text_config = text_config
-        self.vision_config = vision_config
-        self.audio_config = audio_config
+        self.text_config = _sub_config(Gemma4TextConfig, text_config) or Gemma4TextConfig()
+        self.vision_config = _sub_config(Gemma4VisionConfig, vision_config)
+        self.audio_config = _sub_config(Gemma4AudioConfig, audio_config)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+def _sub_config(config_cls: type[PretrainedConfig], value: dict | PretrainedConfig | None):
+    return config_cls(**{k: v for k, v in value.items() if k != "model_type"}) if isinstance(value, dict) else value
 
 
 def text_config_of(config: PretrainedConfig) -> Gemma4TextConfig:

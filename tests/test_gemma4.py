@@ -1,0 +1,180 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Gemma 4 on the CPU through real SGLang servers.
+
+* Golden: the committed tiny dense and MoE checkpoints (``scripts/make_gemma4_golden.py``, saved by
+  transformers 5.17 in the released layout, vision tower included) are served by SGLang 0.5.10.post1; the
+  full log-probability vectors of a 24-token prefill and of 7 greedy decode steps over SGLang's KV cache
+  match transformers' fp32 reference, also when the prompt comes from the radix cache: served in fp32 to
+  1e-3 (seen: < 1e-5), served in bf16 (dense) within bf16 tolerance.
+* DFLASH: the tiny dense Gemma 4 with a tiny drafter in the released format (Gemma keys in
+  ``dflash_config``) gives the non-speculative server's greedy tokens.
+* Chat: the Gemma-4-style chat template runs in SGLang's OpenAI server, and ``chat_template_kwargs``
+  ``{"enable_thinking": ...}`` changes the prompt exactly as the template renders it.
+
+NOTE: SGLang's CPU attention backend (torch_native) ignores sliding windows, so the tiny models' window
+(512) is longer than every sequence here; the window is passed to RadixAttention for the GPU backends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dflash_sglang.launch import ServerProcess
+from dflash_sglang.tiny_gemma4 import THINK, write_gemma4_drafter, write_gemma4_tokenizer
+
+pytestmark = pytest.mark.slow
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gemma4")
+COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+               "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "4096",
+               "--random-seed", "0"]
+# Max |log-prob difference| vs the fp32 reference on the same (bf16-rounded) weights. fp32 serving: seen
+# < 1e-5. bf16 serving: seen 0.17 (prefill) and 0.08 (decode); the fp32 check is the one that pins the math.
+LOGPROB_ATOL = {"float32": 1e-3, "bfloat16": 0.3}
+HEAD_LOGPROB = -8.0  # compare where the reference gives a token more than e^-8 of the mass
+
+
+def _checkpoint(variant: str, root) -> str:
+    """The committed fixture plus the tiny Gemma tokenizer (written at run time), as a servable folder."""
+    path = str(root / variant)
+    shutil.copytree(os.path.join(FIXTURES, variant), path)
+    write_gemma4_tokenizer(path)
+    return path
+
+
+def _server(args: list[str], root, name: str, dtype: str = "bfloat16") -> ServerProcess:
+    return ServerProcess([*args, *COMMON_ARGS, "--dtype", dtype], log_path=str(root / f"{name}.log"))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma4")
+    for variant in ("dense", "moe"):
+        _checkpoint(variant, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dense(root):
+    with _server(["--model-path", str(root / "dense")], root, "dense") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dense_fp32(root):
+    with _server(["--model-path", str(root / "dense")], root, "dense-fp32", "float32") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def moe_fp32(root):
+    with _server(["--model-path", str(root / "moe")], root, "moe-fp32", "float32") as server:
+        yield server
+
+
+def _generate(server: ServerProcess, body: dict) -> dict:
+    request = urllib.request.Request(f"{server.base_url}/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.load(response)
+
+
+def _rows(entries: list, vocab_size: int) -> torch.Tensor:
+    """SGLang's per-position [(logprob, token id, text), ...] lists -> [positions, vocab] log-probs."""
+    rows = torch.full((len(entries), vocab_size), float("nan"))
+    for i, entry in enumerate(entries):
+        for logprob, token_id, *_ in entry:
+            rows[i, token_id] = logprob
+    return rows
+
+
+def _max_error(served: torch.Tensor, reference: torch.Tensor) -> float:
+    head = reference > HEAD_LOGPROB
+    assert not torch.isnan(served[head]).any(), "SGLang returned no log-prob for some compared tokens"
+    return float((served[head] - reference[head]).abs().max())
+
+
+@pytest.mark.parametrize("variant, server_name, dtype", [("dense", "dense_fp32", "float32"),
+                                                         ("moe", "moe_fp32", "float32"),
+                                                         ("dense", "dense", "bfloat16")])
+def test_golden_logprobs_match_transformers(variant, server_name, dtype, request):
+    server = request.getfixturevalue(server_name)
+    ref = load_file(os.path.join(FIXTURES, f"reference-{variant}.safetensors"))
+    prompt, vocab_size = ref["prompt_ids"].tolist(), ref["prefill_logprobs"].shape[1]
+    body = {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 0,
+            "token_ids_logprob": list(range(vocab_size)),
+            "sampling_params": {"temperature": 0, "max_new_tokens": ref["output_ids"].numel()}}
+    result = _generate(server, body)
+    meta = result["meta_info"]
+    assert result["output_ids"] == ref["output_ids"].tolist()
+    # input row i is the distribution of prompt token i given tokens < i (row 0 has none)
+    prefill_error = _max_error(_rows(meta["input_token_ids_logprobs"][1:], vocab_size), ref["prefill_logprobs"][:-1])
+    decode_error = _max_error(_rows(meta["output_token_ids_logprobs"], vocab_size), ref["decode_logprobs"])
+    # again without input log-probs: the prompt's KV now comes from the radix cache
+    cached = _generate(server, {**body, "logprob_start_len": -1})
+    assert cached["meta_info"]["cached_tokens"] > 0 and cached["output_ids"] == ref["output_ids"].tolist()
+    cached_error = _max_error(_rows(cached["meta_info"]["output_token_ids_logprobs"], vocab_size),
+                              ref["decode_logprobs"])
+    print(f"{variant} served in {dtype}: max |log-prob error| prefill {prefill_error:.4f}, decode {decode_error:.4f}, "
+          f"decode after a cached prompt {cached_error:.4f}")
+    assert max(prefill_error, decode_error, cached_error) < LOGPROB_ATOL[dtype]
+
+
+def test_vision_tower_is_skipped_and_said_in_the_log(dense):
+    assert "skipped 16 vision/audio tower tensors" in dense.log_text()
+    assert "Gemma 4: serving text only" in dense.log_text()
+
+
+@pytest.fixture(scope="module")
+def dflash_dense(root, dense):
+    target = str(root / "dense")  # the dense fixture folder written for the `dense` server
+    with open(os.path.join(target, "config.json"), encoding="utf-8") as handle:
+        target_config = json.load(handle)
+    ids, _ = write_gemma4_tokenizer(str(root / "tokenizer-ids"))
+    drafter = write_gemma4_drafter(str(root / "drafter"), target_config, ids, block_size=8)
+    args = ["--model-path", target, "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", drafter]
+    with _server(args, root, "dflash") as server:
+        yield server
+
+
+def test_dflash_on_gemma4_is_lossless(dense, dflash_dense):
+    for prompt in ("the quick brown fox", "In a small village by the sea there lived", "hello"):
+        spec_ids, meta = dflash_dense.generate_greedy(prompt, 24)
+        base_ids, _ = dense.generate_greedy(prompt, 24)
+        assert spec_ids == base_ids, prompt
+        assert meta["spec_verify_ct"] >= 1
+    assert "DFLASH: block size 8" in dflash_dense.log_text()
+
+
+def _chat_prompt_tokens(server: ServerProcess, enable_thinking: bool | None) -> int:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=600, max_retries=0)
+    extra = {} if enable_thinking is None else {"chat_template_kwargs": {"enable_thinking": enable_thinking}}
+    reply = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Count to three."}],
+                                           max_tokens=4, temperature=0, extra_body=extra)
+    return reply.usage.prompt_tokens
+
+
+def test_chat_template_enable_thinking(dense, root):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "dense"))
+    messages = [{"role": "user", "content": "Count to three."}]
+    expected = {}
+    for thinking in (True, False):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=thinking)
+        assert (THINK in text) == thinking, text
+        expected[thinking] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert expected[True] > expected[False]
+    assert _chat_prompt_tokens(dense, True) == expected[True]
+    assert _chat_prompt_tokens(dense, False) == expected[False]
+    assert _chat_prompt_tokens(dense, None) == expected[False]
