@@ -166,9 +166,9 @@ def _chat_prompt_tokens(server: ServerProcess, enable_thinking: bool | None) -> 
 
 
 def test_chat_template_enable_thinking(dense, root):
-    from transformers import AutoTokenizer
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer  # what the server itself loads
 
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "dense"))
+    tokenizer = get_tokenizer(str(root / "dense"))
     messages = [{"role": "user", "content": "Count to three."}]
     expected = {}
     for thinking in (True, False):
