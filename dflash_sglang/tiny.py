@@ -108,7 +108,6 @@ class TokenizerSpec:
     pad_token: str
     bos_token: str | None
     tokenizer_class: str
-    add_bos_token: bool = False
 
 
 QWEN3_TOKENIZER = TokenizerSpec(SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None,
@@ -133,7 +132,7 @@ def build_tokenizer(seed: int = 0, special_tokens: tuple[str, ...] = SPECIAL_TOK
     return tokenizer
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
@@ -151,8 +150,8 @@ def write_tokenizer(out: str, spec: TokenizerSpec = QWEN3_TOKENIZER, seed: int =
     added = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                            "single_word": False, "special": True} for t in spec.special_tokens}
     additional = [t for t in spec.special_tokens if t not in (spec.pad_token, spec.bos_token)]
-    _write_json(os.path.join(out, "tokenizer_config.json"), {
-        "add_bos_token": spec.add_bos_token,
+    write_json(os.path.join(out, "tokenizer_config.json"), {
+        "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         "additional_special_tokens": additional,
@@ -172,7 +171,7 @@ def write_tokenizer(out: str, spec: TokenizerSpec = QWEN3_TOKENIZER, seed: int =
                  "pad_token": {**special, "content": spec.pad_token}}
     if spec.bos_token is not None:
         token_map["bos_token"] = {**special, "content": spec.bos_token}
-    _write_json(os.path.join(out, "special_tokens_map.json"), token_map)
+    write_json(os.path.join(out, "special_tokens_map.json"), token_map)
     return ids, 64 * math.ceil(tokenizer.get_vocab_size(with_added_tokens=True) / 64)
 
 
@@ -344,8 +343,8 @@ def write_tiny_checkpoints(out_dir: str, *, seed: int = 0, block_size: int = 8) 
     # Row 0: drafter-disagree's proposal; <|mask|>: the block filler; padding rows: no token. All zero, so
     # their logit is 0 and greedy decoding never picks them.
     zero_rows = [0, ids[MASK]] + padding_rows
-    _write_json(os.path.join(target, "config.json"), target_config(vocab_size, ids))
-    _write_json(os.path.join(target, "generation_config.json"), {
+    write_json(os.path.join(target, "config.json"), target_config(vocab_size, ids))
+    write_json(os.path.join(target, "generation_config.json"), {
         "bos_token_id": ids[ENDOFTEXT],
         "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
         "pad_token_id": ids[ENDOFTEXT],

@@ -22,7 +22,6 @@ when ``enable_thinking`` is true); tools and multimodal content are left out.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -168,9 +167,3 @@ def write_gemma4_drafter(out: str, target_config: dict, ids: dict[str, int], *, 
     generator = torch.Generator().manual_seed(seed)
     save_drafter(random_drafter(config, generator).to(torch.bfloat16), out)
     return out
-
-
-def write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-        handle.write("\n")

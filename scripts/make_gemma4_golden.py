@@ -31,8 +31,8 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from dflash_sglang.tiny_gemma4 import VARIANTS, gemma4_config, gemma4_text_weights, write_gemma4_tokenizer, \
-    write_json
+from dflash_sglang.tiny import write_json
+from dflash_sglang.tiny_gemma4 import VARIANTS, gemma4_config, gemma4_text_weights, write_gemma4_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "gemma4")
 PROMPT_LEN, NUM_OUTPUT, MIN_MARGIN = 24, 8, 0.05
