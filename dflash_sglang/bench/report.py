@@ -87,6 +87,7 @@ def plot(result: dict, path: str) -> None:
             ax_tput.plot(xs, [r["baseline"]["throughput_tok_s"] for _, r in points], "s--", color=colors[name],
                          alpha=0.6, label=f"{name} baseline")
     ax_tput.set(title="Output throughput", xlabel="concurrency", ylabel="tokens / s")
+    ax_tput.set_ylim(bottom=0, top=ax_tput.get_ylim()[1] * 1.1)
     _concurrency_axis(ax_tput, levels)
     ax_tput.legend(fontsize=8)
 
@@ -98,6 +99,8 @@ def plot(result: dict, path: str) -> None:
                   lambda c, d: by_key.get((d, int(c)), {}).get("speedup"), "{}", "{:.2f}x",
                   [colors[name] for name in datasets])
     ax_speed.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    if not any(run["speedup"] for run in runs):
+        ax_speed.text(0.5, 0.5, "no baseline endpoint", transform=ax_speed.transAxes, ha="center", fontsize=12)
     ax_speed.set(title="Speedup vs baseline (same run)", xlabel="concurrency", ylabel="DFLASH / baseline throughput")
 
     settings, env = result["settings"], result["environment"]
@@ -135,6 +138,7 @@ def _grouped_bars(ax, groups: Sequence, members: Sequence, value, member_label: 
             ax.bar(x, y, width, color=member_colors[j], label=member_label.format(member) if i == 0 else None)
             ax.text(x, y, value_format.format(y), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(groups)), [str(g) for g in groups])
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.15)  # room for the value labels and the legend
     ax.grid(axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
