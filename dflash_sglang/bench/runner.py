@@ -41,7 +41,8 @@ class Matrix:
 
 
 async def run_endpoint(info: EndpointInfo, matrix: Matrix, label: str) -> Runs:
-    """Every (set, concurrency) run on one endpoint, after one short warm-up request."""
+    """Every (set, concurrency) run on one endpoint, after one short warm-up request; on SGLang the prefix
+    cache is flushed before each run, so no run reuses another's prompts."""
     timeout = aiohttp.ClientTimeout(total=None, sock_read=3600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         client = openai.AsyncOpenAI(base_url=f"{info.base_url}/v1", api_key="none", timeout=3600, max_retries=0)
@@ -61,10 +62,19 @@ async def run_endpoint(info: EndpointInfo, matrix: Matrix, label: str) -> Runs:
         for name, prompts in matrix.prompt_sets.items():
             send = sender(name, matrix.max_tokens)
             for concurrency in matrix.concurrency:
+                if info.api == "sglang":  # every run starts from an empty prefix cache, as the first one does
+                    await _flush_cache(session, info.base_url)
                 runs[name, concurrency] = await run_concurrency(send, range(len(prompts)), concurrency,
                                                                 f"{label} {name} c={concurrency}")
         await client.close()
     return runs
+
+
+async def _flush_cache(session: aiohttp.ClientSession, base_url: str) -> None:
+    async with session.post(f"{base_url}/flush_cache") as response:
+        if response.status != 200:
+            raise RuntimeError(f"{base_url}/flush_cache answered HTTP {response.status}: "
+                               f"{(await response.text())[:200]}")
 
 
 def assemble(speculative: Runs, baseline: Runs | None) -> tuple[list[dict], dict]:
