@@ -71,7 +71,8 @@ async def run_endpoint(info: EndpointInfo, matrix: Matrix, label: str) -> Runs:
 
 
 async def _flush_cache(session: aiohttp.ClientSession, base_url: str) -> None:
-    async with session.post(f"{base_url}/flush_cache") as response:
+    # SGLang flushes only when idle; `timeout` lets it wait for the last request's batch to be retired
+    async with session.post(f"{base_url}/flush_cache", params={"timeout": "60"}) as response:
         if response.status != 200:
             raise RuntimeError(f"{base_url}/flush_cache answered HTTP {response.status}: "
                                f"{(await response.text())[:200]}")
