@@ -71,13 +71,17 @@ class ServerProcess:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def generate_greedy(self, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
-        """Native ``/generate`` at temperature 0: (output token ids, SGLang's meta_info)."""
-        body = {"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+    def generate(self, body: dict) -> dict:
+        """One native ``/generate`` request (``text`` or ``input_ids`` plus ``sampling_params``)."""
         request = urllib.request.Request(f"{self.base_url}/generate", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
-            result = json.load(response)
+            return json.load(response)
+
+    def generate_greedy(self, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
+        """Native ``/generate`` at temperature 0: (output token ids, SGLang's meta_info)."""
+        result = self.generate({"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens,
+                                                                    "temperature": 0}})
         return result["output_ids"], result["meta_info"]
 
     def server_info(self) -> dict:

@@ -44,6 +44,7 @@ from dflash_sglang import ops
 from dflash_sglang.info import DFlashVerifyInput
 from dflash_sglang.sampling import processed_probs, sample_from
 from dflash_sglang.server_defaults import load_draft_config
+from dflash_sglang.step_profile import make_profiler
 
 logger = logging.getLogger(__name__)
 NO_BUDGET_LIMIT = 1 << 40
@@ -81,6 +82,7 @@ class DFlashWorker(TpModelWorker):
         self.k_cache, self.v_cache = stack_kv_pool(self.draft_runner.token_to_kv_pool)
         self.draft_runner.init_device_graphs()
         self.vocab_size = target_runner.model_config.vocab_size
+        self.profiler = make_profiler(self.device)
         self.mask_token_id = self.draft_config.mask_token_id
         logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), draft attention backend %s, "
                     "CUDA kernels %s", self.block_size, server_args.speculative_draft_model_path,
@@ -118,6 +120,7 @@ class DFlashWorker(TpModelWorker):
         return result
 
     def _forward_decode(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        self.profiler.start_step()
         bs, block = batch.batch_size(), self.block_size
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
         offsets = torch.arange(block, device=self.device)
@@ -134,6 +137,7 @@ class DFlashWorker(TpModelWorker):
         batch.out_cache_loc = block_slots.view(-1)
         batch.spec_info = DFlashVerifyInput(positions.view(-1), block, CaptureHiddenMode.NULL)
         draft_batch: ModelWorkerBatch = batch.get_model_worker_batch()
+        self.profiler.mark("prepare")
         draft_logits = self._draft(draft_batch)
         greedy = batch.sampling_info.is_all_greedy
         if greedy:
@@ -143,8 +147,10 @@ class DFlashWorker(TpModelWorker):
             draft_probs = processed_probs(draft_logits, *self._row_sampling(batch, block - 1))
             drafts = sample_from(draft_probs)
         block_tokens = torch.cat([last_tokens[:, None], drafts.view(bs, block - 1)], dim=1)
+        self.profiler.mark("draft")
 
         logits_output, can_run_cuda_graph = self._verify(draft_batch, block_tokens, positions)
+        self.profiler.mark("verify")
         target_logits = logits_output.next_token_logits[:, :self.vocab_size]
         stop_ids, budgets = self._stop_conditions(batch)
         if greedy:
@@ -158,7 +164,9 @@ class DFlashWorker(TpModelWorker):
                 draft_probs=draft_probs.view(bs, block - 1, -1),
                 uniforms=torch.rand(bs, block, dtype=torch.float32, device=self.device))
         num_emitted, emitted = verdict[1], verdict[2]
-        emitted_cpu = self._append_outputs(batch, emitted.tolist(), num_emitted.tolist())
+        emitted_rows = emitted.tolist()
+        emitted_cpu = self._append_outputs(batch, emitted_rows, num_emitted.tolist())
+        self.profiler.mark("accept")
 
         kept_cpu = [max(n, 1) for n in emitted_cpu]
         kept = torch.tensor(kept_cpu, dtype=torch.int64, device=self.device)
@@ -167,6 +175,7 @@ class DFlashWorker(TpModelWorker):
         features = logits_output.hidden_states.view(bs, block, -1)
         self.draft_model.inject_context(features[keep_mask], positions[keep_mask], block_slots[keep_mask],
                                         self.k_cache, self.v_cache)
+        self.profiler.mark("inject")
         for req, n in zip(batch.reqs, kept_cpu):
             req.kv_committed_len += n
             req.kv_allocated_len = req.kv_committed_len
@@ -176,10 +185,12 @@ class DFlashWorker(TpModelWorker):
         batch.forward_mode = ForwardMode.DECODE
         batch.spec_info = None
 
-        flat_tokens = torch.tensor([t for row, n in zip(emitted.tolist(), emitted_cpu) for t in row[:n]],
+        flat_tokens = torch.tensor([t for row, n in zip(emitted_rows, emitted_cpu) for t in row[:n]],
                                    dtype=torch.int64, device=self.device)
         logits_output.hidden_states = None
         accepted = [n - 1 for n in emitted_cpu]
+        self.profiler.mark("commit")
+        self.profiler.end_step(bs)
         return GenerationBatchResult(
             logits_output=logits_output, next_token_ids=flat_tokens,
             num_accepted_tokens=sum(accepted), accept_length_per_req_cpu=accepted,
