@@ -168,12 +168,21 @@ class DFlashWorker(TpModelWorker):
         emitted_cpu = self._append_outputs(batch, emitted_rows, num_emitted.tolist())
         self.profiler.mark("accept")
 
+        # Kept block rows (t0 + accepted drafts) and rejected ones, as flat indices built on the host: the
+        # counts are already there, so no boolean mask (and no device sync) is needed.
         kept_cpu = [max(n, 1) for n in emitted_cpu]
         kept = torch.tensor(kept_cpu, dtype=torch.int64, device=self.device)
-        keep_mask = offsets[None, :] < kept[:, None]
-        self.token_to_kv_pool_allocator.free(block_slots[~keep_mask])
-        features = logits_output.hidden_states.view(bs, block, -1)
-        self.draft_model.inject_context(features[keep_mask], positions[keep_mask], block_slots[keep_mask],
+        keep_rows, reject_rows = [], []
+        for row, n in enumerate(kept_cpu):
+            keep_rows.extend(range(row * block, row * block + n))
+            reject_rows.extend(range(row * block + n, (row + 1) * block))
+        keep_rows = torch.tensor(keep_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        flat_slots = block_slots.view(-1)
+        if reject_rows:
+            self.token_to_kv_pool_allocator.free(
+                flat_slots[torch.tensor(reject_rows, dtype=torch.int64).to(self.device, non_blocking=True)])
+        features = logits_output.hidden_states.view(bs * block, -1)
+        self.draft_model.inject_context(features[keep_rows], positions.view(-1)[keep_rows], flat_slots[keep_rows],
                                         self.k_cache, self.v_cache)
         self.profiler.mark("inject")
         for req, n in zip(batch.reqs, kept_cpu):
