@@ -6,8 +6,9 @@
 
 Each pair is a target and its DFlash drafter at their published shapes, served by SGLang with
 ``--load-format dummy`` (random weights, so nothing is downloaded) and CUDA graphs on. For each pair the
-script starts, one after another: the target alone (AR), the target with DFLASH using the CUDA extension,
-and (unless ``--no-torch-path``) DFLASH with ``DFLASH_KERNELS=off`` (the PyTorch path). At every
+script starts, one after another: the target alone (AR), the target with DFLASH using the CUDA extension
+(once per ``--draft-attention-backends`` entry), and (unless ``--no-torch-path``) DFLASH with
+``DFLASH_KERNELS=off`` (the PyTorch path). At every
 concurrency c it sends c requests of ``--input-len`` random tokens twice, with ``--short`` and ``--long``
 new tokens (``ignore_eos``), and takes
 
@@ -183,7 +184,8 @@ def main() -> int:
     parser.add_argument("--long", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention-backend", default="triton")
-    parser.add_argument("--draft-attention-backend", default="triton")
+    parser.add_argument("--draft-attention-backends", nargs="+", default=["triton"],
+                        help="one DFLASH run per drafter attention backend (the first also runs --torch-path)")
     parser.add_argument("--no-torch-path", action="store_true", help="skip the DFLASH_KERNELS=off run")
     parser.add_argument("--logs", default=None)
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
@@ -207,11 +209,14 @@ def main() -> int:
                   "--cuda-graph-max-bs", str(max(args.concurrency)), "--max-running-requests",
                   str(max(args.concurrency)), "--context-length", "4096", "--skip-server-warmup",
                   "--random-seed", "0"]
-        dflash = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", drafter,
-                  "--speculative-draft-attention-backend", args.draft_attention_backend]
-        runs = {"ar": (common, {}, False), "dflash": (common + dflash, {"DFLASH_KERNELS": "on"}, True)}
-        if not args.no_torch_path:
-            runs["dflash_torch_path"] = (common + dflash, {"DFLASH_KERNELS": "off"}, True)
+        runs = {"ar": (common, {}, False)}
+        for i, backend in enumerate(args.draft_attention_backends):
+            dflash = common + ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", drafter,
+                               "--speculative-draft-attention-backend", backend]
+            suffix = "" if i == 0 else f"_{backend}_draft"
+            runs[f"dflash{suffix}"] = (dflash, {"DFLASH_KERNELS": "on"}, True)
+            if i == 0 and not args.no_torch_path:
+                runs["dflash_torch_path"] = (dflash, {"DFLASH_KERNELS": "off"}, True)
         results = {}
         for mode, (server_args, env, speculative) in runs.items():
             results[mode] = serve_and_measure(f"{pair_name}-{mode}", server_args, {**os.environ, **env},
@@ -230,8 +235,8 @@ def summarize(results: dict, pair: Pair) -> dict:
     summary = {}
     for c, ar in results["ar"].items():
         row = {"step_ar_ms": ar["step_ms"]}
-        for mode in ("dflash", "dflash_torch_path"):
-            if mode in results:
+        for mode in results:
+            if mode != "ar":
                 ratio = results[mode][c]["step_ms"] / ar["step_ms"]
                 row[f"step_{mode}_ms"] = results[mode][c]["step_ms"]
                 row[f"ratio_{mode}_over_ar"] = ratio
