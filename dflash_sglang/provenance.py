@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What a benchmark or check ran on, for its JSON report: commit, machine, GPU and package versions."""
+"""JSON reports of benchmarks and checks: what they ran on (commit, machine, GPU, package versions), and
+writing them."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -44,3 +46,11 @@ def provenance(commit: str | None = None) -> dict:
     return {"commit": git_commit(commit), "python": platform.python_version(), "host": platform.node(),
             "cpus": os.cpu_count(), "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
             "packages": package_versions()}
+
+
+def write_report(report: dict, path: str) -> None:
+    """Writes (or rewrites) a JSON report; scripts call it after every case, so a run cut short keeps
+    what it measured."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dflash_sglang.launch import ServerProcess  # noqa: E402
-from dflash_sglang.provenance import provenance  # noqa: E402
+from dflash_sglang.provenance import provenance, write_report  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -217,23 +217,21 @@ def main() -> int:
             runs[f"dflash{suffix}"] = (dflash, {"DFLASH_KERNELS": "on"}, True)
             if i == 0 and not args.no_torch_path:
                 runs["dflash_torch_path"] = (dflash, {"DFLASH_KERNELS": "off"}, True)
-        results = {}
+        results: dict = {}
+        report["pairs"][pair_name] = {"results": results, "drafter_config": drafter_config(pair)}
         for mode, (server_args, env, speculative) in runs.items():
             results[mode] = serve_and_measure(f"{pair_name}-{mode}", server_args, {**os.environ, **env},
                                               args.concurrency, args, work, speculative)
-        report["pairs"][pair_name] = {"results": results, "summary": summarize(results, pair),
-                                      "drafter_config": drafter_config(pair)}
+            report["pairs"][pair_name]["summary"] = summarize(results, pair)
+            write_report(report, args.out)
         print(json.dumps(report["pairs"][pair_name]["summary"], indent=1), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
     print(f"wrote {args.out}")
     return 0
 
 
 def summarize(results: dict, pair: Pair) -> dict:
     summary = {}
-    for c, ar in results["ar"].items():
+    for c, ar in results.get("ar", {}).items():
         row = {"step_ar_ms": ar["step_ms"]}
         for mode in results:
             if mode != "ar":

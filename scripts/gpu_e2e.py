@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dflash_sglang.launch import ServerProcess  # noqa: E402
-from dflash_sglang.provenance import provenance  # noqa: E402
+from dflash_sglang.provenance import provenance, write_report  # noqa: E402
 from dflash_sglang.tiny import write_tiny_checkpoints  # noqa: E402
 
 PROMPTS = [f"{'one two three ' * (i % 5)}Tell me about item number {i} and why it" for i in range(16)]
@@ -118,6 +118,7 @@ def main() -> int:
                     case.update(identical=False, error=str(error)[-4000:])
                     report["cases"].append(case)
                     failed = True
+                    write_report(report, args.out)
                     continue
                 batch_diff = mismatches(spec_ids, base_ids)
                 sequential_diff = mismatches(spec_seq, base_seq)
@@ -133,8 +134,8 @@ def main() -> int:
                 report["cases"].append(case)
                 failed |= bool(sequential_diff)
                 print(json.dumps(case), flush=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+                write_report(report, args.out)
+    write_report(report, args.out)
     print(f"{'FAILED' if failed else 'OK'}: {len(report['cases'])} cases -> {args.out}")
     return 1 if failed else 0
 
