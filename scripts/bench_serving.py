@@ -24,7 +24,8 @@ from typing import Iterator
 
 from dflash_sglang.bench.client import APIS, EndpointError, probe_endpoint
 from dflash_sglang.bench.prompts import PromptSetError, load_jsonl_prompts, load_prompt_set
-from dflash_sglang.bench.report import environment, plot, write_json
+from dflash_sglang.bench.report import environment, plot
+from dflash_sglang.provenance import write_report
 from dflash_sglang.bench.runner import Matrix, Runs, assemble, run_endpoint
 from dflash_sglang.deploy import DeployConfigError, launch_env, load_deploy_config, resolve_backends, to_launch_args
 from dflash_sglang.launch import ServerProcess, ServerStartError, free_port
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 "enable_thinking": not args.no_thinking, "chat_template_kwargs": matrix.chat_template_kwargs}
     result = {"settings": settings, "environment": environment(), "lossless": lossless, "runs": runs}
     json_path, png_path = os.path.join(args.out, "bench_serving.json"), os.path.join(args.out, "bench_serving.png")
-    write_json(result, json_path)
+    write_report(result, json_path)
     plot(result, png_path)
     _print_table(runs)
     print(f"wrote {json_path} and {png_path}")

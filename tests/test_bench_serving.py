@@ -157,7 +157,7 @@ def test_smoke_launch_tiny_deployment(tiny_checkpoints, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     data = json.loads((out / "bench_serving.json").read_text())
     assert data["settings"]["api"] == "sglang" and data["settings"]["concurrency"] == [1, 4]
-    assert data["environment"]["packages"]["sglang"] == "0.5.10.post1" and data["environment"]["git"]["commit"]
+    assert data["environment"]["packages"]["sglang"] == "0.5.10.post1" and data["environment"]["commit"] != "unknown"
     assert data["lossless"] == {"checked": True, "passed": True, "mismatched": 0}
     assert [(run["dataset"], run["concurrency"]) for run in data["runs"]] == [("humaneval", 1), ("humaneval", 4)]
     for run in data["runs"]:

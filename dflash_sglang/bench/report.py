@@ -9,22 +9,17 @@ concurrency (DFLASH solid, baseline dashed), acceptance length by prompt set, sp
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import os
-import platform
 import subprocess
 from typing import Sequence
 
-PACKAGES = ("dflash-sglang", "sglang", "torch", "transformers", "openai")
+from dflash_sglang.provenance import provenance
 
 
 def environment() -> dict:
-    """Machine, GPU names (``nvidia-smi``; empty without one), git commit of this checkout, package versions."""
-    return {"machine": {"hostname": platform.node(), "platform": platform.platform(),
-                        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "python": platform.python_version()},
-            "gpus": _gpu_names(), "git": _git_state(), "packages": {name: _version(name) for name in PACKAGES}}
+    """What the client ran on (``dflash_sglang.provenance``), plus the GPU names ``nvidia-smi`` lists (the
+    servers' GPUs when they run on this machine; empty without one)."""
+    return {**provenance(), "gpus": _gpu_names()}
 
 
 def _gpu_names() -> list[str]:
@@ -34,34 +29,6 @@ def _gpu_names() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def _git_state() -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    return {"commit": commit, "dirty": bool(git("status", "--porcelain")) if commit else None}
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def write_json(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
-        handle.write("\n")
 
 
 def plot(result: dict, path: str) -> None:
