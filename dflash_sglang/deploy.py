@@ -355,21 +355,23 @@ def resolve_backends(cfg: DeployConfig, strict: bool = False) -> DeployConfig:
 
 # --------------------------------------------------------------------------------------------------
 # The command line
-def to_launch_args(cfg: DeployConfig) -> list[str]:
+def to_launch_args(cfg: DeployConfig, speculative: bool = True) -> list[str]:
     """The exact argv: ``[sys.executable, "-m", "sglang.launch_server", ...]``.
 
     ``extra_args`` become ``--name value`` (underscores -> dashes); ``true`` is a bare flag, ``false`` is
     left out (SGLang's boolean flags are off by default), a list gives one flag followed by its items.
+    With ``speculative=False`` it is the same deployment without speculation (no drafter, block size or
+    draft backend): the baseline that DFLASH is measured against.
     """
-    argv = [sys.executable, "-m", "sglang.launch_server",
-            "--model-path", cfg.target_model,
-            "--speculative-algorithm", "DFLASH",
-            "--speculative-draft-model-path", cfg.draft_model]
-    if cfg.block_size is not None:  # a hub drafter without block_size: SGLang reads the drafter's
-        argv += ["--speculative-num-draft-tokens", str(cfg.block_size)]
-    argv += ["--attention-backend", cfg.target_attention_backend,
-             "--speculative-draft-attention-backend", cfg.draft_attention_backend,
-             "--dtype", cfg.dtype, "--tp-size", str(cfg.tp_size)]
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", cfg.target_model]
+    if speculative:
+        argv += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", cfg.draft_model]
+        if cfg.block_size is not None:  # a hub drafter without block_size: SGLang reads the drafter's
+            argv += ["--speculative-num-draft-tokens", str(cfg.block_size)]
+    argv += ["--attention-backend", cfg.target_attention_backend]
+    if speculative:
+        argv += ["--speculative-draft-attention-backend", cfg.draft_attention_backend]
+    argv += ["--dtype", cfg.dtype, "--tp-size", str(cfg.tp_size)]
     for flag, value in (("--mem-fraction-static", cfg.mem_fraction_static),
                         ("--max-running-requests", cfg.max_running_requests),
                         ("--context-length", cfg.context_length)):

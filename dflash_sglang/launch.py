@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Starting, health-checking and stopping an SGLang server process (tests, benchmarks, scripts).
 
-``ServerProcess`` runs ``python -m sglang.launch_server ARGS`` in its own process group with its log in a
-file, waits until ``/health_generate`` answers, and stops the whole group. On a CPU device it adds the
+``ServerProcess`` runs ``python -m sglang.launch_server ARGS`` (or ``sglang serve ARGS``) in its own process
+group with its log in a file, waits until ``/health_generate`` answers, and stops the whole group. On a CPU device it adds the
 libcuda stand-in and SGLang's CPU engine to the environment (``cpu_stub.cpu_server_env``).
 """
 
@@ -32,11 +32,17 @@ class ServerStartError(RuntimeError):
     pass
 
 
+LAUNCH_SERVER = (sys.executable, "-m", "sglang.launch_server")
+SGLANG_SERVE = (os.path.join(os.path.dirname(sys.executable), "sglang"), "serve")
+
+
 class ServerProcess:
-    """One SGLang server. ``args`` are launch_server arguments without --host/--port."""
+    """One SGLang server. ``args`` are launch_server arguments without --host/--port; ``launcher`` is the
+    command that takes them (``python -m sglang.launch_server`` or SGLang's ``sglang serve`` CLI)."""
 
     def __init__(self, args: Sequence[str], *, log_path: str, port: int | None = None, host: str = "127.0.0.1",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, launcher: Sequence[str] = LAUNCH_SERVER) -> None:
+        self.launcher = list(launcher)
         self.host = host
         self.port = port or free_port()
         self.args = [*args, "--host", host, "--port", str(self.port)]
@@ -51,7 +57,7 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 600.0) -> "ServerProcess":
         with open(self.log_path, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *self.args], stdout=log,
+            self.process = subprocess.Popen([*self.launcher, *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -71,13 +77,17 @@ class ServerProcess:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def generate_greedy(self, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
-        """Native ``/generate`` at temperature 0: (output token ids, SGLang's meta_info)."""
-        body = {"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+    def generate(self, body: dict) -> dict:
+        """One native ``/generate`` request (``text`` or ``input_ids`` plus ``sampling_params``)."""
         request = urllib.request.Request(f"{self.base_url}/generate", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
-            result = json.load(response)
+            return json.load(response)
+
+    def generate_greedy(self, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
+        """Native ``/generate`` at temperature 0: (output token ids, SGLang's meta_info)."""
+        result = self.generate({"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens,
+                                                                    "temperature": 0}})
         return result["output_ids"], result["meta_info"]
 
     def server_info(self) -> dict:

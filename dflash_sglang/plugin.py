@@ -26,6 +26,14 @@ the hook lets it load and then applies that module's patch, once:
 * ``sglang.srt.configs.model_config`` -- wraps ``ModelConfig._derive_model_shapes`` and
   ``ModelConfig.get_total_num_kv_heads`` so a Gemma 4 target is served text-only with a KV pool as wide as
   its widest layer (``gemma4_config.adapt_model_config``); other models are left as they are.
+* ``sglang.srt.model_executor.cuda_graph_runner`` -- wraps ``CudaGraphRunner.__init__`` and
+  ``CudaGraphRunner.get_spec_info`` so a DFLASH server captures both of its block passes (the target's
+  verify, with the drafter's features, and the drafter's pass) at decode batch sizes.
+* ``sglang.srt.layers.attention.triton_backend`` -- wraps ``TritonAttnBackend``'s two CUDA-graph
+  metadata methods so a TARGET_VERIFY pass without a custom mask (DFLASH's chain) can be captured.
+* ``sglang.srt.layers.attention.flashinfer_backend`` -- wraps ``FlashInferAttnBackend.forward_extend`` so
+  ``ENCODER_ONLY`` layers (the drafter's) attend non-causally in paged passes, as the triton, fa3 and
+  torch_native backends already do.
 
 Set ``DFLASH_SGLANG_DISABLE=1`` to leave SGLang untouched. Other SGLang versions get a clear error.
 """
@@ -240,6 +248,142 @@ def patch_model_config(module: ModuleType) -> None:
     model_config_cls._derive_model_shapes = derive_model_shapes
     model_config_cls.get_total_num_kv_heads = get_total_num_kv_heads
     model_config_cls._dflash_patched = True
+class _FixedBlockVerifier:
+    """What ``CudaGraphRunner.__init__`` is shown of DFLASH while it sizes and captures its graphs.
+
+    Upstream captures TARGET_VERIFY graphs of ``speculative_num_draft_tokens`` tokens per request for the
+    algorithms that verify fixed-size drafts without a drafter of their own (its NGRAM branch) and refuses
+    draft runners. Both of DFLASH's block passes have exactly that shape, so for the duration of
+    ``__init__`` the runner sees an NGRAM-like algorithm on a non-draft runner; everything else is DFLASH.
+    """
+
+    def __init__(self, algorithm) -> None:
+        self._algorithm = algorithm
+
+    def is_ngram(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str):
+        return getattr(self._algorithm, name)
+
+
+def _is_dflash(model_runner) -> bool:
+    return model_runner.server_args.speculative_algorithm == ALGORITHM
+
+
+def patch_cuda_graph_runner(module: ModuleType) -> None:
+    """CUDA graphs for DFLASH's two block passes (upstream: ``CudaGraphRunner.__init__`` branches on
+    ``spec_algorithm.is_eagle() / is_standalone() / is_ngram()``; ``get_spec_info`` builds their inputs)."""
+    runner_cls = module.CudaGraphRunner
+    if getattr(runner_cls, "_dflash_patched", False):
+        return
+    original_init = runner_cls.__init__
+    original_get_spec_info = runner_cls.get_spec_info
+
+    def __init__(self, model_runner) -> None:
+        if not _is_dflash(model_runner):
+            return original_init(self, model_runner)
+        if not model_runner.is_draft_worker:  # the graphs must contain the feature capture
+            from dflash_sglang.server_defaults import load_draft_config
+            from dflash_sglang.worker import enable_feature_capture
+
+            enable_feature_capture(model_runner, load_draft_config(model_runner.server_args))
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+
+        # The target's verify graphs return the drafter's features; the drafter's graphs return logits only.
+        self._dflash_hidden_mode = CaptureHiddenMode.NULL if model_runner.is_draft_worker else CaptureHiddenMode.FULL
+        saved = model_runner.spec_algorithm, model_runner.is_draft_worker
+        model_runner.spec_algorithm = _FixedBlockVerifier(saved[0])
+        model_runner.is_draft_worker = False
+        try:
+            original_init(self, model_runner)
+        finally:
+            model_runner.spec_algorithm, model_runner.is_draft_worker = saved
+
+    def get_spec_info(self, num_tokens: int):
+        if not _is_dflash(self.model_runner):
+            return original_get_spec_info(self, num_tokens)
+        from dflash_sglang.info import DFlashVerifyInput
+
+        return DFlashVerifyInput(None, self.num_tokens_per_bs, self._dflash_hidden_mode)
+
+    runner_cls.__init__ = __init__
+    runner_cls.get_spec_info = get_spec_info
+    runner_cls._dflash_patched = True
+
+
+class _WithoutCustomMask:
+    """A verify input as TritonAttnBackend's CUDA-graph methods read it, for a chain with no custom mask:
+    an empty mask, so the copy into the graph's mask buffer is a no-op."""
+
+    def __init__(self, spec_info) -> None:
+        import torch
+
+        self._spec_info = spec_info
+        self.custom_mask = torch.empty(0, dtype=torch.bool)
+
+    def __getattr__(self, name: str):
+        return getattr(self._spec_info, name)
+
+
+def patch_triton_backend(module: ModuleType) -> None:
+    """Lets ``TritonAttnBackend`` capture and replay TARGET_VERIFY graphs for verify inputs without a custom
+    mask: upstream's ``init_forward_metadata_capture_cuda_graph`` / ``..._replay_cuda_graph`` copy
+    ``spec_info.custom_mask`` into a buffer (EAGLE trees always have one). With no mask the captured
+    attention is the same causal-chain (or ENCODER_ONLY non-causal) kernel as the eager pass."""
+    backend = module.TritonAttnBackend
+    if getattr(backend, "_dflash_patched", False):
+        return
+    original_capture = backend.init_forward_metadata_capture_cuda_graph
+    original_replay = backend.init_forward_metadata_replay_cuda_graph
+
+    def mask_free(forward_mode, spec_info) -> bool:
+        return forward_mode.is_target_verify() and spec_info is not None and spec_info.custom_mask is None
+
+    def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
+                                                 forward_mode, spec_info):
+        if not mask_free(forward_mode, spec_info):
+            return original_capture(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode,
+                                    spec_info)
+        original_capture(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode,
+                         _WithoutCustomMask(spec_info))
+        self.forward_metadata.custom_mask = None
+
+    def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
+                                                forward_mode, spec_info, seq_lens_cpu):
+        if mask_free(forward_mode, spec_info):
+            spec_info = _WithoutCustomMask(spec_info)
+        return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
+                               spec_info, seq_lens_cpu)
+
+    backend.init_forward_metadata_capture_cuda_graph = init_forward_metadata_capture_cuda_graph
+    backend.init_forward_metadata_replay_cuda_graph = init_forward_metadata_replay_cuda_graph
+    backend._dflash_patched = True
+
+
+def patch_flashinfer_backend(module: ModuleType) -> None:
+    """Makes ``FlashInferAttnBackend.forward_extend`` honour ``AttentionType.ENCODER_ONLY`` in its paged path,
+    which upstream runs with ``causal=not layer.is_cross_attention`` (its ragged path already honours it).
+    Without this a flashinfer drafter attends causally: outputs stay lossless, acceptance silently drops."""
+    backend = module.FlashInferAttnBackend
+    if getattr(backend, "_dflash_patched", False):
+        return
+    original_forward_extend = backend.forward_extend
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if layer.attn_type != AttentionType.ENCODER_ONLY or self.forward_metadata.use_ragged:
+            return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache)
+        wrapper = self.forward_metadata.prefill_wrappers[self._get_wrapper_idx(layer)]
+        paged_forward = wrapper.forward
+        wrapper.forward = lambda *args, **kwargs: paged_forward(*args, **{**kwargs, "causal": False})
+        try:
+            return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache)
+        finally:
+            del wrapper.forward  # back to the class's method
+
+    backend.forward_extend = forward_extend
+    backend._dflash_patched = True
 
 
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
@@ -251,6 +395,9 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "sglang.srt.managers.tokenizer_manager": patch_tokenizer_manager,
     "sglang.srt.utils.hf_transformers_utils": patch_hf_transformers_utils,
     "sglang.srt.configs.model_config": patch_model_config,
+    "sglang.srt.model_executor.cuda_graph_runner": patch_cuda_graph_runner,
+    "sglang.srt.layers.attention.triton_backend": patch_triton_backend,
+    "sglang.srt.layers.attention.flashinfer_backend": patch_flashinfer_backend,
 }
 
 

@@ -11,14 +11,18 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
 (``req.output_ids[-1]``, no KV yet):
 
 1. allocate ``block_size`` slots per request for positions ``seq_len .. seq_len + B - 1``;
-2. draft: an EXTEND pass of the drafter over [t0, mask, ...] (non-causal, prefix = injected context),
-   writing the block's drafter K/V into those slots; drafts = argmax (or samples) of positions 1..B-1;
-3. verify: one TARGET_VERIFY pass of the target over [t0, d1, ...] into the same slots, capturing hidden
-   states at the drafter's ``target_layer_ids``;
+2. draft: one pass of the drafter over [t0, mask, ...] (non-causal, prefix = injected context), writing
+   the block's drafter K/V into those slots; drafts = argmax (or samples) of positions 1..B-1;
+3. verify: one pass of the target over [t0, d1, ...] into the same slots (a causal chain), capturing
+   hidden states at the drafter's ``target_layer_ids``;
 4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
    ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block;
 5. commit: free the rejected slots, keep t0 + accepted drafts, and inject their context K/V (this
    overwrites the draft pass's block K/V in the kept slots).
+
+Both block passes are ``ForwardMode.TARGET_VERIFY`` batches of the same shape (B tokens per request after
+its committed prefix), so SGLang's CudaGraphRunner replays captured graphs for both at decode batch sizes
+(``plugin.patch_cuda_graph_runner``); the target's graphs capture the drafter's features.
 """
 
 from __future__ import annotations
@@ -35,12 +39,12 @@ from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.mem_cache.common import alloc_token_slots
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 from sglang.srt.server_args import ServerArgs
-from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
 from dflash_sglang import ops
 from dflash_sglang.info import DFlashVerifyInput
 from dflash_sglang.sampling import processed_probs, sample_from
 from dflash_sglang.server_defaults import load_draft_config
+from dflash_sglang.step_profile import make_profiler
 
 logger = logging.getLogger(__name__)
 NO_BUDGET_LIMIT = 1 << 40
@@ -56,9 +60,10 @@ class DFlashWorker(TpModelWorker):
         self.block_size = server_args.speculative_num_draft_tokens
         target_runner = target_worker.model_runner
         target_model = target_runner.model
-        self._check_target(target_model, target_runner.model_config.hf_text_config.num_hidden_layers)
+        enable_feature_capture(target_runner, self.draft_config)
 
-        # The drafter serves the target's context length; CUDA graphs for it are not captured here.
+        # The drafter serves the target's context length. Its CUDA graphs are captured below, once it
+        # shares the target's embedding and LM head.
         server_args.context_length = target_runner.model_config.context_len
         disable_cuda_graph = server_args.disable_cuda_graph
         server_args.disable_cuda_graph = True
@@ -74,25 +79,16 @@ class DFlashWorker(TpModelWorker):
         self.draft_model = self.draft_runner.model
         embed, head = target_model.get_embed_and_head()
         self.draft_model.set_embed_and_head(embed, head)
-        target_model.set_eagle3_layers_to_capture(list(self.draft_config.target_layer_ids))
         self.k_cache, self.v_cache = stack_kv_pool(self.draft_runner.token_to_kv_pool)
+        self.draft_runner.init_device_graphs()
         self.vocab_size = target_runner.model_config.vocab_size
+        self.profiler = make_profiler(self.device)
         self.mask_token_id = self.draft_config.mask_token_id
         logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), draft attention backend %s, "
                     "CUDA kernels %s", self.block_size, server_args.speculative_draft_model_path,
                     self.draft_config.num_hidden_layers, list(self.draft_config.target_layer_ids),
                     server_args.speculative_draft_attention_backend or server_args.attention_backend,
                     "on" if ops.use_kernels_for(self.k_cache) else "off (PyTorch path)")
-
-    def _check_target(self, target_model: torch.nn.Module, num_target_layers: int) -> None:
-        if not hasattr(target_model, "set_eagle3_layers_to_capture"):
-            raise ValueError(f"DFLASH needs the target to expose hidden states at chosen layers; SGLang's "
-                             f"{type(target_model).__name__} does not (no set_eagle3_layers_to_capture)")
-        highest = max(self.draft_config.target_layer_ids)
-        if highest > num_target_layers - 2:
-            raise ValueError(f"drafter target_layer_ids reach layer {highest}; SGLang captures a layer's output at "
-                             f"the next layer's input, so ids must be <= {num_target_layers - 2} for this "
-                             f"{num_target_layers}-layer target")
 
     # ----------------------------------------------------------------------------------------------
     # SGLang's speculative-worker interface
@@ -124,6 +120,7 @@ class DFlashWorker(TpModelWorker):
         return result
 
     def _forward_decode(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        self.profiler.start_step()
         bs, block = batch.batch_size(), self.block_size
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
         offsets = torch.arange(block, device=self.device)
@@ -133,18 +130,27 @@ class DFlashWorker(TpModelWorker):
             self.req_to_token_pool.req_to_token.dtype)
 
         last_tokens = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64, device=self.device)
-        block_tokens = torch.full((bs, block), self.mask_token_id, dtype=torch.int64, device=self.device)
-        block_tokens[:, 0] = last_tokens
+        draft_tokens = torch.full((bs, block), self.mask_token_id, dtype=torch.int64, device=self.device)
+        draft_tokens[:, 0] = last_tokens
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = draft_tokens.view(-1)
+        batch.out_cache_loc = block_slots.view(-1)
+        batch.spec_info = DFlashVerifyInput(positions.view(-1), block, CaptureHiddenMode.NULL)
+        draft_batch: ModelWorkerBatch = batch.get_model_worker_batch()
+        self.profiler.mark("prepare")
+        draft_logits = self._draft(draft_batch)
         greedy = batch.sampling_info.is_all_greedy
-        draft_logits = self._draft(batch, block_tokens, block_slots, prefix_lens)
         if greedy:
-            block_tokens[:, 1:] = draft_logits.argmax(dim=-1).view(bs, block - 1)
+            drafts = draft_logits.argmax(dim=-1)
             draft_probs = None
         else:
             draft_probs = processed_probs(draft_logits, *self._row_sampling(batch, block - 1))
-            block_tokens[:, 1:] = sample_from(draft_probs).view(bs, block - 1)
+            drafts = sample_from(draft_probs)
+        block_tokens = torch.cat([last_tokens[:, None], drafts.view(bs, block - 1)], dim=1)
+        self.profiler.mark("draft")
 
-        logits_output, can_run_cuda_graph = self._verify(batch, block_tokens, block_slots, positions)
+        logits_output, can_run_cuda_graph = self._verify(draft_batch, block_tokens, positions)
+        self.profiler.mark("verify")
         target_logits = logits_output.next_token_logits[:, :self.vocab_size]
         stop_ids, budgets = self._stop_conditions(batch)
         if greedy:
@@ -158,15 +164,27 @@ class DFlashWorker(TpModelWorker):
                 draft_probs=draft_probs.view(bs, block - 1, -1),
                 uniforms=torch.rand(bs, block, dtype=torch.float32, device=self.device))
         num_emitted, emitted = verdict[1], verdict[2]
-        emitted_cpu = self._append_outputs(batch, emitted.tolist(), num_emitted.tolist())
+        emitted_rows = emitted.tolist()
+        emitted_cpu = self._append_outputs(batch, emitted_rows, num_emitted.tolist())
+        self.profiler.mark("accept")
 
+        # Kept block rows (t0 + accepted drafts) and rejected ones, as flat indices built on the host: the
+        # counts are already there, so no boolean mask (and no device sync) is needed.
         kept_cpu = [max(n, 1) for n in emitted_cpu]
         kept = torch.tensor(kept_cpu, dtype=torch.int64, device=self.device)
-        keep_mask = offsets[None, :] < kept[:, None]
-        self.token_to_kv_pool_allocator.free(block_slots[~keep_mask])
-        features = logits_output.hidden_states.view(bs, block, -1)
-        self.draft_model.inject_context(features[keep_mask], positions[keep_mask], block_slots[keep_mask],
+        keep_rows, reject_rows = [], []
+        for row, n in enumerate(kept_cpu):
+            keep_rows.extend(range(row * block, row * block + n))
+            reject_rows.extend(range(row * block + n, (row + 1) * block))
+        keep_rows = torch.tensor(keep_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        flat_slots = block_slots.view(-1)
+        if reject_rows:
+            self.token_to_kv_pool_allocator.free(
+                flat_slots[torch.tensor(reject_rows, dtype=torch.int64).to(self.device, non_blocking=True)])
+        features = logits_output.hidden_states.view(bs * block, -1)
+        self.draft_model.inject_context(features[keep_rows], positions.view(-1)[keep_rows], flat_slots[keep_rows],
                                         self.k_cache, self.v_cache)
+        self.profiler.mark("inject")
         for req, n in zip(batch.reqs, kept_cpu):
             req.kv_committed_len += n
             req.kv_allocated_len = req.kv_committed_len
@@ -176,10 +194,12 @@ class DFlashWorker(TpModelWorker):
         batch.forward_mode = ForwardMode.DECODE
         batch.spec_info = None
 
-        flat_tokens = torch.tensor([t for row, n in zip(emitted.tolist(), emitted_cpu) for t in row[:n]],
+        flat_tokens = torch.tensor([t for row, n in zip(emitted_rows, emitted_cpu) for t in row[:n]],
                                    dtype=torch.int64, device=self.device)
         logits_output.hidden_states = None
         accepted = [n - 1 for n in emitted_cpu]
+        self.profiler.mark("commit")
+        self.profiler.end_step(bs)
         return GenerationBatchResult(
             logits_output=logits_output, next_token_ids=flat_tokens,
             num_accepted_tokens=sum(accepted), accept_length_per_req_cpu=accepted,
@@ -187,34 +207,18 @@ class DFlashWorker(TpModelWorker):
             accept_lens=torch.tensor(accepted, dtype=torch.int32, device=self.device))
 
     # ----------------------------------------------------------------------------------------------
-    def _draft(self, batch: ScheduleBatch, block_tokens: torch.Tensor, block_slots: torch.Tensor,
-               prefix_lens: torch.Tensor) -> torch.Tensor:
+    def _draft(self, draft_batch: ModelWorkerBatch) -> torch.Tensor:
         """One drafter pass over every request's block; returns draft logits [bs * (B-1), vocab] fp32."""
-        bs, block = block_tokens.shape
-        prefix_cpu = batch.seq_lens_cpu.tolist()
-        seq_lens = prefix_lens + block
-        worker_batch = dataclasses.replace(
-            batch.get_model_worker_batch(), forward_mode=ForwardMode.EXTEND, input_ids=block_tokens.view(-1),
-            seq_lens=seq_lens.to(batch.seq_lens.dtype), seq_lens_cpu=batch.seq_lens_cpu + block,
-            seq_lens_sum=int(sum(prefix_cpu)) + bs * block, out_cache_loc=block_slots.view(-1),
-            extend_num_tokens=bs * block, extend_seq_lens=[block] * bs, extend_prefix_lens=prefix_cpu,
-            extend_logprob_start_lens=[0] * bs, return_logprob=False, spec_algorithm=SpeculativeAlgorithm.NONE,
-            spec_info=None, capture_hidden_mode=CaptureHiddenMode.NULL, input_embeds=None,
-            global_forward_mode=ForwardMode.EXTEND)
-        forward_batch = ForwardBatch.init_new(worker_batch, self.draft_runner)
-        hidden = self.draft_runner.forward(forward_batch).logits_output
-        hidden = hidden.view(bs, block, -1)[:, 1:].reshape(bs * (block - 1), -1)
-        return self.draft_model.compute_logits(hidden, self.vocab_size)
+        bs, block = draft_batch.seq_lens.shape[0], self.block_size
+        forward_batch = ForwardBatch.init_new(draft_batch, self.draft_runner)
+        logits = self.draft_runner.forward(forward_batch).logits_output.next_token_logits
+        return logits.view(bs, block, -1)[:, 1:].reshape(bs * (block - 1), -1)
 
-    def _verify(self, batch: ScheduleBatch, block_tokens: torch.Tensor, block_slots: torch.Tensor,
-                positions: torch.Tensor):
-        """One target pass over all blocks (TARGET_VERIFY, causal chain), capturing the drafter's features."""
-        batch.forward_mode = ForwardMode.TARGET_VERIFY
-        batch.input_ids = block_tokens.view(-1)
-        batch.out_cache_loc = block_slots.view(-1)
-        batch.spec_info = DFlashVerifyInput(positions.view(-1), self.block_size)
-        worker_batch: ModelWorkerBatch = batch.get_model_worker_batch()
-        worker_batch.capture_hidden_mode = CaptureHiddenMode.FULL
+    def _verify(self, draft_batch: ModelWorkerBatch, block_tokens: torch.Tensor, positions: torch.Tensor):
+        """One target pass over all blocks (a causal chain), capturing the drafter's features."""
+        worker_batch = dataclasses.replace(
+            draft_batch, input_ids=block_tokens.view(-1), capture_hidden_mode=CaptureHiddenMode.FULL,
+            spec_info=DFlashVerifyInput(positions.view(-1), self.block_size, CaptureHiddenMode.FULL))
         result = self.target_worker.forward_batch_generation(worker_batch, is_verify=True)
         return result.logits_output, result.can_run_cuda_graph
 
@@ -262,6 +266,23 @@ class DFlashWorker(TpModelWorker):
             req.spec_accepted_tokens += count - 1
             req.update_spec_acceptance_histogram(count - 1)
         return final
+
+
+def enable_feature_capture(target_runner, draft_config) -> None:
+    """Makes the target return its hidden states at the drafter's ``target_layer_ids`` (SGLang's EAGLE3
+    capture: a layer's output is taken at the next layer's input). Runs before the target's CUDA graphs
+    are captured (``plugin.patch_cuda_graph_runner``) and again, idempotently, when the worker starts."""
+    target_model = target_runner.model
+    num_layers = target_runner.model_config.hf_text_config.num_hidden_layers
+    if not hasattr(target_model, "set_eagle3_layers_to_capture"):
+        raise ValueError(f"DFLASH needs the target to expose hidden states at chosen layers; SGLang's "
+                         f"{type(target_model).__name__} does not (no set_eagle3_layers_to_capture)")
+    highest = max(draft_config.target_layer_ids)
+    if highest > num_layers - 2:
+        raise ValueError(f"drafter target_layer_ids reach layer {highest}; SGLang captures a layer's output at "
+                         f"the next layer's input, so ids must be <= {num_layers - 2} for this "
+                         f"{num_layers}-layer target")
+    target_model.set_eagle3_layers_to_capture(list(draft_config.target_layer_ids))
 
 
 def stack_kv_pool(pool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from dflash_sglang.provenance import git_commit  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -209,16 +210,6 @@ def bench_verify_block(timer: Timer, bs: int, vocab: int | None, copy_gbs: float
 # ------------------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "csrc"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty-csrc" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def print_table(rows: list[dict], copy_gbs: float) -> None:
     print(f"\ndevice-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
     header = (f"{'op':<13}{'drafter / mode':<34}{'case':<18}{'kernel us':>10}{'ref us':>12}{'unfused us':>12}"
@@ -280,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(REPO, "bench", "results", f"kernels-{slug}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     result = dict(device=device_name, capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
-                  cuda=torch.version.cuda, git_commit=args.commit or git_commit(),
+                  cuda=torch.version.cuda, git_commit=git_commit(args.commit),
                   settings=dict(warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds, l2_flush_mib=256,
                                 block_size=BLOCK_SIZE, batches=list(batches), prefill_tokens=PREFILL_TOKENS,
                                 drafters=[d.__dict__ for d in DRAFTERS], dtype="bfloat16"),

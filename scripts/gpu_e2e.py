@@ -3,9 +3,15 @@
 outputs over a batch of concurrent prompts, for each requested draft attention backend and drafter.
 
     python scripts/gpu_e2e.py --out results.json [--draft-backends triton flashinfer] [--cuda-graph]
+                              [--dtype float32|bfloat16] [--commit SHA]
 
-Writes a JSON report (device, versions, commit, settings; per case: identical, mismatches, acceptance
-length, wall time of both servers) and exits non-zero if any greedy output differs.
+Writes a JSON report (provenance, settings; per case: identical, mismatches, acceptance length, wall
+time of both servers) and exits non-zero if any greedy output differs one request at a time.
+
+Where an output differs, the report says why: the baseline server scores the position where the two
+outputs part (``top_logprobs``), giving the target's log-probability margin between its own token and
+DFLASH's. A margin at the dtype's rounding level (bf16: ~1e-2) is a near-tie that the verify pass's
+extend kernel and the baseline's decode kernel round differently; a large margin would be a real bug.
 """
 
 from __future__ import annotations
@@ -14,8 +20,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,18 +27,38 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dflash_sglang.launch import ServerProcess  # noqa: E402
+from dflash_sglang.provenance import provenance, write_report  # noqa: E402
 from dflash_sglang.tiny import write_tiny_checkpoints  # noqa: E402
 
 PROMPTS = [f"{'one two three ' * (i % 5)}Tell me about item number {i} and why it" for i in range(16)]
 
 
-def run_batch(server: ServerProcess, max_new_tokens: int, concurrent_requests: bool = True
+def run_batch(server: ServerProcess, prompts: list[list[int]], max_new_tokens: int, concurrent_requests: bool = True
               ) -> tuple[list[list[int]], list[dict], float]:
-    """All prompts at once (one batch) or one after another (batch size 1)."""
+    """All prompts at once (one batch) or one after another (batch size 1); greedy."""
+    def one(prompt: list[int]) -> dict:
+        return server.generate({"input_ids": prompt,
+                                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}})
+
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS) if concurrent_requests else 1) as pool:
-        results = list(pool.map(lambda p: server.generate_greedy(p, max_new_tokens), PROMPTS))
-    return [r[0] for r in results], [r[1] for r in results], time.perf_counter() - start
+    with concurrent.futures.ThreadPoolExecutor(len(prompts) if concurrent_requests else 1) as pool:
+        results = list(pool.map(one, prompts))
+    return [r["output_ids"] for r in results], [r["meta_info"] for r in results], time.perf_counter() - start
+
+
+def divergence(baseline: ServerProcess, prompt: list[int], expected: list[int], got: list[int]) -> dict:
+    """Where two greedy outputs part, and the target's log-probability margin there (baseline scoring)."""
+    index = next(i for i, (a, b) in enumerate(zip(expected + [None], got + [None])) if a != b)
+    if index >= min(len(expected), len(got)):
+        return {"index": index, "kind": "length"}
+    scored = baseline.generate({"input_ids": prompt + expected[:index], "return_logprob": True,
+                                "top_logprobs_num": 20,
+                                "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    top = {entry[1]: entry[0] for entry in scored["meta_info"]["output_top_logprobs"][0]}
+    expected_lp, got_lp = top.get(expected[index]), top.get(got[index])
+    margin = None if expected_lp is None or got_lp is None else expected_lp - got_lp
+    return {"index": index, "baseline_token": expected[index], "dflash_token": got[index],
+            "baseline_logprob": expected_lp, "dflash_token_logprob": got_lp, "logprob_margin": margin}
 
 
 def mismatches(a: list[list[int]], b: list[list[int]]) -> list[int]:
@@ -49,30 +73,31 @@ def main() -> int:
     parser.add_argument("--target-backend", default="triton")
     parser.add_argument("--cuda-graph", action="store_true", help="leave SGLang's CUDA graphs on")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--logs", default=None, help="folder for server logs (default: a temp folder)")
+    parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
     args = parser.parse_args()
 
-    import torch
+    from transformers import AutoTokenizer
 
     work = tempfile.mkdtemp(prefix="dflash-gpu-e2e-")
     logs = args.logs or work
     os.makedirs(logs, exist_ok=True)
     checkpoints = write_tiny_checkpoints(os.path.join(work, "tiny"), block_size=8)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["target"])
+    prompts = [tokenizer.encode(text) for text in PROMPTS]
     common = ["--model-path", checkpoints["target"], "--device", "cuda", "--attention-backend", args.target_backend,
-              "--dtype", "bfloat16", "--mem-fraction-static", "0.15", "--max-total-tokens", "32768",
+              "--dtype", args.dtype, "--mem-fraction-static", "0.15", "--max-total-tokens", "32768",
               "--grammar-backend", "none", "--skip-server-warmup", "--disable-piecewise-cuda-graph",
               "--cuda-graph-max-bs", "16", "--random-seed", "0"]
     if not args.cuda_graph:
         common.append("--disable-cuda-graph")
-    report = {
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "commit": _commit(), "settings": vars(args), "cases": [],
-    }
+    report = {**provenance(args.commit), "settings": vars(args), "cases": []}
     failed = False
     with ServerProcess(common, log_path=os.path.join(logs, "baseline.log")) as baseline:
-        base_ids, _, base_time = run_batch(baseline, args.max_new_tokens)
-        base_ids_again, _, base_time = run_batch(baseline, args.max_new_tokens)  # warm timing
-        base_seq, _, base_seq_time = run_batch(baseline, args.max_new_tokens, concurrent_requests=False)
+        base_ids, _, base_time = run_batch(baseline, prompts, args.max_new_tokens)
+        base_ids_again, _, base_time = run_batch(baseline, prompts, args.max_new_tokens)  # warm timing
+        base_seq, _, base_seq_time = run_batch(baseline, prompts, args.max_new_tokens, concurrent_requests=False)
         # Batched GPU kernels round differently with the batch's composition: near-tied logits of a random
         # tiny model can flip. Record how stable the baseline itself is next to DFLASH's agreement with it.
         report["baseline_batch_vs_batch_mismatches"] = mismatches(base_ids, base_ids_again)
@@ -85,13 +110,15 @@ def main() -> int:
                 case = {"draft_backend": backend, "drafter": drafter}
                 try:
                     with ServerProcess(common + extra, log_path=os.path.join(logs, f"{name}.log")) as server:
-                        run_batch(server, args.max_new_tokens)  # warm-up
-                        spec_ids, metas, spec_time = run_batch(server, args.max_new_tokens)
-                        spec_seq, _, spec_seq_time = run_batch(server, args.max_new_tokens, concurrent_requests=False)
+                        run_batch(server, prompts, args.max_new_tokens)  # warm-up
+                        spec_ids, metas, spec_time = run_batch(server, prompts, args.max_new_tokens)
+                        spec_seq, _, spec_seq_time = run_batch(server, prompts, args.max_new_tokens,
+                                                               concurrent_requests=False)
                 except Exception as error:  # a server that fails to start is a failed case, reported
                     case.update(identical=False, error=str(error)[-4000:])
                     report["cases"].append(case)
                     failed = True
+                    write_report(report, args.out)
                     continue
                 batch_diff = mismatches(spec_ids, base_ids)
                 sequential_diff = mismatches(spec_seq, base_seq)
@@ -99,23 +126,18 @@ def main() -> int:
                 # Exact check: one request at a time (no batch-composition rounding). Batched outputs are
                 # reported next to the baseline's own batch-to-batch instability.
                 case.update(identical=not sequential_diff, batch_mismatches=batch_diff,
-                            sequential_mismatches=sequential_diff, mean_accept_length=sum(accept) / len(accept),
+                            sequential_mismatches=sequential_diff,
+                            divergences={i: divergence(baseline, prompts[i], base_seq[i], spec_seq[i])
+                                         for i in sequential_diff}, mean_accept_length=sum(accept) / len(accept),
                             baseline_batch_wall_s=base_time, dflash_batch_wall_s=spec_time,
                             baseline_sequential_wall_s=base_seq_time, dflash_sequential_wall_s=spec_seq_time)
                 report["cases"].append(case)
                 failed |= bool(sequential_diff)
                 print(json.dumps(case), flush=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+                write_report(report, args.out)
+    write_report(report, args.out)
     print(f"{'FAILED' if failed else 'OK'}: {len(report['cases'])} cases -> {args.out}")
     return 1 if failed else 0
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -116,6 +116,19 @@ def test_dry_run_parses_with_sglang(name, tiny_repo, sglang_parser, capsys):
         assert args.trust_remote_code
 
 
+@pytest.mark.parametrize("name", [TINY, "qwen3-8b.yaml"])
+def test_baseline_is_the_same_deployment_without_speculation(name, tiny_repo, sglang_parser):
+    cfg = resolve_backends(load_deploy_config(config_path(name, tiny_repo)))
+    speculative = vars(sglang_parser.parse_args(to_launch_args(cfg)[3:]))
+    baseline = vars(sglang_parser.parse_args(to_launch_args(cfg, speculative=False)[3:]))
+    assert baseline["speculative_algorithm"] is None and baseline["speculative_draft_model_path"] is None
+    assert baseline["speculative_draft_attention_backend"] is None
+    assert baseline["speculative_num_draft_tokens"] is None
+    differing = {key for key in speculative if speculative[key] != baseline[key]}
+    assert differing == {"speculative_algorithm", "speculative_draft_model_path", "speculative_num_draft_tokens",
+                         "speculative_draft_attention_backend"}
+
+
 def test_pinned_choices_match_sglang(sglang_parser):
     choices = {action.dest: action.choices for action in sglang_parser._actions}
     assert tuple(choices["attention_backend"]) == deploy.ATTENTION_BACKENDS

@@ -1,28 +1,37 @@
 # SPDX-License-Identifier: Apache-2.0
-"""End to end on the CPU: real `python -m sglang.launch_server` processes on the tiny checkpoints, one with
-`--speculative-algorithm DFLASH` and one without, driven with the `openai` client.
+"""End to end on the CPU: real SGLang server processes on the tiny checkpoints, with and without
+`--speculative-algorithm DFLASH`, driven with the `openai` client and SGLang's native /generate.
 
-Greedy outputs must be token-identical (lossless); the agreeing drafter must be accepted; SGLang's own
-idle memory check (strict mode) must find no leaked KV slots; bad requests get an HTTP error and the
-server keeps serving.
+Every server prefills in chunks of 32 tokens (`--chunked-prefill-size`), so prompts longer than that
+exercise chunked prefill. The baseline and the random-drafter server are `python -m sglang.launch_server`;
+the agreeing-drafter server is SGLang's `sglang serve` CLI. Greedy outputs must be token-identical
+(lossless); sampled outputs must follow the same distribution; the agreeing drafter must be accepted;
+SGLang's own idle memory check (strict mode) must find no leaked KV slots; bad requests get an HTTP error
+and the server keeps serving. `sglang.Engine` in a user's process must give the same greedy outputs.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import json
 import os
+import subprocess
+import sys
 import time
 
 import openai
 import pytest
+from scipy import stats
 
-from dflash_sglang.launch import ServerProcess
+from dflash_sglang.cpu_stub import cpu_server_env
+from dflash_sglang.launch import SGLANG_SERVE, ServerProcess
 
 pytestmark = pytest.mark.slow
 
 COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "8192",
-               "--dtype", "bfloat16", "--random-seed", "0"]
+               "--dtype", "bfloat16", "--random-seed", "0", "--chunked-prefill-size", "32"]
 PROMPTS = [
     "the quick brown fox",
     "Speculative decoding drafts a block of tokens and",
@@ -36,10 +45,11 @@ def checkpoints(tiny_checkpoints) -> dict[str, str]:
     return tiny_checkpoints
 
 
-def _server(checkpoints, tmp_path_factory, name: str, extra: list[str]) -> ServerProcess:
+def _server(checkpoints, tmp_path_factory, name: str, extra: list[str], **kwargs) -> ServerProcess:
     log = str(tmp_path_factory.mktemp("logs") / f"{name}.log")
     env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1")
-    return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env)
+    return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env,
+                         **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +69,7 @@ def dflash(checkpoints, tmp_path_factory):
 def dflash_agree(checkpoints, tmp_path_factory):
     extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints["drafter-agree"],
              "--decode-log-interval", "2"]
-    with _server(checkpoints, tmp_path_factory, "dflash-agree", extra) as server:
+    with _server(checkpoints, tmp_path_factory, "dflash-agree", extra, launcher=SGLANG_SERVE) as server:
         yield server
 
 
@@ -147,3 +157,60 @@ def test_unsupported_request_gets_clear_http_error_and_server_keeps_serving(base
         _client(dflash).completions.create(model="default", prompt="hi", max_tokens=4, logprobs=2)
     assert "DFLASH" in str(error.value)
     assert _complete(dflash, PROMPTS[0], 8) == _complete(baseline, PROMPTS[0], 8)
+
+
+def test_chunked_prefill_of_a_long_prompt(baseline, dflash):
+    prompt = " ".join(PROMPTS * 6)  # well over two 32-token chunks
+    spec_ids, meta = dflash.generate_greedy(prompt, 24)
+    base_ids, _ = baseline.generate_greedy(prompt, 24)
+    assert meta["prompt_tokens"] > 64, meta
+    assert spec_ids == base_ids
+    assert "#new-token: 32," in dflash.log_text(), "the prompt was prefilled in 32-token chunks"
+
+
+def _sampled_pairs(server: ServerProcess, prompt: str, count: int) -> collections.Counter:
+    """The first two generated tokens of ``count`` independent sampled requests."""
+    result = server.generate({"text": [prompt] * count, "sampling_params": {
+        "max_new_tokens": 2, "temperature": 1.0, "top_k": 4, "ignore_eos": True}})
+    return collections.Counter(tuple(r["output_ids"][:2]) for r in result)
+
+
+def test_sampling_follows_the_target_distribution(baseline, dflash):
+    """The second token comes from a speculative step (draft + rejection sampling); its joint law with the
+    first must match the target's own sampling: a two-sample chi-square test over the (t1, t2) cells."""
+    count = 600
+    spec = _sampled_pairs(dflash, PROMPTS[1], count)
+    base = _sampled_pairs(baseline, PROMPTS[1], count)
+    cells = sorted(set(spec) | set(base), key=lambda cell: -(spec[cell] + base[cell]))
+    frequent = [cell for cell in cells if spec[cell] + base[cell] >= 10]
+    table = [[spec[cell] for cell in frequent] + [sum(spec[c] for c in cells if c not in frequent)],
+             [base[cell] for cell in frequent] + [sum(base[c] for c in cells if c not in frequent)]]
+    if table[0][-1] + table[1][-1] == 0:
+        table = [row[:-1] for row in table]
+    assert len(table[0]) >= 4, f"too few outcomes to test: {table}"
+    _, p_value, _, _ = stats.chi2_contingency(table)
+    assert p_value > 1e-3, f"DFLASH's sampled (t1, t2) differ from the target's: p={p_value:.2g}, {table}"
+
+
+ENGINE_SCRIPT = """
+import json, sys
+import sglang
+engine = sglang.Engine(model_path=sys.argv[1], speculative_algorithm="DFLASH", speculative_draft_model_path=sys.argv[2],
+                       device="cpu", attention_backend="torch_native", disable_cuda_graph=True, dtype="bfloat16",
+                       mem_fraction_static=0.1, max_total_tokens=8192, random_seed=0, chunked_prefill_size=32)
+outputs = engine.generate(json.loads(sys.argv[3]), {"max_new_tokens": 32, "temperature": 0})
+print("RESULT " + json.dumps([o["output_ids"] for o in outputs]))
+engine.shutdown()
+"""
+
+
+def test_sglang_engine_in_process(checkpoints, baseline, tmp_path):
+    """sglang.Engine(..., speculative_algorithm="DFLASH") in a user's own Python process."""
+    prompts = PROMPTS[:3]
+    run = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, checkpoints["target"], checkpoints["drafter-agree"],
+                          json.dumps(prompts)], capture_output=True, text=True, timeout=900,
+                         env=cpu_server_env(dict(os.environ)), cwd=tmp_path)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-4000:]
+    engine_ids = json.loads(lines[0][len("RESULT "):])
+    assert engine_ids == [baseline.generate_greedy(prompt, 32)[0] for prompt in prompts]

@@ -10,8 +10,9 @@ Two entry points, both used by ``dflash_sglang.worker``:
   states of N verified tokens (``fc`` + ``hidden_norm``), computes every layer's K/V with ONE GEMM over
   the stacked per-layer K/V weights, and lets ``ops.inject_kv`` apply K-norm + RoPE and scatter into the
   drafter's (layer-stacked) KV cache at the tokens' slots -- the same slots as the target's KV.
-* :meth:`DFlashDraftModel.forward` -- the draft pass, run by SGLang's ModelRunner as an EXTEND batch
-  whose prefix is the injected context and whose new tokens are the block [last token, mask, ...].
+* :meth:`DFlashDraftModel.forward` -- the draft pass, run by SGLang's ModelRunner (eagerly or as a CUDA
+  graph) as a TARGET_VERIFY batch whose prefix is the injected context and whose block is
+  [last token, mask, ...]; returns the block's draft logits through the target's LM head.
   Attention is ``ENCODER_ONLY`` (non-causal) in layers the config marks non-causal.
 
 Embedding and LM head are the target's tensors (:meth:`set_embed_and_head`), shared, not copied.
@@ -28,6 +29,7 @@ from torch import nn
 
 from sglang.srt.distributed import get_tensor_model_parallel_world_size
 from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -127,6 +129,7 @@ class DFlashDraftModel(nn.Module):
         self.norm = RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
         self.embed_weight: torch.Tensor | None = None
         self.lm_head_weight: torch.Tensor | None = None
+        self.vocab_size = draft.vocab_size
         self._k_norm_weights: torch.Tensor | None = None
         self._cos_sin_cache: torch.Tensor | None = None
 
@@ -137,8 +140,8 @@ class DFlashDraftModel(nn.Module):
         self.lm_head_weight = lm_head_weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
-                input_embeds: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        """The draft pass over blocks [t0, mask, ...]: returns the final hidden states [num_tokens, hidden]."""
+                input_embeds: torch.Tensor | None = None, **_: object) -> LogitsProcessorOutput:
+        """The draft pass over blocks [t0, mask, ...]: logits [num_tokens, vocab] fp32 of every block row."""
         hidden = F.embedding(input_ids, self.embed_weight) if input_embeds is None else input_embeds
         if self.draft_config.input_embedding_scale is not None:
             hidden = hidden * self.draft_config.input_embedding_scale
@@ -146,11 +149,11 @@ class DFlashDraftModel(nn.Module):
         for layer, kv_weight in zip(self.layers, self.kv_weight):
             hidden, residual = layer(positions, hidden, residual, kv_weight, forward_batch)
         hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return LogitsProcessorOutput(next_token_logits=self.compute_logits(hidden))
 
-    def compute_logits(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits through the target's LM head (+ output_multiplier, soft-capping): [n, vocab] fp32."""
-        logits = F.linear(hidden, self.lm_head_weight)[:, :vocab_size].float()
+        logits = F.linear(hidden, self.lm_head_weight)[:, :self.vocab_size].float()
         if self.draft_config.output_multiplier is not None:
             logits = logits * self.draft_config.output_multiplier
         cap = self.draft_config.final_logit_softcapping
