@@ -71,7 +71,7 @@ def plot(result: dict, path: str) -> None:
     ax_speed.set(title="Speedup vs baseline (same run)", xlabel="concurrency", ylabel="DFLASH / baseline throughput")
 
     settings, env = result["settings"], result["environment"]
-    where = ", ".join(env["gpus"]) or f"CPU ({env['machine']['cpu_count']} cores)"
+    where = ", ".join(env["gpus"]) or f"CPU ({env['cpus']} cores)"
     lossless = result["lossless"]
     verdict = ("lossless: identical" if lossless["passed"] else
                f"lossless: {lossless['mismatched']} MISMATCH(ES)") if lossless["checked"] else "lossless: not checked"
