@@ -29,9 +29,14 @@ from dflash_sglang.launch import SGLANG_SERVE, ServerProcess
 
 pytestmark = pytest.mark.slow
 
+# float32: exact greedy equality is only meaningful where rounding cannot flip a near-tie. In bfloat16 a random
+# tiny model's top-2 logits tie often, and the baseline's decode attention and DFLASH's verify (extend) attention
+# round differently, differently again on another CPU (a CI machine parted one request of 16 at a tie that this
+# machine does not reproduce). The GPU check measures bf16 ties explicitly (scripts/gpu_e2e.py).
+DTYPE = "float32"
 COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "8192",
-               "--dtype", "bfloat16", "--random-seed", "0", "--chunked-prefill-size", "32"]
+               "--dtype", DTYPE, "--random-seed", "0", "--chunked-prefill-size", "32"]
 PROMPTS = [
     "the quick brown fox",
     "Speculative decoding drafts a block of tokens and",
@@ -196,7 +201,7 @@ ENGINE_SCRIPT = """
 import json, sys
 import sglang
 engine = sglang.Engine(model_path=sys.argv[1], speculative_algorithm="DFLASH", speculative_draft_model_path=sys.argv[2],
-                       device="cpu", attention_backend="torch_native", disable_cuda_graph=True, dtype="bfloat16",
+                       device="cpu", attention_backend="torch_native", disable_cuda_graph=True, dtype=sys.argv[4],
                        mem_fraction_static=0.1, max_total_tokens=8192, random_seed=0, chunked_prefill_size=32)
 outputs = engine.generate(json.loads(sys.argv[3]), {"max_new_tokens": 32, "temperature": 0})
 print("RESULT " + json.dumps([o["output_ids"] for o in outputs]))
@@ -208,7 +213,7 @@ def test_sglang_engine_in_process(checkpoints, baseline, tmp_path):
     """sglang.Engine(..., speculative_algorithm="DFLASH") in a user's own Python process."""
     prompts = PROMPTS[:3]
     run = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, checkpoints["target"], checkpoints["drafter-agree"],
-                          json.dumps(prompts)], capture_output=True, text=True, timeout=900,
+                          json.dumps(prompts), DTYPE], capture_output=True, text=True, timeout=900,
                          env=cpu_server_env(dict(os.environ)), cwd=tmp_path)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-4000:]
