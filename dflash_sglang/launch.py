@@ -77,12 +77,20 @@ class ServerProcess:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def generate(self, body: dict) -> dict:
-        """One native ``/generate`` request (``text`` or ``input_ids`` plus ``sampling_params``)."""
-        request = urllib.request.Request(f"{self.base_url}/generate", data=json.dumps(body).encode(),
+    def post(self, path: str, body: dict) -> dict | None:
+        """POSTs ``body`` as JSON to ``path`` (e.g. ``/generate``, ``/start_profile``); the JSON answer, if any."""
+        request = urllib.request.Request(f"{self.base_url}{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
-            return json.load(response)
+            payload = response.read()
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return None
+
+    def generate(self, body: dict) -> dict:
+        """One native ``/generate`` request (``text`` or ``input_ids`` plus ``sampling_params``)."""
+        return self.post("/generate", body)
 
     def generate_greedy(self, prompt: str, max_new_tokens: int) -> tuple[list[int], dict]:
         """Native ``/generate`` at temperature 0: (output token ids, SGLang's meta_info)."""

@@ -18,7 +18,10 @@ where steps are decode steps (AR: output tokens - 1; DFLASH: SGLang's ``spec_ver
 cancels prefill, request set-up and HTTP. It is the whole scheduler loop, host work included. DFLASH runs
 with ``DFLASH_STEP_PROFILE`` set, so the worker also reports where its step goes (prepare, drafter pass,
 target verify pass, accept, KV injection, commit, and the scheduler's time between steps): medians of
-its records for that batch size. Random weights accept ~nothing, so each DFLASH step emits ~1 token;
+its records for that batch size. With ``--trace-steps N`` each server also records a torch.profiler trace
+of N steps (``--trace-concurrency``) through SGLang's /start_profile: GPU busy vs idle time per step, each
+CUDA graph's GPU span, eager kernels and host synchronizations (dflash_sglang.bench.trace).
+Random weights accept ~nothing, so each DFLASH step emits ~1 token;
 the step's cost does not depend on that (the block is always drafted and verified in full).
 
 Reported: step_DFLASH / step_AR per concurrency, and the projected speedup tau * step_AR / step_DFLASH
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dflash_sglang.bench.trace import load_events, summarize_trace  # noqa: E402
 from dflash_sglang.launch import ServerProcess  # noqa: E402
 from dflash_sglang.provenance import provenance, write_report  # noqa: E402
 
@@ -141,6 +145,34 @@ def measure_step_ms(server: ServerProcess, concurrency: int, args, speculative: 
             "tokens_per_step": (long.tokens - short.tokens) / concurrency / (long.steps - short.steps)}
 
 
+def record_trace(server: ServerProcess, concurrency: int, args, speculative: bool, rng: random.Random,
+                 name: str) -> dict:
+    """A torch.profiler trace of ``--trace-steps`` decode steps at this concurrency (SGLang's /start_profile),
+    kept under ``--trace-dir`` and summarized (dflash_sglang.bench.trace)."""
+    prompts = [[rng.randrange(1000, 150000) for _ in range(args.input_len)] for _ in range(concurrency)]
+    directory = os.path.abspath(os.path.join(args.trace_dir, name))
+    os.makedirs(directory, exist_ok=True)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run_requests, server, prompts, args.long, speculative)
+        time.sleep(2.0)  # prefill done, decoding
+        server.post("/start_profile", {"output_dir": directory, "num_steps": args.trace_steps, "with_stack": False,
+                                       "record_shapes": False, "activities": ["CPU", "GPU"], "profile_prefix": name})
+        running.result()
+    for _ in range(60):  # the scheduler writes the trace after the last profiled step
+        traces = [f for f in os.listdir(directory) if f.endswith(".trace.json.gz")]
+        if traces:
+            break
+        time.sleep(1.0)
+    else:
+        return {"error": f"no trace written under {directory}"}
+    time.sleep(2.0)
+    path = os.path.join(directory, sorted(traces)[-1])
+    try:
+        return {"file": path, **summarize_trace(load_events(path), graphs_per_step=2 if speculative else 1)}
+    except (ValueError, OSError, EOFError) as error:
+        return {"file": path, "error": str(error)}
+
+
 def read_profile(path: str) -> dict[int, dict]:
     """Medians, per batch size, of the worker's step-profile records (dflash_sglang.step_profile)."""
     if not os.path.exists(path):
@@ -168,6 +200,10 @@ def serve_and_measure(name: str, args_list: list[str], env: dict, concurrencies:
         for c in concurrencies:
             results[str(c)] = measure_step_ms(server, c, args, speculative, random.Random(c))
             print(f"{name:>16} c={c:<3} step {results[str(c)]['step_ms']:.3f} ms", flush=True)
+            if args.trace_steps and c in args.trace_concurrency:
+                trace = record_trace(server, c, args, speculative, random.Random(c), f"{name}-c{c}")
+                results[str(c)]["trace"] = trace
+                print(f"{name:>16} c={c:<3} trace {json.dumps(trace)}", flush=True)
     for bs, summary in read_profile(profile).items():
         if str(bs) in results:
             results[str(bs)]["profile"] = summary
@@ -188,6 +224,10 @@ def main() -> int:
                         help="one DFLASH run per drafter attention backend (the first also runs --torch-path)")
     parser.add_argument("--no-torch-path", action="store_true", help="skip the DFLASH_KERNELS=off run")
     parser.add_argument("--logs", default=None)
+    parser.add_argument("--trace-steps", type=int, default=0,
+                        help="also record a torch.profiler trace of this many decode steps per server and summarize it")
+    parser.add_argument("--trace-concurrency", nargs="+", type=int, default=[1])
+    parser.add_argument("--trace-dir", default="traces")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
     args = parser.parse_args()
 

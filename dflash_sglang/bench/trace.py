@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Reading a torch.profiler trace of SGLang decode steps (SGLang's ``/start_profile``): where a step's
+time goes on the GPU and on the host.
+
+A decode step is delimited by the scheduler's CUDA graph launches: a plain decode step launches one graph,
+a DFLASH step two (drafter, then target verify). ``summarize_trace`` groups the trace into steps (one step
+starts at each launch of the step's first graph), and reports per step, as medians:
+
+* ``period_ms``: time between the starts of consecutive steps (what a user waits per step);
+* ``gpu_busy_ms``: union of GPU kernel and memcpy time inside the step; ``gpu_idle_ms`` = period - busy,
+  i.e. time the GPU waits for the host;
+* ``graph_ms``: GPU span of each graph replay (first kernel start to last kernel end), by position in the step;
+* ``outside_graphs_ms``: GPU time of kernels launched eagerly (not by a graph), with the top ones by name;
+* ``host``: the CUDA runtime calls the host spent the most time in (synchronizations, copies, launches).
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import statistics
+from typing import Any
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+GRAPH_LAUNCH = "cudaGraphLaunch"
+
+
+def load_events(path: str) -> list[dict[str, Any]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e3
+
+
+def summarize_trace(events: list[dict[str, Any]], graphs_per_step: int, top: int = 8) -> dict[str, Any]:
+    """Per-step medians of a trace (see the module docstring). ``graphs_per_step``: 1 (AR) or 2 (DFLASH)."""
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    launches = sorted((e for e in runtime if e["name"] == GRAPH_LAUNCH), key=lambda e: e["ts"])
+    graph_of = {e["args"]["correlation"]: i for i, e in enumerate(launches)}
+    if len(launches) < 2 * graphs_per_step:
+        raise ValueError(f"trace has {len(launches)} CUDA graph launches; need two steps of {graphs_per_step}")
+    step_starts = [launches[i]["ts"] for i in range(0, len(launches) - graphs_per_step + 1, graphs_per_step)]
+
+    steps = []
+    for start, stop in zip(step_starts, step_starts[1:]):
+        # The GPU work of a step: what its host launched in [start, stop) (kernels run after their launch).
+        corr = {e["args"]["correlation"] for e in runtime if start <= e["ts"] < stop and "correlation" in e["args"]}
+        work = [e for e in gpu if e["args"].get("correlation") in corr]
+        busy = _union_ms([(e["ts"], e["ts"] + e["dur"]) for e in work])
+        graphs = collections.defaultdict(list)
+        eager = collections.Counter()
+        for e in work:
+            index = graph_of.get(e["args"]["correlation"])
+            if index is None:
+                eager[e["name"]] += e["dur"]
+            else:
+                graphs[index].append(e)
+        spans = [(max(e["ts"] + e["dur"] for e in graphs[i]) - min(e["ts"] for e in graphs[i])) / 1e3
+                 for i in sorted(graphs)]
+        host = collections.Counter()
+        for e in runtime:
+            if start <= e["ts"] < stop:
+                host[e["name"]] += e["dur"]
+        steps.append({"period": (stop - start) / 1e3, "busy": busy, "spans": spans, "eager": eager, "host": host})
+    if not steps:
+        raise ValueError("trace holds no complete step")
+
+    def median(values):
+        return statistics.median(values) if values else 0.0
+
+    def top_names(key: str) -> dict[str, float]:
+        totals = collections.Counter()
+        for step in steps:
+            totals.update(step[key])
+        return {name: total / len(steps) / 1e3 for name, total in totals.most_common(top)}
+
+    width = min(len(s["spans"]) for s in steps)
+    return {
+        "steps": len(steps),
+        "period_ms": median([s["period"] for s in steps]),
+        "gpu_busy_ms": median([s["busy"] for s in steps]),
+        "gpu_idle_ms": median([s["period"] - s["busy"] for s in steps]),
+        "graph_ms": [median([s["spans"][i] for s in steps]) for i in range(width)],
+        "outside_graphs_ms": median([sum(s["eager"].values()) / 1e3 for s in steps]),
+        "top_outside_graphs_ms": top_names("eager"),
+        "host_runtime_ms": top_names("host"),
+    }
