@@ -2,8 +2,8 @@
 """Starting, health-checking and stopping an SGLang server process (tests, benchmarks, scripts).
 
 ``ServerProcess`` runs ``python -m sglang.launch_server ARGS`` (or ``sglang serve ARGS``) in its own process
-group with its log in a file, waits until ``/health_generate`` answers, and stops the whole group. On a CPU device it adds the
-libcuda stand-in and SGLang's CPU engine to the environment (``cpu_stub.cpu_server_env``).
+group with its log in a file, waits until ``/health_generate`` answers, and stops the whole group. On a CPU
+device it adds the libcuda stand-in and SGLang's CPU engine to the environment (``cpu_stub.cpu_server_env``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """DFLASH's server-argument rules: validate the drafter against the target and set SGLang's speculative
 settings for a tree-free block drafter, before SGLang's own speculative handling runs.
 
-Called by the patched ``ServerArgs._handle_speculative_decoding`` (``plugin.py``) in every process that
+Called by the patched ``ServerArgs._handle_speculative_decoding`` (``patches/algorithm.py``) in every process that
 builds ServerArgs. Errors are ``ValueError`` with the fix in the message.
 """
 

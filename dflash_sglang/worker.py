@@ -22,7 +22,7 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
 
 Both block passes are ``ForwardMode.TARGET_VERIFY`` batches of the same shape (B tokens per request after
 its committed prefix), so SGLang's CudaGraphRunner replays captured graphs for both at decode batch sizes
-(``plugin.patch_cuda_graph_runner``); the target's graphs capture the drafter's features.
+(``patches.cuda_graphs.patch_cuda_graph_runner``); the target's graphs capture the drafter's features.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class DFlashWorker(TpModelWorker):
         self.k_cache, self.v_cache = stack_kv_pool(self.draft_runner.token_to_kv_pool)
         self.draft_runner.init_device_graphs()
         self.vocab_size = target_runner.model_config.vocab_size
+        self.device_type = torch.device(self.device).type
         self.profiler = make_profiler(self.device)
         self.mask_token_id = self.draft_config.mask_token_id
         logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), draft attention backend %s, "
@@ -113,46 +114,50 @@ class DFlashWorker(TpModelWorker):
         worker_batch.capture_hidden_mode = CaptureHiddenMode.FULL
         result = self.target_worker.forward_batch_generation(worker_batch)
         positions = torch.cat([torch.arange(start, start + length, dtype=torch.int64)
-                               for start, length in zip(batch.prefix_lens, batch.extend_lens)]).to(self.device)
+                               for start, length in zip(batch.prefix_lens, batch.extend_lens)])
+        positions = self._upload(positions)
         self.draft_model.inject_context(result.logits_output.hidden_states, positions, batch.out_cache_loc,
                                         self.k_cache, self.v_cache)
         result.logits_output.hidden_states = None
         return result
 
     def _forward_decode(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        """One speculative step for every request of ``batch`` (see the module docstring).
+
+        The host waits for the GPU once per step: after the verdict, for the emitted tokens. Everything the
+        host builds goes up through pinned memory without a sync (``self._upload``), and the KV injection of
+        the kept tokens is queued before that wait, from the verdict's device-side keep slots."""
         self.profiler.start_step()
         bs, block = batch.batch_size(), self.block_size
+        stop_ids, budgets = self._stop_conditions(batch)
+        block_input = torch.full((bs, block), self.mask_token_id, dtype=torch.int64)
+        block_input[:, 0] = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
+        block_input = self._upload(block_input)
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
-        offsets = torch.arange(block, device=self.device)
-        positions = prefix_lens[:, None] + offsets[None, :]  # [bs, B]
+        positions = prefix_lens[:, None] + torch.arange(block, device=self.device)[None, :]  # [bs, B]
         block_slots = alloc_token_slots(batch.tree_cache, bs * block).view(bs, block).to(torch.int64)
         self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions] = block_slots.to(
             self.req_to_token_pool.req_to_token.dtype)
-
-        last_tokens = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64, device=self.device)
-        draft_tokens = torch.full((bs, block), self.mask_token_id, dtype=torch.int64, device=self.device)
-        draft_tokens[:, 0] = last_tokens
         batch.forward_mode = ForwardMode.TARGET_VERIFY
-        batch.input_ids = draft_tokens.view(-1)
+        batch.input_ids = block_input.view(-1)
         batch.out_cache_loc = block_slots.view(-1)
         batch.spec_info = DFlashVerifyInput(positions.view(-1), block, CaptureHiddenMode.NULL)
         draft_batch: ModelWorkerBatch = batch.get_model_worker_batch()
         self.profiler.mark("prepare")
+
         draft_logits = self._draft(draft_batch)
         greedy = batch.sampling_info.is_all_greedy
         if greedy:
-            drafts = draft_logits.argmax(dim=-1)
-            draft_probs = None
+            drafts, draft_probs = draft_logits.argmax(dim=-1), None
         else:
             draft_probs = processed_probs(draft_logits, *self._row_sampling(batch, block - 1))
             drafts = sample_from(draft_probs)
-        block_tokens = torch.cat([last_tokens[:, None], drafts.view(bs, block - 1)], dim=1)
+        block_tokens = torch.cat([block_input[:, :1], drafts.view(bs, block - 1)], dim=1)
         self.profiler.mark("draft")
 
         logits_output, can_run_cuda_graph = self._verify(draft_batch, block_tokens, positions)
         self.profiler.mark("verify")
         target_logits = logits_output.next_token_logits[:, :self.vocab_size]
-        stop_ids, budgets = self._stop_conditions(batch)
         if greedy:
             verdict = ops.verify_block(block_tokens, block_slots, prefix_lens, stop_ids, budgets,
                                        target_ids=target_logits.argmax(dim=-1).view(bs, block))
@@ -163,48 +168,44 @@ class DFlashWorker(TpModelWorker):
                 target_probs=target_probs.view(bs, block, -1),
                 draft_probs=draft_probs.view(bs, block - 1, -1),
                 uniforms=torch.rand(bs, block, dtype=torch.float32, device=self.device))
-        num_emitted, emitted = verdict[1], verdict[2]
-        emitted_rows = emitted.tolist()
-        emitted_cpu = self._append_outputs(batch, emitted_rows, num_emitted.tolist())
+        num_emitted, emitted, keep_slots = verdict[1], verdict[2], verdict[3]
+        # Context K/V of the kept block tokens (t0 + emitted drafts); -1 slots write nothing. A request
+        # that SGLang later cuts shorter (a stop string) frees those slots below; nothing reads them unwritten.
+        self.draft_model.inject_context(logits_output.hidden_states.view(bs * block, -1), positions.view(-1),
+                                        keep_slots.view(-1), self.k_cache, self.v_cache)
+        logits_output.hidden_states = None
+        self.profiler.mark("inject")
+        verdict_cpu = torch.cat([num_emitted.to(torch.int64)[:, None], emitted], dim=1).cpu()  # the one wait
         self.profiler.mark("accept")
 
-        # Kept block rows (t0 + accepted drafts) and rejected ones, as flat indices built on the host: the
-        # counts are already there, so no boolean mask (and no device sync) is needed.
-        kept_cpu = [max(n, 1) for n in emitted_cpu]
-        kept = torch.tensor(kept_cpu, dtype=torch.int64, device=self.device)
-        keep_rows, reject_rows = [], []
-        for row, n in enumerate(kept_cpu):
-            keep_rows.extend(range(row * block, row * block + n))
-            reject_rows.extend(range(row * block + n, (row + 1) * block))
-        keep_rows = torch.tensor(keep_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        flat_slots = block_slots.view(-1)
-        if reject_rows:
-            self.token_to_kv_pool_allocator.free(
-                flat_slots[torch.tensor(reject_rows, dtype=torch.int64).to(self.device, non_blocking=True)])
-        features = logits_output.hidden_states.view(bs * block, -1)
-        self.draft_model.inject_context(features[keep_rows], positions.view(-1)[keep_rows], flat_slots[keep_rows],
-                                        self.k_cache, self.v_cache)
-        self.profiler.mark("inject")
-        for req, n in zip(batch.reqs, kept_cpu):
+        counts = self._append_outputs(batch, verdict_cpu[:, 1:], verdict_cpu[:, 0].tolist())
+        kept = torch.tensor(counts, dtype=torch.int64).clamp_(min=1)  # t0 always keeps its KV
+        rejected = (torch.arange(block)[None, :] >= kept[:, None]).view(-1).nonzero().view(-1)
+        if rejected.numel():
+            self.token_to_kv_pool_allocator.free(block_slots.view(-1)[self._upload(rejected)])
+        for req, n in zip(batch.reqs, kept.tolist()):
             req.kv_committed_len += n
             req.kv_allocated_len = req.kv_committed_len
-        batch.seq_lens = batch.seq_lens + kept.to(batch.seq_lens.dtype)
-        batch.seq_lens_cpu = batch.seq_lens_cpu + torch.tensor(kept_cpu, dtype=batch.seq_lens_cpu.dtype)
+        batch.seq_lens = batch.seq_lens + self._upload(kept.to(batch.seq_lens.dtype))
+        batch.seq_lens_cpu = batch.seq_lens_cpu + kept.to(batch.seq_lens_cpu.dtype)
         batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
         batch.forward_mode = ForwardMode.DECODE
         batch.spec_info = None
-
-        flat_tokens = torch.tensor([t for row, n in zip(emitted_rows, emitted_cpu) for t in row[:n]],
-                                   dtype=torch.int64, device=self.device)
-        logits_output.hidden_states = None
-        accepted = [n - 1 for n in emitted_cpu]
+        emitted_mask = torch.arange(block)[None, :] < torch.tensor(counts, dtype=torch.int64)[:, None]
+        accepted = [n - 1 for n in counts]
         self.profiler.mark("commit")
         self.profiler.end_step(bs)
         return GenerationBatchResult(
-            logits_output=logits_output, next_token_ids=flat_tokens,
+            logits_output=logits_output, next_token_ids=self._upload(verdict_cpu[:, 1:][emitted_mask]),
             num_accepted_tokens=sum(accepted), accept_length_per_req_cpu=accepted,
             can_run_cuda_graph=can_run_cuda_graph,
-            accept_lens=torch.tensor(accepted, dtype=torch.int32, device=self.device))
+            accept_lens=self._upload(torch.tensor(accepted, dtype=torch.int32)))
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the worker's device without waiting for the GPU (pinned, non-blocking copy)."""
+        if self.device_type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     # ----------------------------------------------------------------------------------------------
     def _draft(self, draft_batch: ModelWorkerBatch) -> torch.Tensor:
@@ -230,30 +231,20 @@ class DFlashWorker(TpModelWorker):
                 info.top_ks.view(-1).repeat_interleave(rows_per_request))
 
     def _stop_conditions(self, batch: ScheduleBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-level stops for the verifier: EOS / stop token ids (-1 padded) and remaining token budgets."""
-        rows, budgets = [], []
-        for req in batch.reqs:
-            params = req.sampling_params
-            stops: set[int] = set()
-            if not params.ignore_eos:  # mirrors Req._check_token_based_finish
-                stops |= set(req.eos_token_ids or ()) | set(params.stop_token_ids or ())
-                if req.tokenizer is not None:
-                    stops |= {req.tokenizer.eos_token_id} | set(req.tokenizer.additional_stop_token_ids or ())
-                stops.discard(None)
-            rows.append(sorted(stops))
-            limit = params.max_new_tokens
-            budgets.append(NO_BUDGET_LIMIT if limit is None else max(limit - len(req.output_ids), 0))
-        width = max(1, max(len(r) for r in rows))
-        stop_ids = torch.full((len(rows), width), -1, dtype=torch.int64)
-        for i, row in enumerate(rows):
-            stop_ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-        return stop_ids.to(self.device), torch.tensor(budgets, dtype=torch.int64, device=self.device)
+        """Token-level stops for the verifier, on the device: EOS / stop token ids (-1 padded) and the
+        remaining token budgets."""
+        rows = [_stop_token_ids(req) for req in batch.reqs]
+        budgets = [NO_BUDGET_LIMIT if req.sampling_params.max_new_tokens is None
+                   else max(req.sampling_params.max_new_tokens - len(req.output_ids), 0) for req in batch.reqs]
+        width = max(1, max(len(row) for row in rows))
+        stop_ids = torch.tensor([row + (-1,) * (width - len(row)) for row in rows], dtype=torch.int64)
+        return self._upload(stop_ids), self._upload(torch.tensor(budgets, dtype=torch.int64))
 
-    def _append_outputs(self, batch: ScheduleBatch, emitted: list[list[int]], num_emitted: list[int]) -> list[int]:
-        """Appends each request's emitted tokens, letting SGLang's finish check cut inside the block
-        (stop strings included). Returns the number of tokens each request really emitted."""
+    def _append_outputs(self, batch: ScheduleBatch, emitted: torch.Tensor, num_emitted: list[int]) -> list[int]:
+        """Appends each request's emitted tokens ([bs, B] host tensor), letting SGLang's finish check cut
+        inside the block (stop strings included). Returns the number of tokens each request really emitted."""
         final = []
-        for req, tokens, n in zip(batch.reqs, emitted, num_emitted):
+        for req, tokens, n in zip(batch.reqs, emitted.tolist(), num_emitted):
             count = 0
             for token in tokens[:n]:
                 req.output_ids.append(token)
@@ -268,10 +259,24 @@ class DFlashWorker(TpModelWorker):
         return final
 
 
+def _stop_token_ids(req) -> tuple[int, ...]:
+    """The token ids that end ``req`` (mirrors ``Req._check_token_based_finish``), computed once per request."""
+    cached = getattr(req, "_dflash_stop_ids", None)
+    if cached is None:
+        params, stops = req.sampling_params, set()
+        if not params.ignore_eos:
+            stops |= set(req.eos_token_ids or ()) | set(params.stop_token_ids or ())
+            if req.tokenizer is not None:
+                stops |= {req.tokenizer.eos_token_id} | set(req.tokenizer.additional_stop_token_ids or ())
+            stops.discard(None)
+        cached = req._dflash_stop_ids = tuple(sorted(stops))
+    return cached
+
+
 def enable_feature_capture(target_runner, draft_config) -> None:
     """Makes the target return its hidden states at the drafter's ``target_layer_ids`` (SGLang's EAGLE3
     capture: a layer's output is taken at the next layer's input). Runs before the target's CUDA graphs
-    are captured (``plugin.patch_cuda_graph_runner``) and again, idempotently, when the worker starts."""
+    are captured (``patches.cuda_graphs.patch_cuda_graph_runner``) and again, idempotently, when the worker starts."""
     target_model = target_runner.model
     num_layers = target_runner.model_config.hf_text_config.num_hidden_layers
     if not hasattr(target_model, "set_eagle3_layers_to_capture"):

@@ -65,8 +65,8 @@ def test_disable_variable_leaves_sglang_untouched():
     disabled = _python(CHECK_REGISTERED, env=dict(os.environ, DFLASH_SGLANG_DISABLE="1"))
     assert disabled.returncode != 0
     assert "invalid choice: 'DFLASH'" in disabled.stderr, disabled.stderr[-3000:]
-    members = _python("from sglang.srt.speculative.spec_info import SpeculativeAlgorithm as S; print(list(S.__members__))",
-                      env=dict(os.environ, DFLASH_SGLANG_DISABLE="1"))
+    list_members = "from sglang.srt.speculative.spec_info import SpeculativeAlgorithm as S; print(list(S.__members__))"
+    members = _python(list_members, env=dict(os.environ, DFLASH_SGLANG_DISABLE="1"))
     assert members.returncode == 0 and "DFLASH" not in members.stdout, members.stdout + members.stderr
 
 

@@ -5,7 +5,7 @@
 ``vision_config`` and ``audio_config``) and ``Gemma4TextConfig`` (``model_type: gemma4_text``) read the
 released ``config.json`` files as transformers' own Gemma 4 configuration (transformers >= 5.17,
 ``models/gemma4/configuration_gemma4.py``) does, without ``trust_remote_code``: same keys, same defaults.
-``plugin.py`` registers both with transformers' ``AutoConfig`` and SGLang's config registry.
+``patches/gemma4.py`` registers both with transformers' ``AutoConfig`` and SGLang's config registry.
 
 Released layouts (checked against public copies of google/gemma-4-26B-A4B-it and google/gemma-4-31B-it
 ``config.json`` quoted in third-party loaders' tests, 2026-11): ``architectures:
@@ -209,7 +209,7 @@ def check_servable(config: Gemma4TextConfig, tp_size: int) -> None:
 
 
 def adapt_model_config(model_config: Any) -> None:
-    """Called by ``plugin.py`` at the end of SGLang's ``ModelConfig._derive_model_shapes``: for a Gemma 4
+    """Called by ``patches/gemma4.py`` at the end of SGLang's ``ModelConfig._derive_model_shapes``: for a Gemma 4
     target, turns the multimodal flags off (vision/audio are not served) and sizes the KV pool's heads to
     the widest layer (see ``gemma4_layers``); any other model is left untouched."""
     text = model_config.hf_text_config

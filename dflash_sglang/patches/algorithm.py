@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DFLASH as an SGLang speculative algorithm: the enum member and its worker, the command-line choice and
+server defaults, the model registry entries, and the refusal of requests DFLASH does not serve."""
+
+from __future__ import annotations
+
+from dflash_sglang.patches import ALGORITHM, is_dflash_server, patches
+
+
+@patches(lambda module: module.SpeculativeAlgorithm)
+def patch_spec_info(algorithm_enum) -> None:
+    """Adds ``SpeculativeAlgorithm.DFLASH`` (no member replaced) and routes it to ``DFlashWorker``."""
+    value = max(member.value for member in algorithm_enum) + 1
+    member = object.__new__(algorithm_enum)
+    member._name_ = ALGORITHM
+    member._value_ = value
+    member.__objclass__ = algorithm_enum
+    algorithm_enum._member_map_[ALGORITHM] = member
+    algorithm_enum._value2member_map_[value] = member
+    algorithm_enum._member_names_.append(ALGORITHM)
+    type.__setattr__(algorithm_enum, ALGORITHM, member)
+    algorithm_enum.is_dflash = lambda self: self is member
+    original_create_worker = algorithm_enum.create_worker
+
+    def create_worker(self, server_args):
+        if self is member:
+            from dflash_sglang.worker import DFlashWorker
+
+            return DFlashWorker
+        return original_create_worker(self, server_args)
+
+    algorithm_enum.create_worker = create_worker
+
+
+@patches(lambda module: module.ServerArgs)
+def patch_server_args(server_args_cls) -> None:
+    """Accepts ``--speculative-algorithm DFLASH`` and applies DFLASH's defaults and checks."""
+    original_add_cli_args = server_args_cls.add_cli_args
+    original_handle = server_args_cls._handle_speculative_decoding
+
+    def add_cli_args(parser) -> None:
+        original_add_cli_args(parser)
+        for action in parser._actions:
+            if "--speculative-algorithm" in action.option_strings and action.choices is not None:
+                if ALGORITHM not in action.choices:
+                    action.choices = [*action.choices, ALGORITHM]
+
+    def handle_speculative_decoding(self) -> None:
+        if self.speculative_algorithm is not None and self.speculative_algorithm.upper() == ALGORITHM:
+            from dflash_sglang.server_defaults import apply_dflash_server_defaults
+
+            self.speculative_algorithm = ALGORITHM
+            apply_dflash_server_defaults(self)
+        original_handle(self)
+
+    server_args_cls.add_cli_args = staticmethod(add_cli_args)
+    server_args_cls._handle_speculative_decoding = handle_speculative_decoding
+
+
+@patches(lambda module: module.ModelRegistry)
+def patch_model_registry(registry) -> None:
+    """Registers ``dflash_sglang.models`` (the drafter, and targets SGLang lacks), as
+    ``SGLANG_EXTERNAL_MODEL_PACKAGE`` would."""
+    registry.register("dflash_sglang.models", overwrite=False)
+
+
+@patches(lambda module: module.TokenizerManager)
+def patch_tokenizer_manager(manager) -> None:
+    """Wraps ``TokenizerManager._validate_one_request`` to refuse options DFLASH does not serve (HTTP 400)."""
+    original_validate = manager._validate_one_request
+
+    def validate_one_request(self, obj, input_ids):
+        original_validate(self, obj, input_ids)
+        if is_dflash_server(self.server_args) and hasattr(obj, "return_logprob"):
+            from dflash_sglang.request_rules import check_request
+
+            check_request(obj.sampling_params, obj.return_logprob, getattr(obj, "custom_logit_processor", None))
+
+    manager._validate_one_request = validate_one_request
