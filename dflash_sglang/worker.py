@@ -83,6 +83,8 @@ class DFlashWorker(TpModelWorker):
         self.draft_runner.init_device_graphs()
         self.vocab_size = target_runner.model_config.vocab_size
         self.device_type = torch.device(self.device).type
+        self.block_offsets_cpu = torch.arange(self.block_size)
+        self.block_offsets = self.block_offsets_cpu.to(self.device)
         self.profiler = make_profiler(self.device)
         self.mask_token_id = self.draft_config.mask_token_id
         logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), draft attention backend %s, "
@@ -134,7 +136,7 @@ class DFlashWorker(TpModelWorker):
         block_input[:, 0] = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
         block_input = self._upload(block_input)
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
-        positions = prefix_lens[:, None] + torch.arange(block, device=self.device)[None, :]  # [bs, B]
+        positions = prefix_lens[:, None] + self.block_offsets[None, :]  # [bs, B]
         block_slots = alloc_token_slots(batch.tree_cache, bs * block).view(bs, block).to(torch.int64)
         self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions] = block_slots.to(
             self.req_to_token_pool.req_to_token.dtype)
@@ -145,12 +147,13 @@ class DFlashWorker(TpModelWorker):
         draft_batch: ModelWorkerBatch = batch.get_model_worker_batch()
         self.profiler.mark("prepare")
 
-        draft_logits = self._draft(draft_batch)
+        draft_logits = self._draft(draft_batch)[:, 1:]  # [bs, B-1, V]: the drafts of positions 1..B-1
         greedy = batch.sampling_info.is_all_greedy
         if greedy:
             drafts, draft_probs = draft_logits.argmax(dim=-1), None
         else:
-            draft_probs = processed_probs(draft_logits, *self._row_sampling(batch, block - 1))
+            draft_probs = processed_probs(draft_logits.reshape(bs * (block - 1), -1),
+                                          *self._row_sampling(batch, block - 1))
             drafts = sample_from(draft_probs)
         block_tokens = torch.cat([block_input[:, :1], drafts.view(bs, block - 1)], dim=1)
         self.profiler.mark("draft")
@@ -180,7 +183,7 @@ class DFlashWorker(TpModelWorker):
 
         counts = self._append_outputs(batch, verdict_cpu[:, 1:], verdict_cpu[:, 0].tolist())
         kept = torch.tensor(counts, dtype=torch.int64).clamp_(min=1)  # t0 always keeps its KV
-        rejected = (torch.arange(block)[None, :] >= kept[:, None]).view(-1).nonzero().view(-1)
+        rejected = (self.block_offsets_cpu[None, :] >= kept[:, None]).view(-1).nonzero().view(-1)
         if rejected.numel():
             self.token_to_kv_pool_allocator.free(block_slots.view(-1)[self._upload(rejected)])
         for req, n in zip(batch.reqs, kept.tolist()):
@@ -191,7 +194,7 @@ class DFlashWorker(TpModelWorker):
         batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
         batch.forward_mode = ForwardMode.DECODE
         batch.spec_info = None
-        emitted_mask = torch.arange(block)[None, :] < torch.tensor(counts, dtype=torch.int64)[:, None]
+        emitted_mask = self.block_offsets_cpu[None, :] < torch.tensor(counts, dtype=torch.int64)[:, None]
         accepted = [n - 1 for n in counts]
         self.profiler.mark("commit")
         self.profiler.end_step(bs)
@@ -209,11 +212,11 @@ class DFlashWorker(TpModelWorker):
 
     # ----------------------------------------------------------------------------------------------
     def _draft(self, draft_batch: ModelWorkerBatch) -> torch.Tensor:
-        """One drafter pass over every request's block; returns draft logits [bs * (B-1), vocab] fp32."""
+        """One drafter pass over every request's block; returns its logits [bs, B, vocab] fp32 (a view)."""
         bs, block = draft_batch.seq_lens.shape[0], self.block_size
         forward_batch = ForwardBatch.init_new(draft_batch, self.draft_runner)
         logits = self.draft_runner.forward(forward_batch).logits_output.next_token_logits
-        return logits.view(bs, block, -1)[:, 1:].reshape(bs * (block - 1), -1)
+        return logits.view(bs, block, -1)
 
     def _verify(self, draft_batch: ModelWorkerBatch, block_tokens: torch.Tensor, positions: torch.Tensor):
         """One target pass over all blocks (a causal chain), capturing the drafter's features."""
