@@ -182,7 +182,8 @@ class DFlashWorker(TpModelWorker):
         self.profiler.mark("accept")
 
         counts = self._append_outputs(batch, verdict_cpu[:, 1:], verdict_cpu[:, 0].tolist())
-        kept = torch.tensor(counts, dtype=torch.int64).clamp_(min=1)  # t0 always keeps its KV
+        counts_cpu = torch.tensor(counts, dtype=torch.int64)
+        kept = counts_cpu.clamp(min=1)  # t0 always keeps its KV
         rejected = (self.block_offsets_cpu[None, :] >= kept[:, None]).view(-1).nonzero().view(-1)
         if rejected.numel():
             self.token_to_kv_pool_allocator.free(block_slots.view(-1)[self._upload(rejected)])
@@ -194,7 +195,7 @@ class DFlashWorker(TpModelWorker):
         batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
         batch.forward_mode = ForwardMode.DECODE
         batch.spec_info = None
-        emitted_mask = self.block_offsets_cpu[None, :] < torch.tensor(counts, dtype=torch.int64)[:, None]
+        emitted_mask = self.block_offsets_cpu[None, :] < counts_cpu[:, None]
         accepted = [n - 1 for n in counts]
         self.profiler.mark("commit")
         self.profiler.end_step(bs)

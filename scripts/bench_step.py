@@ -133,8 +133,13 @@ def run_requests(server: ServerProcess, prompts: list[list[int]], new_tokens: in
     return Run(wall, steps, tokens)
 
 
+def random_prompts(count: int, length: int, rng: random.Random) -> list[list[int]]:
+    """``count`` prompts of ``length`` random token ids (random weights: their content does not matter)."""
+    return [[rng.randrange(1000, 150000) for _ in range(length)] for _ in range(count)]
+
+
 def measure_step_ms(server: ServerProcess, concurrency: int, args, speculative: bool, rng: random.Random) -> dict:
-    prompts = [[rng.randrange(1000, 150000) for _ in range(args.input_len)] for _ in range(concurrency)]
+    prompts = random_prompts(concurrency, args.input_len, rng)
     run_requests(server, prompts, args.short, speculative)  # warm-up (graphs, allocator)
     samples = []
     for _ in range(args.repeats):
@@ -149,7 +154,7 @@ def record_trace(server: ServerProcess, concurrency: int, args, speculative: boo
                  name: str) -> dict:
     """A torch.profiler trace of ``--trace-steps`` decode steps at this concurrency (SGLang's /start_profile),
     kept under ``--trace-dir`` and summarized (dflash_sglang.bench.trace)."""
-    prompts = [[rng.randrange(1000, 150000) for _ in range(args.input_len)] for _ in range(concurrency)]
+    prompts = random_prompts(concurrency, args.input_len, rng)
     directory = os.path.abspath(os.path.join(args.trace_dir, name))
     os.makedirs(directory, exist_ok=True)
     with ThreadPoolExecutor(1) as pool:

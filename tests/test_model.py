@@ -144,8 +144,9 @@ def test_context_kv_is_per_token():
         torch.testing.assert_close(torch.cat([part[layer][1] for part in parts]), v)
 
 
-def test_block_rows_do_not_depend_on_later_rows_when_causal():
-    drafter = _random_drafter(CONFIGS["explicit-causal"])
+def _block_outputs_before_and_after_changing_the_last_row(config_name: str):
+    """The drafter's outputs for a 4-row block, and again with the last row's input changed."""
+    drafter = _random_drafter(CONFIGS[config_name])
     features, noise, context_positions, block_positions = _inputs(drafter.config, 5, 4)
     with torch.no_grad():
         context = drafter.context_kv(features, context_positions)
@@ -153,19 +154,17 @@ def test_block_rows_do_not_depend_on_later_rows_when_causal():
         changed = noise.clone()
         changed[3] += 1.0
         other = drafter(changed, block_positions, context, context_positions)
+    return full, other
+
+
+def test_block_rows_do_not_depend_on_later_rows_when_causal():
+    full, other = _block_outputs_before_and_after_changing_the_last_row("explicit-causal")
     torch.testing.assert_close(full[:3], other[:3])
     assert not torch.allclose(full[3], other[3])
 
 
 def test_non_causal_block_rows_see_the_whole_block():
-    drafter = _random_drafter(CONFIGS["full-gqa"])
-    features, noise, context_positions, block_positions = _inputs(drafter.config, 5, 4)
-    with torch.no_grad():
-        context = drafter.context_kv(features, context_positions)
-        full = drafter(noise, block_positions, context, context_positions)
-        changed = noise.clone()
-        changed[3] += 1.0
-        other = drafter(changed, block_positions, context, context_positions)
+    full, other = _block_outputs_before_and_after_changing_the_last_row("full-gqa")
     assert not torch.allclose(full[0], other[0])
 
 

@@ -54,7 +54,8 @@ def summarize_trace(events: list[dict[str, Any]], graphs_per_step: int, top: int
     steps = []
     for start, stop in zip(step_starts, step_starts[1:]):
         # The GPU work of a step: what its host launched in [start, stop) (kernels run after their launch).
-        corr = {e["args"]["correlation"] for e in runtime if start <= e["ts"] < stop and "correlation" in e["args"]}
+        step_calls = [e for e in runtime if start <= e["ts"] < stop]
+        corr = {e["args"]["correlation"] for e in step_calls if "correlation" in e["args"]}
         work = [e for e in gpu if e["args"].get("correlation") in corr]
         busy = _union_ms([(e["ts"], e["ts"] + e["dur"]) for e in work])
         graphs = collections.defaultdict(list)
@@ -68,9 +69,8 @@ def summarize_trace(events: list[dict[str, Any]], graphs_per_step: int, top: int
         spans = [(max(e["ts"] + e["dur"] for e in graphs[i]) - min(e["ts"] for e in graphs[i])) / 1e3
                  for i in sorted(graphs)]
         host = collections.Counter()
-        for e in runtime:
-            if start <= e["ts"] < stop:
-                host[e["name"]] += e["dur"]
+        for e in step_calls:
+            host[e["name"]] += e["dur"]
         steps.append({"period": (stop - start) / 1e3, "busy": busy, "spans": spans, "eager": eager, "host": host})
     if not steps:
         raise ValueError("trace holds no complete step")
