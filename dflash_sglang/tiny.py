@@ -184,7 +184,7 @@ def _transformers_version() -> str:
         return "unknown"
 
 
-def target_config(vocab_size: int, ids: dict[str, int]) -> dict:
+def target_config(vocab_size: int, ids: dict[str, int], head_dim: int = HEAD_DIM) -> dict:
     """``config.json`` of the tiny target, laid out like Qwen/Qwen3-8B's."""
     return {
         "architectures": ["Qwen3ForCausalLM"],
@@ -192,7 +192,7 @@ def target_config(vocab_size: int, ids: dict[str, int]) -> dict:
         "attention_dropout": 0.0,
         "bos_token_id": ids[ENDOFTEXT],
         "eos_token_id": ids[IM_END],
-        "head_dim": HEAD_DIM,
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "hidden_size": HIDDEN_SIZE,
         "initializer_range": INIT_STD,
@@ -221,9 +221,10 @@ def _normal(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * shape[-1] ** -0.5
 
 
-def target_weights(vocab_size: int, zero_rows: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+def target_weights(vocab_size: int, zero_rows: list[int], generator: torch.Generator,
+                   head_dim: int = HEAD_DIM) -> dict[str, torch.Tensor]:
     """Random repeat-prone Qwen3 weights (fp32), named as in the released safetensors (no ``lm_head``: tied)."""
-    q_dim, kv_dim = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    q_dim, kv_dim = NUM_HEADS * head_dim, NUM_KV_HEADS * head_dim
     embed = torch.randn(vocab_size, HIDDEN_SIZE, generator=generator)
     embed[zero_rows] = 0.0
     tensors = {"model.embed_tokens.weight": embed}
@@ -235,8 +236,8 @@ def target_weights(vocab_size: int, zero_rows: list[int], generator: torch.Gener
             p + "self_attn.k_proj.weight": _normal(generator, kv_dim, HIDDEN_SIZE),
             p + "self_attn.v_proj.weight": _normal(generator, kv_dim, HIDDEN_SIZE),
             p + "self_attn.o_proj.weight": _normal(generator, HIDDEN_SIZE, q_dim) * TARGET_BRANCH_SCALE,
-            p + "self_attn.q_norm.weight": torch.ones(HEAD_DIM),
-            p + "self_attn.k_norm.weight": torch.ones(HEAD_DIM),
+            p + "self_attn.q_norm.weight": torch.ones(head_dim),
+            p + "self_attn.k_norm.weight": torch.ones(head_dim),
             p + "post_attention_layernorm.weight": torch.ones(HIDDEN_SIZE),
             p + "mlp.gate_proj.weight": _normal(generator, INTERMEDIATE_SIZE, HIDDEN_SIZE),
             p + "mlp.up_proj.weight": _normal(generator, INTERMEDIATE_SIZE, HIDDEN_SIZE),
@@ -248,7 +249,8 @@ def target_weights(vocab_size: int, zero_rows: list[int], generator: torch.Gener
 
 def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], block_size: int, *,
                    bos: str = ENDOFTEXT, eos: str = IM_END, hidden_size: int = HIDDEN_SIZE,
-                   num_target_layers: int = NUM_TARGET_LAYERS, dflash_extra: dict | None = None) -> DFlashDraftConfig:
+                   num_target_layers: int = NUM_TARGET_LAYERS, head_dim: int = HEAD_DIM,
+                   dflash_extra: dict | None = None) -> DFlashDraftConfig:
     """The drafters' config, laid out like z-lab's classic releases (``block_size`` also at the top level).
     ``dflash_extra`` adds ``dflash_config`` keys (a Gemma target's ``input_embedding_scale``, ...)."""
     raw = {
@@ -261,7 +263,7 @@ def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], blo
                           "target_layer_ids": list(TARGET_LAYER_IDS), **(dflash_extra or {})},
         "dtype": "bfloat16",
         "eos_token_id": ids[eos],
-        "head_dim": HEAD_DIM,
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "hidden_size": hidden_size,
         "initializer_range": INIT_STD,
@@ -271,9 +273,9 @@ def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], blo
         "max_window_layers": NUM_DRAFT_LAYERS,
         "model_type": "qwen3",
         # hidden == num_heads * head_dim (and no GQA) lets drafter-agree use identity v_proj/o_proj.
-        "num_attention_heads": hidden_size // HEAD_DIM,
+        "num_attention_heads": hidden_size // head_dim,
         "num_hidden_layers": NUM_DRAFT_LAYERS,
-        "num_key_value_heads": hidden_size // HEAD_DIM,
+        "num_key_value_heads": hidden_size // head_dim,
         "num_target_layers": num_target_layers,
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_scaling": None,
@@ -322,13 +324,17 @@ def _disagreeing(drafter):
     return drafter
 
 
-def write_tiny_checkpoints(out_dir: str, *, seed: int = 0, block_size: int = 8) -> dict[str, str]:
+def write_tiny_checkpoints(out_dir: str, *, seed: int = 0, block_size: int = 8,
+                           head_dim: int = HEAD_DIM) -> dict[str, str]:
     """Writes ``target/``, ``drafter/``, ``drafter-agree/`` and ``drafter-disagree/`` under ``out_dir``.
 
     Args:
         out_dir: folder to write into (created if needed; existing files are overwritten).
         seed: seeds the tokenizer corpus and every weight.
         block_size: the drafters' ``block_size``.
+        head_dim: attention head size of both models (the drafters get ``HIDDEN_SIZE // head_dim`` heads).
+            GPU attention kernels need more than the CPU default: FlashInfer's prefill and the fused KV
+            injection cover 64, 128 and 256.
     Returns:
         ``{"target": path, "drafter": path, "drafter-agree": path, "drafter-disagree": path}``.
     """
@@ -343,18 +349,18 @@ def write_tiny_checkpoints(out_dir: str, *, seed: int = 0, block_size: int = 8) 
     # Row 0: drafter-disagree's proposal; <|mask|>: the block filler; padding rows: no token. All zero, so
     # their logit is 0 and greedy decoding never picks them.
     zero_rows = [0, ids[MASK]] + padding_rows
-    write_json(os.path.join(target, "config.json"), target_config(vocab_size, ids))
+    write_json(os.path.join(target, "config.json"), target_config(vocab_size, ids, head_dim))
     write_json(os.path.join(target, "generation_config.json"), {
         "bos_token_id": ids[ENDOFTEXT],
         "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
         "pad_token_id": ids[ENDOFTEXT],
         "transformers_version": _transformers_version(),
     })
-    weights = target_weights(vocab_size, zero_rows, generator)
+    weights = target_weights(vocab_size, zero_rows, generator, head_dim)
     save_file({name: t.to(torch.bfloat16).contiguous() for name, t in weights.items()},
               os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
 
-    config = drafter_config(vocab_size, ids[MASK], ids, block_size)
+    config = drafter_config(vocab_size, ids[MASK], ids, block_size, head_dim=head_dim)
     for name, build in (("drafter", lambda d: d), ("drafter-agree", _agreeing), ("drafter-disagree", _disagreeing)):
         save_drafter(build(random_drafter(config, generator)).to(torch.bfloat16), paths[name])
     return paths

@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("--cuda-graph", action="store_true", help="leave SGLang's CUDA graphs on")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--head-dim", type=int, default=64,
+                        help="tiny checkpoints' head size (FlashInfer's prefill and the fused KV injection need 64+)")
     parser.add_argument("--logs", default=None, help="folder for server logs (default: a temp folder)")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
     args = parser.parse_args()
@@ -83,7 +85,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="dflash-gpu-e2e-")
     logs = args.logs or work
     os.makedirs(logs, exist_ok=True)
-    checkpoints = write_tiny_checkpoints(os.path.join(work, "tiny"), block_size=8)
+    checkpoints = write_tiny_checkpoints(os.path.join(work, "tiny"), block_size=8, head_dim=args.head_dim)
     tokenizer = AutoTokenizer.from_pretrained(checkpoints["target"])
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     common = ["--model-path", checkpoints["target"], "--device", "cuda", "--attention-backend", args.target_backend,
