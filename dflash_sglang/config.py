@@ -337,3 +337,15 @@ def step_profile_path() -> str | None:
     """DFLASH_STEP_PROFILE: a file the DFLASH worker appends per-part decode-step timings to (JSON lines),
     for scripts/bench_step.py; unset (the default) = no timing and no extra synchronisation."""
     return os.environ.get("DFLASH_STEP_PROFILE") or None
+
+
+BLOCK_ATTENTION_MODES = ("on", "off")
+
+
+def block_attention_mode() -> str:
+    """``DFLASH_BLOCK_ATTENTION``: ``on`` (default: DFLASH's block passes on the triton backend use the split-KV
+    block kernel of ``ops/block_attention.py``) or ``off`` (SGLang's extend kernel, e.g. to compare)."""
+    mode = os.environ.get("DFLASH_BLOCK_ATTENTION", "on").strip().lower()
+    if mode not in BLOCK_ATTENTION_MODES:
+        raise ValueError(f"DFLASH_BLOCK_ATTENTION={mode!r} is not one of {BLOCK_ATTENTION_MODES}")
+    return mode

@@ -31,7 +31,8 @@ SGLang version first):
   ``CudaGraphRunner.get_spec_info`` so a DFLASH server captures both of its block passes (the target's
   verify, with the drafter's features, and the drafter's pass) at decode batch sizes.
 * ``sglang.srt.layers.attention.triton_backend`` -- wraps ``TritonAttnBackend``'s two CUDA-graph
-  metadata methods so a TARGET_VERIFY pass without a custom mask (DFLASH's chain) can be captured.
+  metadata methods so a TARGET_VERIFY pass without a custom mask (DFLASH's chain) can be captured, and its
+  ``forward_extend`` so those passes run the split-KV block attention kernel (``ops/block_attention.py``).
 * ``sglang.srt.layers.attention.flashinfer_backend`` -- wraps ``FlashInferAttnBackend.forward_extend`` so
   ``ENCODER_ONLY`` layers (the drafter's) attend non-causally in paged passes, as the triton, fa3 and
   torch_native backends already do.

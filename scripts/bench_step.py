@@ -152,24 +152,24 @@ def measure_step_ms(server: ServerProcess, concurrency: int, args, speculative: 
 
 def record_trace(server: ServerProcess, concurrency: int, args, speculative: bool, rng: random.Random,
                  name: str) -> dict:
-    """A torch.profiler trace of ``--trace-steps`` decode steps at this concurrency (SGLang's /start_profile),
-    kept under ``--trace-dir`` and summarized (dflash_sglang.bench.trace)."""
+    """A torch.profiler trace of the first ``--trace-steps`` decode steps of a batch at this concurrency
+    (SGLang's /start_profile by stage: the prefill and the decode steps go to separate files), kept under
+    ``--trace-dir`` and summarized (dflash_sglang.bench.trace)."""
     prompts = random_prompts(concurrency, args.input_len, rng)
     directory = os.path.abspath(os.path.join(args.trace_dir, name))
     os.makedirs(directory, exist_ok=True)
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(run_requests, server, prompts, args.long, speculative)
-        time.sleep(2.0)  # prefill done, decoding
-        server.post("/start_profile", {"output_dir": directory, "num_steps": args.trace_steps, "with_stack": False,
-                                       "record_shapes": False, "activities": ["CPU", "GPU"], "profile_prefix": name})
-        running.result()
+    server.post("/start_profile", {"output_dir": directory, "num_steps": args.trace_steps, "with_stack": False,
+                                   "record_shapes": False, "activities": ["CPU", "GPU"], "profile_prefix": name,
+                                   "profile_by_stage": True})
+    # Enough tokens that the batch outlives the profiled steps even if every draft is accepted.
+    run_requests(server, prompts, max(args.long, 2 * args.trace_steps * 16), speculative)
     for _ in range(60):  # the scheduler writes the trace after the last profiled step
-        traces = [f for f in os.listdir(directory) if f.endswith(".trace.json.gz")]
+        traces = [f for f in os.listdir(directory) if f.endswith("-DECODE.trace.json.gz")]
         if traces:
             break
         time.sleep(1.0)
     else:
-        return {"error": f"no trace written under {directory}"}
+        return {"error": f"no decode trace written under {directory}"}
     time.sleep(2.0)
     path = os.path.join(directory, sorted(traces)[-1])
     try:

@@ -10,6 +10,8 @@ written for clarity, with fp32 arithmetic.
 * :func:`verify_block_ref` -- tree-free block verification for a batch: accepted length, committed
   tokens (accepted drafts + bonus, cut at stop tokens / the token budget), KV slots to keep and to free,
   and new sequence lengths; greedy or speculative rejection sampling with caller-given uniforms.
+* :func:`block_attention_ref` -- the attention of blocks of query tokens over a paged prefix and the block
+  itself (causal or not): the Triton kernel of ``ops/block_attention.py``.
 """
 
 from __future__ import annotations
@@ -159,3 +161,40 @@ def sample_inverse_cdf(weights: torch.Tensor, uniform: float) -> int:
     index = int(torch.searchsorted(cdf, threshold, right=True).item())
     last_nonzero = int(torch.nonzero(weights > 0).max())
     return min(index, last_nonzero)
+
+
+def block_attention_ref(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
+                        causal: bool, sm_scale: float) -> torch.Tensor:
+    """Attention of ``bs`` blocks of ``B = block_size`` query tokens (the Triton kernel of
+    ``ops/block_attention.py``).
+
+    Args:
+        q: [bs * B, Hq, D]; request r's block is rows ``r * B .. r * B + B - 1``.
+        k_block, v_block: [bs * B, Hkv, D] the blocks' own keys and values (Hq = G * Hkv: query head h reads
+            KV head ``h // G``).
+        k_cache, v_cache: [slots, Hkv, D] the cached keys and values.
+        kv_indptr: [bs + 1]; request r's prefix is ``kv_indices[kv_indptr[r]:kv_indptr[r + 1]]`` (cache slots).
+        block_size: B.
+        causal: block token i sees block keys 0..i (the target's verify pass); else all B (the drafter's).
+        sm_scale: the softmax scale.
+    Returns:
+        [bs * B, Hq, D] in q's dtype: each block token attends to its request's whole prefix and the visible
+        block keys.
+    """
+    batch_size = kv_indptr.numel() - 1
+    group = q.shape[1] // k_block.shape[1]
+    out = torch.empty_like(q)
+    block_visible = torch.ones(block_size, block_size, dtype=torch.bool)
+    if causal:
+        block_visible = block_visible.tril()
+    for r in range(batch_size):
+        rows = slice(r * block_size, (r + 1) * block_size)
+        prefix = kv_indices[int(kv_indptr[r]):int(kv_indptr[r + 1])].long()
+        keys = torch.cat([k_cache[prefix], k_block[rows]]).float().repeat_interleave(group, dim=1)  # [P+B, Hq, D]
+        values = torch.cat([v_cache[prefix], v_block[rows]]).float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("thd,shd->hts", q[rows].float(), keys) * sm_scale  # [Hq, B, P+B]
+        visible = torch.cat([torch.ones(block_size, len(prefix), dtype=torch.bool), block_visible], dim=1)
+        probs = scores.masked_fill(~visible.to(scores.device), float("-inf")).softmax(dim=-1)
+        out[rows] = torch.einsum("hts,shd->thd", probs, values).to(q.dtype)
+    return out

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Both of DFLASH's block passes in CUDA graphs, and the attention backends they run on: the CUDA-graph
 runner captures TARGET_VERIFY graphs for the target (with the drafter's features) and for the drafter; the
-triton backend captures and replays them without a tree mask; the flashinfer backend attends non-causally
-in the drafter's ``ENCODER_ONLY`` layers."""
+triton backend captures and replays them without a tree mask and runs their attention with the split-KV
+block kernel (``ops/block_attention.py``); the flashinfer backend attends non-causally in the drafter's
+``ENCODER_ONLY`` layers."""
 
 from __future__ import annotations
 
@@ -80,14 +81,36 @@ class _WithoutCustomMask:
         return getattr(self._spec_info, name)
 
 
+def _runs_block_attention(backend, q, k, v, layer, forward_batch, sinks) -> bool:
+    """Whether a ``TritonAttnBackend.forward_extend`` call is a DFLASH block pass the block kernel covers: a
+    mask-free TARGET_VERIFY batch, plain softmax attention (no sliding window, soft cap, sinks, KV scales or
+    cross attention) with equal Q/K/V head sizes of 64, 128 or 256 and a KV cache in the queries' dtype."""
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    from dflash_sglang.config import block_attention_mode
+    from dflash_sglang.ops.block_attention import SUPPORTED_HEAD_DIMS
+
+    return (forward_batch.forward_mode.is_target_verify() and backend.forward_metadata.custom_mask is None
+            and k is not None and v is not None
+            and not backend.enable_deterministic and not backend.use_mla and sinks is None
+            and layer.qk_head_dim == layer.v_head_dim and layer.qk_head_dim in SUPPORTED_HEAD_DIMS
+            and layer.sliding_window_size <= -1 and not layer.logit_cap and layer.k_scale is None
+            and not layer.is_cross_attention and layer.xai_temperature_len <= 0
+            and layer.attn_type in (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
+            and forward_batch.token_to_kv_pool.dtype == q.dtype and block_attention_mode() == "on")
+
+
 @patches(lambda module: module.TritonAttnBackend)
 def patch_triton_backend(backend) -> None:
     """Lets ``TritonAttnBackend`` capture and replay TARGET_VERIFY graphs for verify inputs without a custom
     mask: upstream's ``init_forward_metadata_capture_cuda_graph`` / ``..._replay_cuda_graph`` copy
     ``spec_info.custom_mask`` into a buffer (EAGLE trees always have one). With no mask the captured
-    attention is the same causal-chain (or ENCODER_ONLY non-causal) kernel as the eager pass."""
+    attention is the same causal-chain (or ENCODER_ONLY non-causal) pass as the eager one. Wraps
+    ``forward_extend`` so those passes run the split-KV block kernel (upstream: its extend kernel, one program
+    per request and query head walking the whole prefix; ``DFLASH_BLOCK_ATTENTION=off`` keeps it)."""
     original_capture = backend.init_forward_metadata_capture_cuda_graph
     original_replay = backend.init_forward_metadata_replay_cuda_graph
+    original_forward_extend = backend.forward_extend
 
     def mask_free(forward_mode, spec_info) -> bool:
         return forward_mode.is_target_verify() and spec_info is not None and spec_info.custom_mask is None
@@ -108,8 +131,29 @@ def patch_triton_backend(backend) -> None:
         return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
                                spec_info, seq_lens_cpu)
 
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+        if not _runs_block_attention(self, q, k, v, layer, forward_batch, sinks):
+            return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache, sinks)
+        from sglang.srt.layers.radix_attention import AttentionType
+
+        from dflash_sglang.ops.block_attention import block_attention
+
+        if save_kv_cache:
+            forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        head_dim = layer.qk_head_dim
+        out = block_attention(
+            q.view(-1, layer.tp_q_head_num, head_dim), k.view(-1, layer.tp_k_head_num, head_dim),
+            v.view(-1, layer.tp_v_head_num, head_dim),
+            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            self.forward_metadata.kv_indptr, self.forward_metadata.kv_indices,
+            block_size=self.forward_metadata.max_extend_len,
+            causal=layer.attn_type != AttentionType.ENCODER_ONLY, sm_scale=layer.scaling)
+        return out.view(q.shape)
+
     backend.init_forward_metadata_capture_cuda_graph = init_forward_metadata_capture_cuda_graph
     backend.init_forward_metadata_replay_cuda_graph = init_forward_metadata_replay_cuda_graph
+    backend.forward_extend = forward_extend
 
 
 @patches(lambda module: module.FlashInferAttnBackend)

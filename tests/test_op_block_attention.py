@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""block_attention: the reference pinned by closed-form cases and an independent SDPA oracle (CPU), then the
+Triton kernel against the reference on random paged inputs: on the GPU where there is one, else on the CPU
+through Triton's interpreter (float16 only: the interpreter has no bfloat16 dot). The interpreter must be on
+before Triton is first imported, so on a CPU machine ``test_kernel_in_triton_interpreter`` runs this module's
+kernel tests in a child pytest with ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+import torch
+
+from dflash_sglang.ops.reference import block_attention_ref
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _inputs(lengths: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+            dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> dict:
+    """Random q (as a strided view of a fused qkv, as SGLang passes it), block K/V, a paged cache whose
+    prefixes sit at shuffled slots, and the kv_indptr / kv_indices that list them."""
+    generator = torch.Generator().manual_seed(seed)
+    num_slots = sum(lengths) + 64
+    tokens = len(lengths) * block_size
+    qkv = torch.randn(tokens, num_heads + 2 * num_kv_heads, head_dim, generator=generator).to(dtype).to(device)
+    kv_indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    kv_indptr[1:] = torch.tensor(lengths).cumsum(0)
+    return {
+        "q": qkv[:, :num_heads], "k_block": qkv[:, num_heads:num_heads + num_kv_heads],
+        "v_block": qkv[:, num_heads + num_kv_heads:],
+        "k_cache": torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype).to(device),
+        "v_cache": torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype).to(device),
+        "kv_indptr": kv_indptr.to(device),
+        "kv_indices": torch.randperm(num_slots, generator=generator)[:int(kv_indptr[-1])].to(device),
+        "block_size": block_size, "sm_scale": head_dim ** -0.5,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reference pins (CPU).
+
+
+def test_ref_zero_queries_average_the_visible_values():
+    """q = 0 gives uniform attention: each output is the mean of the values the row may see. Causal row t sees
+    the prefix and block keys 0..t; non-causal rows see all of them."""
+    args = _inputs([3, 0], block_size=4, num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.float32)
+    args["q"] = torch.zeros_like(args["q"])
+    for causal in (True, False):
+        out = block_attention_ref(**args, causal=causal)
+        for request, prefix_len in enumerate([3, 0]):
+            start = int(args["kv_indptr"][request])
+            prefix = args["v_cache"][args["kv_indices"][start:start + prefix_len], 0]
+            block = args["v_block"][request * 4:(request + 1) * 4, 0]
+            for t in range(4):
+                visible = torch.cat([prefix, block[:t + 1] if causal else block])
+                for head in range(2):  # both query heads read KV head 0
+                    torch.testing.assert_close(out[request * 4 + t, head], visible.mean(0))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ref_matches_sdpa(causal):
+    lengths, block, heads, kv_heads = [5, 0, 17], 8, 8, 2
+    args = _inputs(lengths, block, heads, kv_heads, head_dim=64, dtype=torch.float32, seed=1)
+    out = block_attention_ref(**args, causal=causal)
+    for request, prefix_len in enumerate(lengths):
+        start = int(args["kv_indptr"][request])
+        rows = slice(request * block, (request + 1) * block)
+        slots = args["kv_indices"][start:start + prefix_len]
+        keys = torch.cat([args["k_cache"][slots], args["k_block"][rows]]).transpose(0, 1)  # [Hkv, S, D]
+        values = torch.cat([args["v_cache"][slots], args["v_block"][rows]]).transpose(0, 1)
+        mask = torch.ones(block, prefix_len + block, dtype=torch.bool)
+        if causal:
+            mask[:, prefix_len:] = torch.ones(block, block, dtype=torch.bool).tril()
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            args["q"][rows].transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(out[rows], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The kernel against the reference.
+
+
+@pytest.fixture(scope="module")
+def kernels() -> ModuleType:
+    """``ops.block_attention``, compiled for the GPU or run by Triton's interpreter."""
+    if not (CUDA or INTERPRETED):
+        pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
+    pytest.importorskip("triton")
+    from dflash_sglang.ops import block_attention
+
+    return block_attention
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run directly on a GPU (or in this child)")
+def test_kernel_in_triton_interpreter():
+    pytest.importorskip("triton")
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_kernel_ and not interpreter"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+    summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr[-2000:]
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary and "skipped" not in summary, summary
+
+
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
+# (prefix lengths, block size, query heads, KV heads, head_dim): GQA groups 1-8, blocks 5-16, empty and
+# multi-tile prefixes, a batch wider than the split count.
+CASES = [
+    ([150], 16, 32, 8, 128),
+    ([0, 70, 129], 16, 4, 2, 64),
+    ([33, 1], 8, 2, 2, 64),
+    ([200], 5, 8, 1, 128),
+    ([64, 65], 16, 2, 1, 256),
+]
+if CUDA:
+    CASES += [([513] * 8, 16, 32, 8, 128), (list(range(0, 3000, 97)), 16, 32, 8, 128), ([4097], 16, 64, 8, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"bs{len(c[0])}-B{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}")
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_kernel_matches_reference(kernels, case, causal, dtype, splits):
+    lengths, block, heads, kv_heads, head_dim = case
+    args = _inputs(lengths, block, heads, kv_heads, head_dim, dtype, device=DEVICE, seed=len(lengths) + head_dim)
+    out = kernels.block_attention(**args, causal=causal, splits=splits)
+    expected = block_attention_ref(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()},
+                                   causal=causal)
+    assert out.shape == expected.shape and out.dtype == dtype
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_kernel_writes_into_out_and_leaves_nothing_else(kernels):
+    """``out`` given: every element written (poisoned first), and the inputs untouched."""
+    args = _inputs([40, 3], 8, 4, 2, 64, torch.float16, device=DEVICE)
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    out = torch.full((16, 4, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+    assert kernels.block_attention(**args, causal=True, out=out) is out
+    assert not out.isnan().any()
+    for name, tensor in before.items():
+        assert torch.equal(args[name], tensor), name
+
+
+def test_kernel_rejects_shapes_it_does_not_cover(kernels):
+    args = _inputs([4], 8, 4, 2, 64, torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="is not 1 blocks of 16 tokens"):
+        kernels.block_attention(**{**args, "block_size": 16}, causal=True)
+    args = _inputs([4], 8, 4, 2, 32, torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim 32"):
+        kernels.block_attention(**args, causal=True)
+
+
+def test_split_count_fills_the_gpu():
+    kernels = pytest.importorskip("dflash_sglang.ops.block_attention")
+    assert kernels.split_count(1, 8, 132) == 16  # 8 x 17 programs at batch 1
+    assert kernels.split_count(8, 8, 132) == 5
+    assert kernels.split_count(64, 8, 132) == 1
