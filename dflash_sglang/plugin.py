@@ -35,7 +35,8 @@ SGLang version first):
   ``forward_extend`` so those passes run the split-KV block attention kernel (``ops/block_attention.py``).
 * ``sglang.srt.layers.attention.flashinfer_backend`` -- wraps ``FlashInferAttnBackend.forward_extend`` so
   ``ENCODER_ONLY`` layers (the drafter's) attend non-causally in paged passes, as the triton, fa3 and
-  torch_native backends already do.
+  torch_native backends already do, and ``init_forward_metadata_capture_cuda_graph`` so a mask-free
+  TARGET_VERIFY graph is captured without a custom-mask buffer (FlashInfer would apply its zeros).
 
 Set ``DFLASH_SGLANG_DISABLE=1`` to leave SGLang untouched. Other SGLang versions get a clear error.
 """

@@ -8,14 +8,17 @@ outputs over a batch of concurrent prompts, for each requested draft attention b
 Writes a JSON report (provenance, settings; per case: identical, mismatches, acceptance length, wall
 time of both servers).
 
-Where an output differs one request at a time, the report says why, for every token of it: the baseline
-server scores the position where the two outputs part (``top_logprobs``), giving the target's
-log-probability margin between its own token and DFLASH's; then it continues greedily from DFLASH's tokens
-up to that one, and the next parting (if any) is scored the same way. A margin within one rounding step of
-the dtype (TIE_TOLERANCE) is a tie that the verify pass's kernels (a block of tokens) and the baseline's
-decode kernels (one token) round differently; anything else -- a larger margin, or an output that stops
-early -- is a real divergence. The script exits non-zero on a real divergence; exact ties are reported
-(``identical_prompts`` is the strict count), not hidden.
+Where an output differs one request at a time, the report says why, for every token of it: at the
+position where the two outputs part, the baseline server scores both tokens (``top_logprobs``: the served
+target's log-probability margin) and the same target checkpoint, evaluated in float32 on the CPU
+(transformers), gives the exact-arithmetic logit margin between them; then the baseline continues greedily
+from DFLASH's tokens up to that one, and the next parting (if any) is examined the same way. A parting
+whose float32 margin is within TIE_TOLERANCE (four rounding steps of a logit in [16, 32) in the served
+dtype) is a near-tie that the verify pass's kernels (a block of tokens) and the baseline's decode kernels
+(one token) may round either way -- the baseline alone flips such tokens between batched and one-at-a-time
+runs; anything else (a larger margin, an output that stops early) is a real divergence. The script exits
+non-zero on a real divergence; near-ties are reported (``identical_prompts`` is the strict count), not
+hidden.
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ from dflash_sglang.launch import ServerProcess  # noqa: E402
 from dflash_sglang.provenance import provenance, write_report  # noqa: E402
 from dflash_sglang.tiny import write_tiny_checkpoints  # noqa: E402
 
-# One rounding step of a logit in [16, 32), in log-probability units: float16 2^-6, bfloat16 2^-3.
-TIE_TOLERANCE = {"float16": 2 ** -6, "bfloat16": 2 ** -3, "float32": 1e-5}
+# Four rounding steps of a logit in [16, 32) (the tiny target's top logits): float16 4 x 2^-6, bfloat16 4 x 2^-3.
+TIE_TOLERANCE = {"float16": 2 ** -4, "bfloat16": 2 ** -1}
 MAX_PARTINGS = 8
+# drafter-agree proposes what the repeat-prone tiny target mostly picks: ~6 of 8 tokens per step on the CPU
+# and on the H100 with triton. A lossless run far below that is a broken drafter pass (wrong attention, lost
+# context), which output equality alone cannot see.
+MIN_AGREEING_ACCEPTANCE = 4.0
 PROMPTS = [f"{'one two three ' * (i % 5)}Tell me about item number {i} and why it" for i in range(16)]
 
 
@@ -85,8 +92,20 @@ def partings(baseline: ServerProcess, prompt: list[int], expected: list[int], go
     return found
 
 
+def add_exact_margins(target_fp32, prompt: list[int], got: list[int], found: list[dict]) -> None:
+    """Adds each parting's float32 logit margin (baseline token minus DFLASH token) from the CPU model."""
+    import torch
+
+    for parting in found:
+        if "dflash_token" not in parting:
+            continue
+        with torch.no_grad():
+            logits = target_fp32(torch.tensor([prompt + got[:parting["index"]]])).logits[0, -1]
+        parting["fp32_logit_margin"] = float(logits[parting["baseline_token"]] - logits[parting["dflash_token"]])
+
+
 def is_tie(parting: dict, tolerance: float) -> bool:
-    margin = parting.get("logprob_margin")
+    margin = parting.get("fp32_logit_margin")
     return margin is not None and abs(margin) <= tolerance
 
 
@@ -102,20 +121,22 @@ def main() -> int:
     parser.add_argument("--target-backend", default="triton")
     parser.add_argument("--cuda-graph", action="store_true", help="leave SGLang's CUDA graphs on")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(TIE_TOLERANCE))
     parser.add_argument("--head-dim", type=int, default=64,
                         help="tiny checkpoints' head size (FlashInfer's prefill and the fused KV injection need 64+)")
     parser.add_argument("--logs", default=None, help="folder for server logs (default: a temp folder)")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = tempfile.mkdtemp(prefix="dflash-gpu-e2e-")
     logs = args.logs or work
     os.makedirs(logs, exist_ok=True)
     checkpoints = write_tiny_checkpoints(os.path.join(work, "tiny"), block_size=8, head_dim=args.head_dim)
     tokenizer = AutoTokenizer.from_pretrained(checkpoints["target"])
+    target_fp32 = AutoModelForCausalLM.from_pretrained(checkpoints["target"], dtype=torch.float32).eval()
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     common = ["--model-path", checkpoints["target"], "--device", "cuda", "--attention-backend", args.target_backend,
               "--dtype", args.dtype, "--mem-fraction-static", "0.15", "--max-total-tokens", "32768",
@@ -157,16 +178,21 @@ def main() -> int:
                 # Exact check: one request at a time (no batch-composition rounding). Batched outputs are
                 # reported next to the baseline's own batch-to-batch instability.
                 explained = {i: partings(baseline, prompts[i], base_seq[i], spec_seq[i]) for i in sequential_diff}
+                for i, found in explained.items():
+                    add_exact_margins(target_fp32, prompts[i], spec_seq[i], found)
                 real = [i for i, found in explained.items()
                         if not all(is_tie(p, TIE_TOLERANCE[args.dtype]) for p in found)]
-                case.update(identical=not sequential_diff, identical_prompts=len(prompts) - len(sequential_diff),
+                mean_accept = sum(accept) / len(accept)
+                drafter_works = drafter != "drafter-agree" or mean_accept >= MIN_AGREEING_ACCEPTANCE
+                case.update(identical=not sequential_diff, drafter_works=drafter_works,
+                            identical_prompts=len(prompts) - len(sequential_diff),
                             lossless_up_to_ties=not real, real_divergences=real,
                             batch_mismatches=batch_diff, sequential_mismatches=sequential_diff,
-                            partings=explained, mean_accept_length=sum(accept) / len(accept),
+                            partings=explained, mean_accept_length=mean_accept,
                             baseline_batch_wall_s=base_time, dflash_batch_wall_s=spec_time,
                             baseline_sequential_wall_s=base_seq_time, dflash_sequential_wall_s=spec_seq_time)
                 report["cases"].append(case)
-                failed |= bool(real)
+                failed |= bool(real) or not drafter_works
                 print(json.dumps(case), flush=True)
                 write_report(report, args.out)
     write_report(report, args.out)
