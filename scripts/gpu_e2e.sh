@@ -9,10 +9,10 @@
 set -uo pipefail
 source scripts/gpu_setup.sh
 commit="${1:-}"
-DFLASH_KERNELS=on timeout 240 python3 -m pytest -q tests/test_op_inject_kv.py tests/test_op_verify_block.py tests/test_op_block_attention.py > "$out/gpu_tests.log" 2>&1
+DFLASH_KERNELS=on timeout 120 python3 -m pytest -q tests/test_op_inject_kv.py tests/test_op_verify_block.py tests/test_op_block_attention.py > "$out/gpu_tests.log" 2>&1
 tail -1 "$out/gpu_tests.log"
 status=0
-timeout 300 python3 scripts/gpu_e2e.py --out "$out/gpu_e2e-fp16.json" --logs "$out/logs-fp16" --dtype float16 \
+timeout 420 python3 scripts/gpu_e2e.py --out "$out/gpu_e2e-fp16.json" --logs "$out/logs-fp16" --dtype float16 \
   --cuda-graph --draft-backends triton flashinfer ${commit:+--commit "$commit"} 2>&1 | tail -7 || status=1
 [ "${GPU_E2E_BF16:-0}" = 1 ] && timeout 200 python3 scripts/gpu_e2e.py --out "$out/gpu_e2e-bf16.json" --logs "$out/logs-bf16" --dtype bfloat16 \
   --cuda-graph --draft-backends triton ${commit:+--commit "$commit"} 2>&1 | tail -5
