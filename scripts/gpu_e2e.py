@@ -5,8 +5,8 @@ outputs over a batch of concurrent prompts, for each requested draft attention b
     python scripts/gpu_e2e.py --out results.json [--draft-backends triton flashinfer] [--cuda-graph]
                               [--dtype float32|bfloat16] [--commit SHA]
 
-Writes a JSON report (provenance, settings; per case: identical, mismatches, acceptance length, wall
-time of both servers).
+Writes a JSON report (provenance, settings; per case: identical, mismatches with both outputs' token ids,
+acceptance length, wall time of both servers).
 
 Where an output differs one request at a time, the report says why, for every token of it: at the
 position where the two outputs part, the baseline server scores both tokens (``top_logprobs``: the served
@@ -189,6 +189,8 @@ def main() -> int:
                             lossless_up_to_ties=not real, real_divergences=real,
                             batch_mismatches=batch_diff, sequential_mismatches=sequential_diff,
                             partings=explained, mean_accept_length=mean_accept,
+                            outputs={i: {"prompt": prompts[i], "baseline": base_seq[i], "dflash": spec_seq[i]}
+                                     for i in sequential_diff},
                             baseline_batch_wall_s=base_time, dflash_batch_wall_s=spec_time,
                             baseline_sequential_wall_s=base_seq_time, dflash_sequential_wall_s=spec_seq_time)
                 report["cases"].append(case)
