@@ -59,3 +59,47 @@ def test_a_subclass_of_a_patched_class_is_patched_on_its_own():
     patch_base(module)
     patch_child(module)  # the mark Child inherits from Base must not stop its own patch
     assert patched == [Base, Child]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Which triton-backend extend calls run the block attention kernel. The layers are SGLang's own
+# RadixAttention; the backend's metadata and the batch are the few fields the predicate reads (the real
+# TritonAttnBackend needs a CUDA model runner).
+def _route(layer=None, mode="TARGET_VERIFY", custom_mask=None, kv_dtype="bfloat16", sinks=None, env=None,
+           monkeypatch=None) -> bool:
+    import torch
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from dflash_sglang.patches.cuda_graphs import _runs_block_attention
+
+    if env is not None:
+        monkeypatch.setenv("DFLASH_BLOCK_ATTENTION", env)
+    layer = layer or RadixAttention(32, 128, 128 ** -0.5, 8, layer_id=0)
+    q = torch.empty(16, 32 * 128, dtype=torch.bfloat16)
+    backend = types.SimpleNamespace(forward_metadata=types.SimpleNamespace(custom_mask=custom_mask),
+                                    enable_deterministic=False, use_mla=False)
+    batch = types.SimpleNamespace(forward_mode=ForwardMode[mode],
+                                  token_to_kv_pool=types.SimpleNamespace(dtype=getattr(torch, kv_dtype)))
+    return _runs_block_attention(backend, q, q, q, layer, batch, sinks)
+
+
+def test_block_attention_routes_dflash_block_passes_only(monkeypatch):
+    from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+
+    def layer(**kwargs):
+        return RadixAttention(32, kwargs.pop("head_dim", 128), 0.1, 8, layer_id=0, **kwargs)
+
+    assert _route()  # the target's verify pass
+    assert _route(layer(attn_type=AttentionType.ENCODER_ONLY))  # the drafter's pass
+    assert _route(layer(head_dim=256))
+    # Everything else keeps SGLang's kernels.
+    assert not _route(mode="EXTEND") and not _route(mode="DECODE")
+    assert not _route(custom_mask=object())  # an EAGLE tree
+    assert not _route(layer(sliding_window_size=1024))
+    assert not _route(layer(logit_cap=30.0))
+    assert not _route(layer(head_dim=80)) and not _route(layer(head_dim=512))
+    assert not _route(layer(v_head_dim=64))
+    assert not _route(kv_dtype="float8_e4m3fn")
+    assert not _route(sinks=object())
+    assert not _route(env="off", monkeypatch=monkeypatch)
