@@ -103,7 +103,8 @@ def kernels() -> ModuleType:
 def test_kernel_in_triton_interpreter():
     pytest.importorskip("triton")
     child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_kernel_ and not interpreter"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "test_kernel_ and not interpreter"],
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
     summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr[-2000:]
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
