@@ -284,6 +284,10 @@ def summarize(results: dict, pair: Pair) -> dict:
                 row[f"step_{mode}_ms"] = results[mode][c]["step_ms"]
                 row[f"ratio_{mode}_over_ar"] = ratio
                 row[f"projected_speedup_{mode}"] = {str(tau): tau / ratio for tau in TAUS}
+                # From the traces (where both were recorded): the ratio if no step waited for the host.
+                busy, ar_busy = (r.get("trace", {}).get("gpu_busy_ms") for r in (results[mode][c], ar))
+                if busy and ar_busy:
+                    row[f"gpu_busy_ratio_{mode}_over_ar"] = busy / ar_busy
         summary[c] = row
     return {"by_concurrency": summary, "published_speedups": pair.published_speedups}
 
