@@ -307,13 +307,18 @@ def _text_config(target: Mapping[str, Any] | Any) -> Mapping[str, Any] | Any:
 KERNEL_MODES = ("auto", "on", "off")
 
 
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable ``name`` (case-insensitive), one of ``choices``; unset means ``choices[0]``."""
+    value = os.environ.get(name, choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+    return value
+
+
 def kernel_mode() -> str:
     """``DFLASH_KERNELS``: ``auto`` (default: use the CUDA extension where it loads, else the PyTorch path,
     said once in the log), ``on`` (fail if it cannot load) or ``off`` (always the PyTorch path)."""
-    mode = os.environ.get("DFLASH_KERNELS", "auto").strip().lower()
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"DFLASH_KERNELS={mode!r} is not one of {KERNEL_MODES}")
-    return mode
+    return _env_choice("DFLASH_KERNELS", KERNEL_MODES)
 
 
 def kernel_build_dir() -> str:
@@ -345,7 +350,4 @@ BLOCK_ATTENTION_MODES = ("on", "off")
 def block_attention_mode() -> str:
     """``DFLASH_BLOCK_ATTENTION``: ``on`` (default: DFLASH's block passes on the triton backend use the split-KV
     block kernel of ``ops/block_attention.py``) or ``off`` (SGLang's extend kernel, e.g. to compare)."""
-    mode = os.environ.get("DFLASH_BLOCK_ATTENTION", "on").strip().lower()
-    if mode not in BLOCK_ATTENTION_MODES:
-        raise ValueError(f"DFLASH_BLOCK_ATTENTION={mode!r} is not one of {BLOCK_ATTENTION_MODES}")
-    return mode
+    return _env_choice("DFLASH_BLOCK_ATTENTION", BLOCK_ATTENTION_MODES)

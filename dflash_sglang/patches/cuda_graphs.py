@@ -116,6 +116,9 @@ def patch_triton_backend(backend) -> None:
     original_capture = backend.init_forward_metadata_capture_cuda_graph
     original_replay = backend.init_forward_metadata_replay_cuda_graph
     original_forward_extend = backend.forward_extend
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    from dflash_sglang.ops.block_attention import block_attention
 
     def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
                                                  forward_mode, spec_info):
@@ -136,10 +139,6 @@ def patch_triton_backend(backend) -> None:
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
         if not _runs_block_attention(self, q, k, v, layer, forward_batch, sinks):
             return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache, sinks)
-        from sglang.srt.layers.radix_attention import AttentionType
-
-        from dflash_sglang.ops.block_attention import block_attention
-
         if save_kv_cache:
             forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         head_dim = layer.qk_head_dim
