@@ -9,8 +9,9 @@ the hook lets it load and then applies that module's patch, once (``PATCHES`` be
 SGLang version first):
 
 * ``sglang.srt.speculative.spec_info`` -- adds ``SpeculativeAlgorithm.DFLASH`` (replaces nothing; the
-  member is added to the enum) and wraps ``SpeculativeAlgorithm.create_worker`` so DFLASH builds
-  ``dflash_sglang.worker.DFlashWorker``.
+  member is added to the enum) and wraps ``SpeculativeAlgorithm.create_worker`` and ``supports_spec_v2`` so
+  DFLASH builds ``dflash_sglang.worker_overlap.DFlashOverlapWorker`` under the overlap scheduler (SGLang's
+  default) and ``dflash_sglang.worker.DFlashWorker`` with ``--disable-overlap-schedule``.
 * ``sglang.srt.server_args`` -- appends ``DFLASH`` to the ``--speculative-algorithm`` choices in
   ``ServerArgs.add_cli_args`` and wraps ``ServerArgs._handle_speculative_decoding`` to validate the drafter
   against the target and set DFLASH's defaults (``dflash_sglang.server_defaults``).
@@ -37,6 +38,10 @@ SGLang version first):
   ``ENCODER_ONLY`` layers (the drafter's) attend non-causally in paged passes, as the triton, fa3 and
   torch_native backends already do, and ``init_forward_metadata_capture_cuda_graph`` so a mask-free
   TARGET_VERIFY graph is captured without a custom-mask buffer (FlashInfer would apply its zeros).
+* ``sglang.srt.managers.overlap_utils`` -- wraps ``FutureMap.resolve_future`` and
+  ``store_to_map_for_new_batch`` so DFLASH's step state (``overlap.DFlashDraftInput``) rides in the ring buffer.
+* ``sglang.srt.managers.scheduler_output_processor_mixin`` -- wraps ``_resolve_spec_overlap_token_ids`` so a
+  DFLASH step's tokens end at a stop string as they do in the v1 loop (``overlap.cut_at_stop_strings``).
 
 Set ``DFLASH_SGLANG_DISABLE=1`` to leave SGLang untouched. Other SGLang versions get a clear error.
 """
@@ -61,6 +66,8 @@ PATCHES: dict[str, str] = {
     "sglang.srt.model_executor.cuda_graph_runner": "cuda_graphs:patch_cuda_graph_runner",
     "sglang.srt.layers.attention.triton_backend": "cuda_graphs:patch_triton_backend",
     "sglang.srt.layers.attention.flashinfer_backend": "cuda_graphs:patch_flashinfer_backend",
+    "sglang.srt.managers.overlap_utils": "overlap:patch_future_map",
+    "sglang.srt.managers.scheduler_output_processor_mixin": "overlap:patch_output_processor",
 }
 
 

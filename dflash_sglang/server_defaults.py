@@ -78,8 +78,6 @@ def apply_dflash_server_defaults(server_args) -> None:
     server_args.speculative_num_draft_tokens = draft.block_size
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
-    if not server_args.disable_overlap_schedule or server_args.enable_mixed_chunk:
-        logger.info("DFLASH: the overlap scheduler and mixed chunked prefill are off (DFLASH runs the v1 "
-                    "speculative loop)")
-    server_args.disable_overlap_schedule = True
+    if server_args.enable_mixed_chunk:
+        logger.info("DFLASH: mixed chunked prefill is off (a step verifies whole blocks)")
     server_args.enable_mixed_chunk = False

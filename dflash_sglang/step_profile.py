@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 
@@ -39,6 +39,7 @@ class StepProfiler(NoProfiler):
         self._marks: list[tuple[str, object]] = []
         self._step_start = 0.0
         self._last_end: float | None = None
+        self._pending: deque[tuple[int, list[tuple[str, object]], dict[str, float]]] = deque()
         self._sums: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._steps: dict[int, int] = defaultdict(int)
 
@@ -58,16 +59,26 @@ class StepProfiler(NoProfiler):
         self._marks.append((part, self._stamp()))
 
     def end_step(self, batch_size: int) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        """Files the step; its GPU times are read once its last event has completed (never waiting for it,
+        so profiling leaves the overlap scheduler's pipelining intact)."""
         now = time.perf_counter()
-        sums = self._sums[batch_size]
-        for (_, begin), (part, end) in zip(self._marks, self._marks[1:]):
-            sums[part] += begin.elapsed_time(end) if self.cuda else (end - begin) * 1e3
-        sums["step_wall_ms"] += (now - self._step_start) * 1e3
+        walls = {"step_wall_ms": (now - self._step_start) * 1e3}
         if self._last_end is not None:
-            sums["between_steps_ms"] += (self._step_start - self._last_end) * 1e3
+            walls["between_steps_ms"] = (self._step_start - self._last_end) * 1e3
         self._last_end = now
+        self._pending.append((batch_size, self._marks, walls))
+        while self._pending and self._complete(self._pending[0][1][-1][1]):
+            self._account(*self._pending.popleft())
+
+    def _complete(self, stamp: object) -> bool:
+        return not self.cuda or stamp.query()
+
+    def _account(self, batch_size: int, marks: list[tuple[str, object]], walls: dict[str, float]) -> None:
+        sums = self._sums[batch_size]
+        for (_, begin), (part, end) in zip(marks, marks[1:]):
+            sums[part] += begin.elapsed_time(end) if self.cuda else (end - begin) * 1e3
+        for key, value in walls.items():
+            sums[key] += value
         self._steps[batch_size] += 1
         if self._steps[batch_size] % self.flush_every == 0:
             self._flush(batch_size)

@@ -87,6 +87,7 @@ class DFlashWorker(TpModelWorker):
         self.block_offsets = self.block_offsets_cpu.to(self.device)
         self.profiler = make_profiler(self.device)
         self.mask_token_id = self.draft_config.mask_token_id
+        self._stop_ids_cache: tuple[list, Optional[torch.Tensor]] = ([], None)
         logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), draft attention backend %s, "
                     "CUDA kernels %s", self.block_size, server_args.speculative_draft_model_path,
                     self.draft_config.num_hidden_layers, list(self.draft_config.target_layer_ids),
@@ -111,20 +112,22 @@ class DFlashWorker(TpModelWorker):
 
     # ----------------------------------------------------------------------------------------------
     def _forward_extend(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        return self._extend(batch.get_model_worker_batch())
+
+    def _extend(self, worker_batch: ModelWorkerBatch) -> GenerationBatchResult:
         """Prefill (or a prefill chunk): the target runs and samples; every new token's context K/V is injected."""
-        worker_batch = batch.get_model_worker_batch()
         worker_batch.capture_hidden_mode = CaptureHiddenMode.FULL
         result = self.target_worker.forward_batch_generation(worker_batch)
-        positions = torch.cat([torch.arange(start, start + length, dtype=torch.int64)
-                               for start, length in zip(batch.prefix_lens, batch.extend_lens)])
+        positions = torch.cat([torch.arange(start, start + length, dtype=torch.int64) for start, length
+                               in zip(worker_batch.extend_prefix_lens, worker_batch.extend_seq_lens)])
         positions = self._upload(positions)
-        self.draft_model.inject_context(result.logits_output.hidden_states, positions, batch.out_cache_loc,
+        self.draft_model.inject_context(result.logits_output.hidden_states, positions, worker_batch.out_cache_loc,
                                         self.k_cache, self.v_cache)
         result.logits_output.hidden_states = None
         return result
 
     def _forward_decode(self, batch: ScheduleBatch) -> GenerationBatchResult:
-        """One speculative step for every request of ``batch`` (see the module docstring).
+        """One speculative step for every request of ``batch`` (see the module docstring), committed on the host.
 
         The host waits for the GPU once per step: after the verdict, for the emitted tokens. Everything the
         host builds goes up through pinned memory without a sync (``self._upload``), and the KV injection of
@@ -132,53 +135,15 @@ class DFlashWorker(TpModelWorker):
         self.profiler.start_step()
         bs, block = batch.batch_size(), self.block_size
         stop_ids, budgets = self._stop_conditions(batch)
-        block_input = torch.full((bs, block), self.mask_token_id, dtype=torch.int64)
-        block_input[:, 0] = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
-        block_input = self._upload(block_input)
+        last_tokens = self._upload(torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64))
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
         positions = prefix_lens[:, None] + self.block_offsets[None, :]  # [bs, B]
         block_slots = alloc_token_slots(batch.tree_cache, bs * block).view(bs, block).to(torch.int64)
         self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions] = block_slots.to(
             self.req_to_token_pool.req_to_token.dtype)
-        batch.forward_mode = ForwardMode.TARGET_VERIFY
-        batch.input_ids = block_input.view(-1)
-        batch.out_cache_loc = block_slots.view(-1)
-        batch.spec_info = DFlashVerifyInput(positions.view(-1), block, CaptureHiddenMode.NULL)
-        draft_batch: ModelWorkerBatch = batch.get_model_worker_batch()
-        self.profiler.mark("prepare")
-
-        draft_logits = self._draft(draft_batch)[:, 1:]  # [bs, B-1, V]: the drafts of positions 1..B-1
-        greedy = batch.sampling_info.is_all_greedy
-        if greedy:
-            drafts, draft_probs = draft_logits.argmax(dim=-1), None
-        else:
-            draft_probs = processed_probs(draft_logits.reshape(bs * (block - 1), -1),
-                                          *self._row_sampling(batch, block - 1))
-            drafts = sample_from(draft_probs)
-        block_tokens = torch.cat([block_input[:, :1], drafts.view(bs, block - 1)], dim=1)
-        self.profiler.mark("draft")
-
-        logits_output, can_run_cuda_graph = self._verify(draft_batch, block_tokens, positions)
-        self.profiler.mark("verify")
-        target_logits = logits_output.next_token_logits[:, :self.vocab_size]
-        if greedy:
-            verdict = ops.verify_block(block_tokens, block_slots, prefix_lens, stop_ids, budgets,
-                                       target_ids=target_logits.argmax(dim=-1).view(bs, block))
-        else:
-            target_probs = processed_probs(target_logits, *self._row_sampling(batch, block))
-            verdict = ops.verify_block(
-                block_tokens, block_slots, prefix_lens, stop_ids, budgets,
-                target_probs=target_probs.view(bs, block, -1),
-                draft_probs=draft_probs.view(bs, block - 1, -1),
-                uniforms=torch.rand(bs, block, dtype=torch.float32, device=self.device))
-        num_emitted, emitted, keep_slots = verdict[1], verdict[2], verdict[3]
-        # Context K/V of the kept block tokens (t0 + emitted drafts); -1 slots write nothing. A request
-        # that SGLang later cuts shorter (a stop string) frees those slots below; nothing reads them unwritten.
-        self.draft_model.inject_context(logits_output.hidden_states.view(bs * block, -1), positions.view(-1),
-                                        keep_slots.view(-1), self.k_cache, self.v_cache)
-        logits_output.hidden_states = None
-        self.profiler.mark("inject")
-        verdict_cpu = torch.cat([num_emitted.to(torch.int64)[:, None], emitted], dim=1).cpu()  # the one wait
+        step = self._block_step(batch.get_model_worker_batch(), last_tokens, prefix_lens, block_slots,
+                                stop_ids, budgets)
+        verdict_cpu = torch.cat([step.num_emitted.to(torch.int64)[:, None], step.emitted], dim=1).cpu()  # the wait
         self.profiler.mark("accept")
 
         counts = self._append_outputs(batch, verdict_cpu[:, 1:], verdict_cpu[:, 0].tolist())
@@ -200,10 +165,60 @@ class DFlashWorker(TpModelWorker):
         self.profiler.mark("commit")
         self.profiler.end_step(bs)
         return GenerationBatchResult(
-            logits_output=logits_output, next_token_ids=self._upload(verdict_cpu[:, 1:][emitted_mask]),
+            logits_output=step.logits_output, next_token_ids=self._upload(verdict_cpu[:, 1:][emitted_mask]),
             num_accepted_tokens=sum(accepted), accept_length_per_req_cpu=accepted,
-            can_run_cuda_graph=can_run_cuda_graph,
+            can_run_cuda_graph=step.can_run_cuda_graph,
             accept_lens=self._upload(torch.tensor(accepted, dtype=torch.int32)))
+
+    def _block_step(self, decode_batch: ModelWorkerBatch, last_tokens: torch.Tensor, prefix_lens: torch.Tensor,
+                    block_slots: torch.Tensor, stop_ids: torch.Tensor, budgets: torch.Tensor) -> "BlockStep":
+        """The device half of a decode step, queued without a host wait: the drafter's pass over
+        ``[t0, mask, ...]`` (``last_tokens`` = t0 [bs] int64, at positions ``prefix_lens`` .. +B-1, KV into
+        ``block_slots`` [bs, B]), the drafts, the target's verify pass over ``[t0, drafts]``, the verdict
+        (``ops.verify_block``, cut at ``stop_ids`` / ``budgets``) and the context K/V of the kept tokens."""
+        bs, block = last_tokens.shape[0], self.block_size
+        block_input = torch.full((bs, block), self.mask_token_id, dtype=torch.int64, device=last_tokens.device)
+        block_input[:, 0] = last_tokens
+        positions = prefix_lens[:, None] + self.block_offsets[None, :]  # [bs, B]
+        draft_batch = dataclasses.replace(
+            decode_batch, forward_mode=ForwardMode.TARGET_VERIFY, input_ids=block_input.view(-1),
+            out_cache_loc=block_slots.view(-1), capture_hidden_mode=CaptureHiddenMode.NULL,
+            spec_info=DFlashVerifyInput(positions.view(-1), block, CaptureHiddenMode.NULL))
+        self.profiler.mark("prepare")
+
+        draft_logits = self._draft(draft_batch)[:, 1:]  # [bs, B-1, V]: the drafts of positions 1..B-1
+        sampling = decode_batch.sampling_info
+        greedy = sampling.is_all_greedy
+        if greedy:
+            drafts, draft_probs = draft_logits.argmax(dim=-1), None
+        else:
+            draft_probs = processed_probs(draft_logits.reshape(bs * (block - 1), -1),
+                                          *_row_sampling(sampling, block - 1))
+            drafts = sample_from(draft_probs)
+        block_tokens = torch.cat([block_input[:, :1], drafts.view(bs, block - 1)], dim=1)
+        self.profiler.mark("draft")
+
+        logits_output, can_run_cuda_graph = self._verify(draft_batch, block_tokens, positions)
+        self.profiler.mark("verify")
+        target_logits = logits_output.next_token_logits[:, :self.vocab_size]
+        if greedy:
+            verdict = ops.verify_block(block_tokens, block_slots, prefix_lens, stop_ids, budgets,
+                                       target_ids=target_logits.argmax(dim=-1).view(bs, block))
+        else:
+            target_probs = processed_probs(target_logits, *_row_sampling(sampling, block))
+            verdict = ops.verify_block(
+                block_tokens, block_slots, prefix_lens, stop_ids, budgets,
+                target_probs=target_probs.view(bs, block, -1),
+                draft_probs=draft_probs.view(bs, block - 1, -1),
+                uniforms=torch.rand(bs, block, dtype=torch.float32, device=self.device))
+        num_emitted, emitted, keep_slots = verdict[1], verdict[2], verdict[3]
+        # Context K/V of the kept block tokens (t0 + emitted drafts); -1 slots write nothing. A request
+        # that SGLang later cuts shorter (a stop string) frees those slots; nothing reads them unwritten.
+        self.draft_model.inject_context(logits_output.hidden_states.view(bs * block, -1), positions.view(-1),
+                                        keep_slots.view(-1), self.k_cache, self.v_cache)
+        logits_output.hidden_states = None
+        self.profiler.mark("inject")
+        return BlockStep(num_emitted, emitted, logits_output, can_run_cuda_graph)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """A host tensor on the worker's device without waiting for the GPU (pinned, non-blocking copy)."""
@@ -227,22 +242,24 @@ class DFlashWorker(TpModelWorker):
         result = self.target_worker.forward_batch_generation(worker_batch, is_verify=True)
         return result.logits_output, result.can_run_cuda_graph
 
-    def _row_sampling(self, batch: ScheduleBatch, rows_per_request: int):
-        """Each request's temperature / top-p / top-k repeated over its block rows."""
-        info = batch.sampling_info
-        return (info.temperatures.view(-1).repeat_interleave(rows_per_request),
-                info.top_ps.view(-1).repeat_interleave(rows_per_request),
-                info.top_ks.view(-1).repeat_interleave(rows_per_request))
-
     def _stop_conditions(self, batch: ScheduleBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-level stops for the verifier, on the device: EOS / stop token ids (-1 padded) and the
         remaining token budgets."""
-        rows = [_stop_token_ids(req) for req in batch.reqs]
         budgets = [NO_BUDGET_LIMIT if req.sampling_params.max_new_tokens is None
                    else max(req.sampling_params.max_new_tokens - len(req.output_ids), 0) for req in batch.reqs]
+        return self._stop_ids(batch.reqs), self._upload(torch.tensor(budgets, dtype=torch.int64))
+
+    def _stop_ids(self, reqs: list) -> torch.Tensor:
+        """[bs, S] int64 on the device: each request's stop token ids, -1 padded (kept while the batch's
+        requests stay the same)."""
+        cached_reqs, cached = self._stop_ids_cache
+        if len(cached_reqs) == len(reqs) and all(a is b for a, b in zip(cached_reqs, reqs)):
+            return cached
+        rows = [_stop_token_ids(req) for req in reqs]
         width = max(1, max(len(row) for row in rows))
-        stop_ids = torch.tensor([row + (-1,) * (width - len(row)) for row in rows], dtype=torch.int64)
-        return self._upload(stop_ids), self._upload(torch.tensor(budgets, dtype=torch.int64))
+        stop_ids = self._upload(torch.tensor([row + (-1,) * (width - len(row)) for row in rows], dtype=torch.int64))
+        self._stop_ids_cache = (list(reqs), stop_ids)
+        return stop_ids
 
     def _append_outputs(self, batch: ScheduleBatch, emitted: torch.Tensor, num_emitted: list[int]) -> list[int]:
         """Appends each request's emitted tokens ([bs, B] host tensor), letting SGLang's finish check cut
@@ -261,6 +278,24 @@ class DFlashWorker(TpModelWorker):
             req.spec_accepted_tokens += count - 1
             req.update_spec_acceptance_histogram(count - 1)
         return final
+
+
+@dataclasses.dataclass
+class BlockStep:
+    """What the device half of a decode step leaves on the device: per request, how many tokens it
+    emits (``num_emitted`` [bs] int32) and which (``emitted`` [bs, B] int64, -1 padded)."""
+
+    num_emitted: torch.Tensor
+    emitted: torch.Tensor
+    logits_output: object
+    can_run_cuda_graph: bool
+
+
+def _row_sampling(sampling_info, rows_per_request: int):
+    """Each request's temperature / top-p / top-k repeated over its block rows."""
+    return (sampling_info.temperatures.view(-1).repeat_interleave(rows_per_request),
+            sampling_info.top_ps.view(-1).repeat_interleave(rows_per_request),
+            sampling_info.top_ks.view(-1).repeat_interleave(rows_per_request))
 
 
 def _stop_token_ids(req) -> tuple[int, ...]:

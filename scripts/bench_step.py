@@ -7,8 +7,9 @@
 Each pair is a target and its DFlash drafter at their published shapes, served by SGLang with
 ``--load-format dummy`` (random weights, so nothing is downloaded) and CUDA graphs on. For each pair the
 script starts, one after another: the target alone (AR), the target with DFLASH using the CUDA extension
-(once per ``--draft-attention-backends`` entry), and (unless ``--no-torch-path``) DFLASH with
-``DFLASH_KERNELS=off`` (the PyTorch path). At every
+(once per ``--draft-attention-backends`` entry; SGLang's overlap scheduler on, as for AR), with
+``--v1-loop`` DFLASH's host-committed loop (``--disable-overlap-schedule``), and (unless ``--no-torch-path``)
+DFLASH with ``DFLASH_KERNELS=off`` (the PyTorch path). At every
 concurrency c it sends c requests of ``--input-len`` random tokens twice, with ``--short`` and ``--long``
 new tokens (``ignore_eos``), and takes
 
@@ -228,6 +229,9 @@ def main() -> int:
     parser.add_argument("--draft-attention-backends", nargs="+", default=["triton"],
                         help="one DFLASH run per drafter attention backend (the first also runs --torch-path)")
     parser.add_argument("--no-torch-path", action="store_true", help="skip the DFLASH_KERNELS=off run")
+    parser.add_argument("--v1-loop", action="store_true",
+                        help="also run DFLASH without the overlap scheduler (--disable-overlap-schedule: the "
+                             "host-committed v1 loop), with the first drafter backend")
     parser.add_argument("--logs", default=None)
     parser.add_argument("--trace-steps", type=int, default=0,
                         help="also record a torch.profiler trace of this many decode steps per server and summarize it")
@@ -260,6 +264,8 @@ def main() -> int:
                                "--speculative-draft-attention-backend", backend]
             suffix = "" if i == 0 else f"_{backend}_draft"
             runs[f"dflash{suffix}"] = (dflash, {"DFLASH_KERNELS": "on"}, True)
+            if i == 0 and args.v1_loop:
+                runs["dflash_v1_loop"] = (dflash + ["--disable-overlap-schedule"], {"DFLASH_KERNELS": "on"}, True)
             if i == 0 and not args.no_torch_path:
                 runs["dflash_torch_path"] = (dflash, {"DFLASH_KERNELS": "off"}, True)
         results: dict = {}

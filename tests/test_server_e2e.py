@@ -71,6 +71,15 @@ def dflash(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dflash_v1(checkpoints, tmp_path_factory):
+    """DFLASH's host-committed loop: SGLang's scheduler without overlap."""
+    extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints["drafter-agree"],
+             "--disable-overlap-schedule"]
+    with _server(checkpoints, tmp_path_factory, "dflash-v1", extra) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def dflash_agree(checkpoints, tmp_path_factory):
     extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints["drafter-agree"],
              "--decode-log-interval", "2"]
@@ -82,10 +91,11 @@ def _client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=600, max_retries=0)
 
 
-def _complete(server: ServerProcess, prompt: str, max_tokens: int, **kwargs) -> tuple[str, str]:
+def _complete(server: ServerProcess, prompt: str, max_tokens: int, **kwargs) -> tuple[str, str, int]:
+    """(text, finish reason, completion tokens) of a greedy completion."""
     response = _client(server).completions.create(model="default", prompt=prompt, max_tokens=max_tokens,
                                                   temperature=0, **kwargs)
-    return response.choices[0].text, response.choices[0].finish_reason
+    return response.choices[0].text, response.choices[0].finish_reason, response.usage.completion_tokens
 
 
 def _chat(server: ServerProcess, content: str, max_tokens: int, stream: bool) -> str:
@@ -112,6 +122,16 @@ def test_greedy_token_identical_generate(baseline, dflash):
         base_ids, _ = baseline.generate_greedy(prompt, 32)
         assert spec_ids == base_ids, prompt
         assert meta["spec_verify_ct"] >= 1 and len(spec_ids) == 32
+    assert "DFLASH: overlap scheduler (spec v2)" in dflash.log_text(), "the default server runs the overlap loop"
+
+
+def test_host_committed_loop_without_overlap(baseline, dflash_v1):
+    """--disable-overlap-schedule: DFLASH's v1 loop, greedy outputs identical, stops cut inside blocks."""
+    for prompt in PROMPTS[:2]:
+        assert dflash_v1.generate_greedy(prompt, 40)[0] == baseline.generate_greedy(prompt, 40)[0], prompt
+    _assert_stops_match(baseline, dflash_v1)
+    assert "DFLASH: overlap scheduler" not in dflash_v1.log_text()
+    _assert_no_leak(dflash_v1)
 
 
 def test_chat_and_completion_streaming_and_not(baseline, dflash):
@@ -131,14 +151,35 @@ def test_sixteen_concurrent_requests_of_different_lengths(baseline, dflash):
     _assert_no_leak(dflash)
 
 
-def test_stop_strings_eos_and_max_tokens_inside_a_block(baseline, dflash):
-    text, _ = _complete(baseline, PROMPTS[1], 40)
-    stop = text[len(text) // 2: len(text) // 2 + 3]
-    assert stop.strip(), "the baseline produced no text to stop on"
-    for kwargs in ({"stop": [stop]}, {}):
-        for max_tokens in (1, 13):
-            assert _complete(dflash, PROMPTS[1], max_tokens, **kwargs) == \
-                _complete(baseline, PROMPTS[1], max_tokens, **kwargs)
+STOP_CASES = [(prompt, stop, max_tokens) for prompt in (PROMPTS[1], PROMPTS[3])
+              for stop, max_tokens in ((False, 1), (False, 13), (True, 40))]
+_baseline_completions: dict = {}
+
+
+def _assert_stops_match(baseline: ServerProcess, dflash: ServerProcess) -> None:
+    """A stop string, max_tokens 1 and 13 (inside a block): same text, finish reason and token count."""
+    for prompt, with_stop, max_tokens in STOP_CASES:
+        kwargs = {}
+        if with_stop:
+            text = _baseline_completion(baseline, prompt, 40, ())[0]
+            stop = text[len(text) // 2: len(text) // 2 + 3]
+            assert stop.strip(), "the baseline produced no text to stop on"
+            kwargs = {"stop": [stop]}
+        expected = _baseline_completion(baseline, prompt, max_tokens, tuple(kwargs.get("stop", ())))
+        assert _complete(dflash, prompt, max_tokens, **kwargs) == expected, (prompt, kwargs, max_tokens)
+
+
+def _baseline_completion(baseline: ServerProcess, prompt: str, max_tokens: int, stop: tuple) -> tuple[str, str, int]:
+    key = (prompt, max_tokens, stop)
+    if key not in _baseline_completions:
+        _baseline_completions[key] = _complete(baseline, prompt, max_tokens, **({"stop": list(stop)} if stop else {}))
+    return _baseline_completions[key]
+
+
+def test_stop_strings_eos_and_max_tokens_inside_a_block(baseline, dflash, dflash_agree):
+    """With the agreeing drafter a step emits many tokens, so the stops fall inside accepted blocks."""
+    for server in dflash, dflash_agree:
+        _assert_stops_match(baseline, server)
 
 
 def test_agreeing_drafter_is_accepted_and_lossless(baseline, dflash_agree):

@@ -9,7 +9,8 @@ from dflash_sglang.patches import ALGORITHM, is_dflash_server, patches
 
 @patches(lambda module: module.SpeculativeAlgorithm)
 def patch_spec_info(algorithm_enum) -> None:
-    """Adds ``SpeculativeAlgorithm.DFLASH`` (no member replaced) and routes it to ``DFlashWorker``."""
+    """Adds ``SpeculativeAlgorithm.DFLASH`` (no member replaced) and routes it to ``DFlashOverlapWorker`` under
+    the overlap scheduler (DFLASH supports SGLang's spec v2), else to ``DFlashWorker``."""
     value = max(member.value for member in algorithm_enum) + 1
     member = object.__new__(algorithm_enum)
     member._name_ = ALGORITHM
@@ -21,15 +22,24 @@ def patch_spec_info(algorithm_enum) -> None:
     type.__setattr__(algorithm_enum, ALGORITHM, member)
     algorithm_enum.is_dflash = lambda self: self is member
     original_create_worker = algorithm_enum.create_worker
+    original_supports_spec_v2 = algorithm_enum.supports_spec_v2
 
     def create_worker(self, server_args):
         if self is member:
-            from dflash_sglang.worker import DFlashWorker
+            if server_args.disable_overlap_schedule:
+                from dflash_sglang.worker import DFlashWorker
 
-            return DFlashWorker
+                return DFlashWorker
+            from dflash_sglang.worker_overlap import DFlashOverlapWorker
+
+            return DFlashOverlapWorker
         return original_create_worker(self, server_args)
 
+    def supports_spec_v2(self) -> bool:
+        return self is member or original_supports_spec_v2(self)
+
     algorithm_enum.create_worker = create_worker
+    algorithm_enum.supports_spec_v2 = supports_spec_v2
 
 
 @patches(lambda module: module.ServerArgs)
