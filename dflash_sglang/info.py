@@ -5,10 +5,10 @@
 ``ForwardMode.TARGET_VERIFY`` (a fixed block of ``block_size`` tokens per request after its committed
 prefix, the shape SGLang's CUDA graphs capture): the drafter's pass, whose ``ENCODER_ONLY`` layers make
 the block attend non-causally, and the target's verify pass, a causal chain with no custom mask that also
-captures the drafter's features (``capture_hidden_mode`` FULL). DFLASH keeps no speculative state between
-steps -- the drafter's context lives in its KV cache at the target's slots, and the last verified token is
-``req.output_ids[-1]`` -- so the batch's ``spec_info`` is reset to ``None`` after each step and
-filter/merge have nothing to do.
+captures the drafter's features (``capture_hidden_mode`` FULL). The drafter's context lives in its KV
+cache at the target's slots, so the only state between steps is the last verified token and the sequence
+lengths: on the host in the loop without overlap (``req.output_ids[-1]``; the batch's ``spec_info`` is reset
+to ``None`` after each step), on the device under the overlap scheduler (``overlap.DFlashDraftInput``).
 """
 
 from __future__ import annotations

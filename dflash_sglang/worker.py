@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""DFlashWorker: SGLang's speculative worker for DFLASH (draft one block -> verify it -> commit).
+"""DFlashWorker: SGLang's speculative worker for DFLASH (draft one block -> verify it -> commit), and the
+host-committed loop that runs without SGLang's overlap scheduler (``--disable-overlap-schedule``; the
+default overlap loop is ``worker_overlap.DFlashOverlapWorker``, which reuses the block passes here).
 
 Memory layout. The drafter has its own KV pool, indexed by the SAME slots as the target's (shared
 ``req_to_token_pool`` and allocator, as SGLang's EAGLE worker does): the drafter's cache at slot s holds

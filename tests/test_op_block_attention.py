@@ -9,12 +9,12 @@ kernel tests in a child pytest with ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from types import ModuleType
 
 import pytest
 import torch
+
+from child_pytest import run_child_pytest
 
 from dflash_sglang.ops.reference import block_attention_ref
 
@@ -102,13 +102,7 @@ def kernels() -> ModuleType:
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run directly on a GPU (or in this child)")
 def test_kernel_in_triton_interpreter():
     pytest.importorskip("triton")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "test_kernel_ and not interpreter"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr[-2000:]
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert " passed" in summary and "failed" not in summary and "skipped" not in summary, summary
+    run_child_pytest(__file__, "test_kernel_ and not interpreter", {**os.environ, "TRITON_INTERPRET": "1"})
 
 
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
