@@ -127,8 +127,7 @@ def test_greedy_token_identical_generate(baseline, dflash):
 
 def test_host_committed_loop_without_overlap(baseline, dflash_v1):
     """--disable-overlap-schedule: DFLASH's v1 loop, greedy outputs identical, stops cut inside blocks."""
-    for prompt in PROMPTS[:2]:
-        assert dflash_v1.generate_greedy(prompt, 40)[0] == baseline.generate_greedy(prompt, 40)[0], prompt
+    assert dflash_v1.generate_greedy(PROMPTS[0], 40)[0] == baseline.generate_greedy(PROMPTS[0], 40)[0]
     _assert_stops_match(baseline, dflash_v1)
     assert "DFLASH: overlap scheduler" not in dflash_v1.log_text()
     _assert_no_leak(dflash_v1)
@@ -151,8 +150,7 @@ def test_sixteen_concurrent_requests_of_different_lengths(baseline, dflash):
     _assert_no_leak(dflash)
 
 
-STOP_CASES = [(prompt, stop, max_tokens) for prompt in (PROMPTS[1], PROMPTS[3])
-              for stop, max_tokens in ((False, 1), (False, 13), (True, 40))]
+STOP_CASES = [(PROMPTS[1], False, 1), (PROMPTS[1], False, 13), (PROMPTS[3], True, 40)]
 _baseline_completions: dict = {}
 
 
