@@ -34,9 +34,11 @@ pytestmark = pytest.mark.slow
 # round differently, differently again on another CPU (a CI machine parted one request of 16 at a tie that this
 # machine does not reproduce). The GPU check measures bf16 ties explicitly (scripts/gpu_e2e.py).
 DTYPE = "float32"
+CONTEXT_LENGTH = 1024
 COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "8192",
-               "--dtype", DTYPE, "--random-seed", "0", "--chunked-prefill-size", "32"]
+               "--dtype", DTYPE, "--random-seed", "0", "--chunked-prefill-size", "32",
+               "--context-length", str(CONTEXT_LENGTH)]
 PROMPTS = [
     "the quick brown fox",
     "Speculative decoding drafts a block of tokens and",
@@ -50,9 +52,10 @@ def checkpoints(tiny_checkpoints) -> dict[str, str]:
     return tiny_checkpoints
 
 
-def _server(checkpoints, tmp_path_factory, name: str, extra: list[str], **kwargs) -> ServerProcess:
+def _server(checkpoints, tmp_path_factory, name: str, extra: list[str], env_extra: dict | None = None,
+            **kwargs) -> ServerProcess:
     log = str(tmp_path_factory.mktemp("logs") / f"{name}.log")
-    env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1")
+    env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1", **(env_extra or {}))
     return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env,
                          **kwargs)
 
@@ -76,6 +79,16 @@ def dflash_v1(checkpoints, tmp_path_factory):
     extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints["drafter-agree"],
              "--disable-overlap-schedule"]
     with _server(checkpoints, tmp_path_factory, "dflash-v1", extra) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dflash_retracting(checkpoints, tmp_path_factory):
+    """SGLang's retraction test mode: every 3rd scheduler step retracts running requests (their KV freed,
+    over-allocation included; they are prefilled again later) while the overlap loop has a step in flight."""
+    extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints["drafter-agree"]]
+    with _server(checkpoints, tmp_path_factory, "dflash-retracting", extra,
+                 env_extra={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}) as server:
         yield server
 
 
@@ -210,6 +223,28 @@ def test_chunked_prefill_of_a_long_prompt(baseline, dflash):
     assert meta["prompt_tokens"] > 64, meta
     assert spec_ids == base_ids
     assert "#new-token: 32," in dflash.log_text(), "the prompt was prefilled in 32-token chunks"
+
+
+def test_generation_up_to_the_context_limit(baseline, dflash_agree):
+    """A prompt 30 tokens short of the context length, generating to 2 tokens short of it (SGLang's limit): the
+    overlap loop's KV over-allocation (committed + 2 blocks) is clamped to the request's req_to_token row,
+    the last blocks' positions stay in range, and the output is the target's."""
+    prompt_ids = [3 + (7 * i) % 300 for i in range(CONTEXT_LENGTH - 30)]
+    body = {"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 28, "temperature": 0}}
+    spec, base = dflash_agree.generate(body), baseline.generate(body)
+    assert spec["output_ids"] == base["output_ids"] and len(spec["output_ids"]) == 28
+    assert spec["meta_info"]["spec_verify_ct"] < 28, "the drafter's blocks were accepted near the limit"
+    _assert_no_leak(dflash_agree)
+
+
+def test_retracted_requests_resume_losslessly(baseline, dflash_retracting):
+    body = {"text": PROMPTS, "sampling_params": {"max_new_tokens": 40, "temperature": 0}}
+    spec, base = dflash_retracting.generate(body), baseline.generate(body)
+    assert [r["output_ids"] for r in spec] == [r["output_ids"] for r in base]
+    retracted = [int(line.split("#retracted_reqs: ")[1].split(",")[0])
+                 for line in dflash_retracting.log_text().splitlines() if "#retracted_reqs: " in line]
+    assert sum(retracted) > 0, "SGLang's test mode retracted no request"
+    _assert_no_leak(dflash_retracting)
 
 
 def _sampled_pairs(server: ServerProcess, prompt: str, count: int) -> collections.Counter:
