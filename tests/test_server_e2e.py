@@ -7,7 +7,9 @@ exercise chunked prefill. The baseline and the random-drafter server are `python
 the agreeing-drafter server is SGLang's `sglang serve` CLI. Greedy outputs must be token-identical
 (lossless); sampled outputs must follow the same distribution; the agreeing drafter must be accepted;
 SGLang's own idle memory check (strict mode) must find no leaked KV slots; bad requests get an HTTP error
-and the server keeps serving. `sglang.Engine` in a user's process must give the same greedy outputs.
+and the server keeps serving. The servers run SGLang's overlap scheduler (DFLASH's default loop), one of
+them in SGLang's retraction test mode; `sglang.Engine` in a user's process runs with it off (DFLASH's
+host-committed loop) and must give the same greedy outputs.
 """
 
 from __future__ import annotations
@@ -74,15 +76,6 @@ def dflash(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dflash_v1(checkpoints, tmp_path_factory):
-    """DFLASH's host-committed loop: SGLang's scheduler without overlap."""
-    extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints["drafter-agree"],
-             "--disable-overlap-schedule"]
-    with _server(checkpoints, tmp_path_factory, "dflash-v1", extra) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def dflash_retracting(checkpoints, tmp_path_factory):
     """SGLang's retraction test mode: every 3rd scheduler step retracts running requests (their KV freed,
     over-allocation included; they are prefilled again later) while the overlap loop has a step in flight."""
@@ -136,14 +129,6 @@ def test_greedy_token_identical_generate(baseline, dflash):
         assert spec_ids == base_ids, prompt
         assert meta["spec_verify_ct"] >= 1 and len(spec_ids) == 32
     assert "DFLASH: overlap scheduler (spec v2)" in dflash.log_text(), "the default server runs the overlap loop"
-
-
-def test_host_committed_loop_without_overlap(baseline, dflash_v1):
-    """--disable-overlap-schedule: DFLASH's v1 loop, greedy outputs identical, stops cut inside blocks."""
-    assert dflash_v1.generate_greedy(PROMPTS[0], 40)[0] == baseline.generate_greedy(PROMPTS[0], 40)[0]
-    _assert_stops_match(baseline, dflash_v1)
-    assert "DFLASH: overlap scheduler" not in dflash_v1.log_text()
-    _assert_no_leak(dflash_v1)
 
 
 def test_chat_and_completion_streaming_and_not(baseline, dflash):
@@ -257,7 +242,7 @@ def _sampled_pairs(server: ServerProcess, prompt: str, count: int) -> collection
 def test_sampling_follows_the_target_distribution(baseline, dflash):
     """The second token comes from a speculative step (draft + rejection sampling); its joint law with the
     first must match the target's own sampling: a two-sample chi-square test over the (t1, t2) cells."""
-    count = 600
+    count = 400
     spec = _sampled_pairs(dflash, PROMPTS[1], count)
     base = _sampled_pairs(baseline, PROMPTS[1], count)
     cells = sorted(set(spec) | set(base), key=lambda cell: -(spec[cell] + base[cell]))
@@ -276,20 +261,27 @@ import json, sys
 import sglang
 engine = sglang.Engine(model_path=sys.argv[1], speculative_algorithm="DFLASH", speculative_draft_model_path=sys.argv[2],
                        device="cpu", attention_backend="torch_native", disable_cuda_graph=True, dtype=sys.argv[4],
-                       mem_fraction_static=0.1, max_total_tokens=8192, random_seed=0, chunked_prefill_size=32)
-outputs = engine.generate(json.loads(sys.argv[3]), {"max_new_tokens": 32, "temperature": 0})
+                       mem_fraction_static=0.1, max_total_tokens=8192, random_seed=0, chunked_prefill_size=32,
+                       disable_overlap_schedule=True)
+outputs = [engine.generate(prompt, params) for prompt, params in json.loads(sys.argv[3])]
 print("RESULT " + json.dumps([o["output_ids"] for o in outputs]))
 engine.shutdown()
 """
 
 
-def test_sglang_engine_in_process(checkpoints, baseline, tmp_path):
-    """sglang.Engine(..., speculative_algorithm="DFLASH") in a user's own Python process."""
-    prompts = PROMPTS[:3]
+def test_sglang_engine_in_process_without_overlap(checkpoints, baseline, tmp_path):
+    """sglang.Engine(..., speculative_algorithm="DFLASH") in a user's own Python process, with SGLang's overlap
+    scheduler off (DFLASH's host-committed loop): greedy outputs, and a stop string inside an accepted block."""
+    text = baseline.generate({"text": PROMPTS[3], "sampling_params": {"max_new_tokens": 40, "temperature": 0}})["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), "the baseline produced no text to stop on"
+    requests = [(prompt, {"max_new_tokens": 32, "temperature": 0}) for prompt in PROMPTS[:3]]
+    requests.append((PROMPTS[3], {"max_new_tokens": 40, "temperature": 0, "stop": [stop]}))
     run = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, checkpoints["target"], checkpoints["drafter-agree"],
-                          json.dumps(prompts), DTYPE], capture_output=True, text=True, timeout=900,
+                          json.dumps(requests), DTYPE], capture_output=True, text=True, timeout=900,
                          env=cpu_server_env(dict(os.environ)), cwd=tmp_path)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-4000:]
     engine_ids = json.loads(lines[0][len("RESULT "):])
-    assert engine_ids == [baseline.generate_greedy(prompt, 32)[0] for prompt in prompts]
+    assert engine_ids == [baseline.generate({"text": prompt, "sampling_params": params})["output_ids"]
+                          for prompt, params in requests]
