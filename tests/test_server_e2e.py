@@ -75,10 +75,11 @@ def dflash(checkpoints, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="function")
 def dflash_retracting(checkpoints, tmp_path_factory):
     """SGLang's retraction test mode: every 3rd scheduler step retracts running requests (their KV freed,
-    over-allocation included; they are prefilled again later) while the overlap loop has a step in flight."""
+    over-allocation included; they are prefilled again later) while the overlap loop has a step in flight.
+    Stopped after its one test, so it takes no CPU from the tests that follow."""
     extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints["drafter-agree"]]
     with _server(checkpoints, tmp_path_factory, "dflash-retracting", extra,
                  env_extra={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}) as server:
