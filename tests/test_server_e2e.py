@@ -40,7 +40,7 @@ CONTEXT_LENGTH = 1024
 COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "8192",
                "--dtype", DTYPE, "--random-seed", "0", "--chunked-prefill-size", "32",
-               "--context-length", str(CONTEXT_LENGTH)]
+               "--context-length", str(CONTEXT_LENGTH), "--sleep-on-idle"]
 PROMPTS = [
     "the quick brown fox",
     "Speculative decoding drafts a block of tokens and",
