@@ -38,6 +38,8 @@ from sglang.srt.mem_cache.common import alloc_token_slots
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
+from dflash_sglang.worker import upload
+
 EXACT_LENS_BACKEND = "triton"  # the attention backend whose block passes need no host sequence lengths
 
 
@@ -141,15 +143,16 @@ class DFlashDraftInput(SpecInput):
                 req.kv_allocated_len = wanted
             req.decode_batch_idx += 1
         if rows:
+            # Run r covers row rows[r], columns starts[r] .. +counts[r]-1: flat index i maps to column
+            # i - (where run r begins in the flat list) + starts[r].
             counts_cpu = torch.tensor(counts, dtype=torch.int64)
+            shift = torch.tensor(starts, dtype=torch.int64) - (torch.cumsum(counts_cpu, 0) - counts_cpu)
+            total = int(counts_cpu.sum())
             row_of = torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts_cpu)
-            first = torch.tensor(starts, dtype=torch.int64).repeat_interleave(counts_cpu)
-            run_start = torch.cumsum(counts_cpu, 0).repeat_interleave(counts_cpu) - counts_cpu.repeat_interleave(
-                counts_cpu)
-            column = first + torch.arange(row_of.numel(), dtype=torch.int64) - run_start
-            slots = alloc_token_slots(batch.tree_cache, row_of.numel())
-            req_to_token[_to_device(row_of, slots.device), _to_device(column, slots.device)] = slots.to(
-                req_to_token.dtype)
+            column = torch.arange(total, dtype=torch.int64) + shift.repeat_interleave(counts_cpu)
+            slots = alloc_token_slots(batch.tree_cache, total)
+            req_to_token[upload(row_of, slots.device.type, slots.device),
+                         upload(column, slots.device.type, slots.device)] = slots.to(req_to_token.dtype)
         if self.exact_host_lens:
             if self.verify_done is not None:
                 self.verify_done.wait_host()
@@ -158,12 +161,6 @@ class DFlashDraftInput(SpecInput):
             batch.seq_lens_cpu = torch.tensor([req.kv_committed_len + self.block_size for req in batch.reqs],
                                               dtype=torch.int64)
         batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def cut_at_stop_strings(req, tokens: list[int]) -> list[int]:

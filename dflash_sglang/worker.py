@@ -143,7 +143,7 @@ class DFlashWorker(TpModelWorker):
         block_slots = alloc_token_slots(batch.tree_cache, bs * block).view(bs, block).to(torch.int64)
         self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions] = block_slots.to(
             self.req_to_token_pool.req_to_token.dtype)
-        step = self._block_step(batch.get_model_worker_batch(), last_tokens, prefix_lens, block_slots,
+        step = self._block_step(batch.get_model_worker_batch(), last_tokens, prefix_lens, positions, block_slots,
                                 stop_ids, budgets)
         verdict_cpu = torch.cat([step.num_emitted.to(torch.int64)[:, None], step.emitted], dim=1).cpu()  # the wait
         self.profiler.mark("accept")
@@ -173,15 +173,15 @@ class DFlashWorker(TpModelWorker):
             accept_lens=self._upload(torch.tensor(accepted, dtype=torch.int32)))
 
     def _block_step(self, decode_batch: ModelWorkerBatch, last_tokens: torch.Tensor, prefix_lens: torch.Tensor,
-                    block_slots: torch.Tensor, stop_ids: torch.Tensor, budgets: torch.Tensor) -> "BlockStep":
+                    positions: torch.Tensor, block_slots: torch.Tensor, stop_ids: torch.Tensor,
+                    budgets: torch.Tensor) -> "BlockStep":
         """The device half of a decode step, queued without a host wait: the drafter's pass over
-        ``[t0, mask, ...]`` (``last_tokens`` = t0 [bs] int64, at positions ``prefix_lens`` .. +B-1, KV into
-        ``block_slots`` [bs, B]), the drafts, the target's verify pass over ``[t0, drafts]``, the verdict
+        ``[t0, mask, ...]`` (``last_tokens`` = t0 [bs] int64, at ``positions`` [bs, B] = ``prefix_lens`` .. +B-1,
+        KV into ``block_slots`` [bs, B]), the drafts, the target's verify pass over ``[t0, drafts]``, the verdict
         (``ops.verify_block``, cut at ``stop_ids`` / ``budgets``) and the context K/V of the kept tokens."""
         bs, block = last_tokens.shape[0], self.block_size
         block_input = torch.full((bs, block), self.mask_token_id, dtype=torch.int64, device=last_tokens.device)
         block_input[:, 0] = last_tokens
-        positions = prefix_lens[:, None] + self.block_offsets[None, :]  # [bs, B]
         draft_batch = dataclasses.replace(
             decode_batch, forward_mode=ForwardMode.TARGET_VERIFY, input_ids=block_input.view(-1),
             out_cache_loc=block_slots.view(-1), capture_hidden_mode=CaptureHiddenMode.NULL,
@@ -223,10 +223,7 @@ class DFlashWorker(TpModelWorker):
         return BlockStep(num_emitted, emitted, logits_output, can_run_cuda_graph)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the worker's device without waiting for the GPU (pinned, non-blocking copy)."""
-        if self.device_type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return upload(host, self.device_type, self.device)
 
     # ----------------------------------------------------------------------------------------------
     def _draft(self, draft_batch: ModelWorkerBatch) -> torch.Tensor:
@@ -247,9 +244,15 @@ class DFlashWorker(TpModelWorker):
     def _stop_conditions(self, batch: ScheduleBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-level stops for the verifier, on the device: EOS / stop token ids (-1 padded) and the
         remaining token budgets."""
+        return self._stop_ids(batch.reqs), self._token_budgets(batch.reqs, emitted_meanwhile=0)
+
+    def _token_budgets(self, reqs: list, emitted_meanwhile: int) -> torch.Tensor:
+        """[bs] int64 on the device: how many more tokens each request may emit, once the tokens in
+        ``output_ids`` and ``emitted_meanwhile`` more (not yet appended) are counted."""
         budgets = [NO_BUDGET_LIMIT if req.sampling_params.max_new_tokens is None
-                   else max(req.sampling_params.max_new_tokens - len(req.output_ids), 0) for req in batch.reqs]
-        return self._stop_ids(batch.reqs), self._upload(torch.tensor(budgets, dtype=torch.int64))
+                   else max(req.sampling_params.max_new_tokens - len(req.output_ids) - emitted_meanwhile, 0)
+                   for req in reqs]
+        return self._upload(torch.tensor(budgets, dtype=torch.int64))
 
     def _stop_ids(self, reqs: list) -> torch.Tensor:
         """[bs, S] int64 on the device: each request's stop token ids, -1 padded (kept while the batch's
@@ -280,6 +283,13 @@ class DFlashWorker(TpModelWorker):
             req.spec_accepted_tokens += count - 1
             req.update_spec_acceptance_histogram(count - 1)
         return final
+
+
+def upload(host: torch.Tensor, device_type: str, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the GPU (pinned, non-blocking copy)."""
+    if device_type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ from sglang.srt.managers.schedule_batch import ModelWorkerBatch
 from sglang.srt.managers.scheduler import GenerationBatchResult
 
 from dflash_sglang.overlap import DFlashDraftInput, StepDone, host_lens_must_be_exact
-from dflash_sglang.worker import NO_BUDGET_LIMIT, DFlashWorker
+from dflash_sglang.worker import DFlashWorker
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ class DFlashOverlapWorker(DFlashWorker):
 
     def _prefill(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
         """The v1 prefill, plus each request's token budget for the steps that follow (the prefill emits one)."""
-        budgets = [NO_BUDGET_LIMIT if req.sampling_params.max_new_tokens is None
-                   else max(req.sampling_params.max_new_tokens - len(req.output_ids) - 1, 0) for req in batch.reqs]
-        self.remaining_budget[batch.req_pool_indices] = self._upload(torch.tensor(budgets, dtype=torch.int64))
+        self.remaining_budget[batch.req_pool_indices] = self._token_budgets(batch.reqs, emitted_meanwhile=1)
         result = self._extend(batch)
         result.next_draft_input = self._draft_input(result.next_token_ids.to(torch.int64), batch.seq_lens, None)
         return result
@@ -77,8 +75,8 @@ class DFlashOverlapWorker(DFlashWorker):
         positions = prefix_lens[:, None] + self.block_offsets[None, :]
         block_slots = self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions].to(torch.int64)
         budgets = self.remaining_budget[batch.req_pool_indices]
-        step = self._block_step(batch, state.verified_id, prefix_lens, block_slots, self._stop_ids(batch.reqs),
-                                budgets)
+        step = self._block_step(batch, state.verified_id, prefix_lens, positions, block_slots,
+                                self._stop_ids(batch.reqs), budgets)
         num_emitted = step.num_emitted.to(torch.int64)
         self.remaining_budget[batch.req_pool_indices] = budgets - num_emitted
         last = step.emitted.gather(1, (num_emitted - 1).clamp(min=0)[:, None]).squeeze(1)
