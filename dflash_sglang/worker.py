@@ -137,14 +137,15 @@ class DFlashWorker(TpModelWorker):
         self.profiler.start_step()
         bs, block = batch.batch_size(), self.block_size
         stop_ids, budgets = self._stop_conditions(batch)
-        last_tokens = self._upload(torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64))
+        block_input = torch.full((bs, block), self.mask_token_id, dtype=torch.int64)
+        block_input[:, 0] = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
         positions = prefix_lens[:, None] + self.block_offsets[None, :]  # [bs, B]
         block_slots = alloc_token_slots(batch.tree_cache, bs * block).view(bs, block).to(torch.int64)
         self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions] = block_slots.to(
             self.req_to_token_pool.req_to_token.dtype)
-        step = self._block_step(batch.get_model_worker_batch(), last_tokens, prefix_lens, positions, block_slots,
-                                stop_ids, budgets)
+        step = self._block_step(batch.get_model_worker_batch(), self._upload(block_input), prefix_lens, positions,
+                                block_slots, stop_ids, budgets)
         verdict_cpu = torch.cat([step.num_emitted.to(torch.int64)[:, None], step.emitted], dim=1).cpu()  # the wait
         self.profiler.mark("accept")
 
@@ -172,51 +173,50 @@ class DFlashWorker(TpModelWorker):
             can_run_cuda_graph=step.can_run_cuda_graph,
             accept_lens=self._upload(torch.tensor(accepted, dtype=torch.int32)))
 
-    def _block_step(self, decode_batch: ModelWorkerBatch, last_tokens: torch.Tensor, prefix_lens: torch.Tensor,
+    def _block_step(self, decode_batch: ModelWorkerBatch, block: torch.Tensor, prefix_lens: torch.Tensor,
                     positions: torch.Tensor, block_slots: torch.Tensor, stop_ids: torch.Tensor,
                     budgets: torch.Tensor) -> "BlockStep":
-        """The device half of a decode step, queued without a host wait: the drafter's pass over
-        ``[t0, mask, ...]`` (``last_tokens`` = t0 [bs] int64, at ``positions`` [bs, B] = ``prefix_lens`` .. +B-1,
-        KV into ``block_slots`` [bs, B]), the drafts, the target's verify pass over ``[t0, drafts]``, the verdict
-        (``ops.verify_block``, cut at ``stop_ids`` / ``budgets``) and the context K/V of the kept tokens."""
-        bs, block = last_tokens.shape[0], self.block_size
-        block_input = torch.full((bs, block), self.mask_token_id, dtype=torch.int64, device=last_tokens.device)
-        block_input[:, 0] = last_tokens
+        """The device half of a decode step, queued without a host wait: the drafter's pass over ``block``
+        ([bs, B] int64 ``[t0, mask, ...]``, at ``positions`` [bs, B] = ``prefix_lens`` .. +B-1, KV into
+        ``block_slots`` [bs, B]), the drafts (written over the block's masks, once the drafter has read them),
+        the target's verify pass over ``[t0, drafts]``, the verdict (``ops.verify_block``, cut at ``stop_ids`` /
+        ``budgets``) and the context K/V of the kept tokens."""
+        bs, block_size = block.shape
         draft_batch = dataclasses.replace(
-            decode_batch, forward_mode=ForwardMode.TARGET_VERIFY, input_ids=block_input.view(-1),
+            decode_batch, forward_mode=ForwardMode.TARGET_VERIFY, input_ids=block.view(-1),
             out_cache_loc=block_slots.view(-1), capture_hidden_mode=CaptureHiddenMode.NULL,
-            spec_info=DFlashVerifyInput(positions.view(-1), block, CaptureHiddenMode.NULL))
+            spec_info=DFlashVerifyInput(positions.view(-1), block_size, CaptureHiddenMode.NULL))
         self.profiler.mark("prepare")
 
         draft_logits = self._draft(draft_batch)[:, 1:]  # [bs, B-1, V]: the drafts of positions 1..B-1
         sampling = decode_batch.sampling_info
         greedy = sampling.is_all_greedy
-        if greedy:
-            drafts, draft_probs = draft_logits.argmax(dim=-1), None
+        if greedy:  # the drafts go over the block's masks: it becomes [t0, drafts], the verify pass's input
+            draft_probs = None
+            ops.argmax(draft_logits, out=block[:, 1:])
         else:
-            draft_probs = processed_probs(draft_logits.reshape(bs * (block - 1), -1),
-                                          *_row_sampling(sampling, block - 1))
-            drafts = sample_from(draft_probs)
-        block_tokens = torch.cat([block_input[:, :1], drafts.view(bs, block - 1)], dim=1)
+            draft_probs = processed_probs(draft_logits.reshape(bs * (block_size - 1), -1),
+                                          *_row_sampling(sampling, block_size - 1))
+            block[:, 1:] = sample_from(draft_probs).view(bs, block_size - 1)
         self.profiler.mark("draft")
 
-        logits_output, can_run_cuda_graph = self._verify(draft_batch, block_tokens, positions)
+        logits_output, can_run_cuda_graph = self._verify(draft_batch, block, positions)
         self.profiler.mark("verify")
         target_logits = logits_output.next_token_logits[:, :self.vocab_size]
         if greedy:
-            verdict = ops.verify_block(block_tokens, block_slots, prefix_lens, stop_ids, budgets,
-                                       target_ids=target_logits.argmax(dim=-1).view(bs, block))
+            verdict = ops.verify_block(block, block_slots, prefix_lens, stop_ids, budgets,
+                                       target_ids=ops.argmax(target_logits).view(bs, block_size))
         else:
-            target_probs = processed_probs(target_logits, *_row_sampling(sampling, block))
+            target_probs = processed_probs(target_logits, *_row_sampling(sampling, block_size))
             verdict = ops.verify_block(
-                block_tokens, block_slots, prefix_lens, stop_ids, budgets,
-                target_probs=target_probs.view(bs, block, -1),
-                draft_probs=draft_probs.view(bs, block - 1, -1),
-                uniforms=torch.rand(bs, block, dtype=torch.float32, device=self.device))
+                block, block_slots, prefix_lens, stop_ids, budgets,
+                target_probs=target_probs.view(bs, block_size, -1),
+                draft_probs=draft_probs.view(bs, block_size - 1, -1),
+                uniforms=torch.rand(bs, block_size, dtype=torch.float32, device=self.device))
         num_emitted, emitted, keep_slots = verdict[1], verdict[2], verdict[3]
         # Context K/V of the kept block tokens (t0 + emitted drafts); -1 slots write nothing. A request
         # that SGLang later cuts shorter (a stop string) frees those slots; nothing reads them unwritten.
-        self.draft_model.inject_context(logits_output.hidden_states.view(bs * block, -1), positions.view(-1),
+        self.draft_model.inject_context(logits_output.hidden_states.view(bs * block_size, -1), positions.view(-1),
                                         keep_slots.view(-1), self.k_cache, self.v_cache)
         logits_output.hidden_states = None
         self.profiler.mark("inject")

@@ -7,10 +7,11 @@ step is queued on the forward stream without any host read of the previous one (
 
 * t0 is the previous step's ``verified_id`` and the prefix length is ``seq_lens`` (the previous step's
   ``new_seq_lens``), both device tensors; the block's KV slots are read from ``req_to_token``, where
-  ``DFlashDraftInput.prepare_for_decode`` assigned them;
+  ``DFlashDraftInput.prepare_for_decode`` assigned them (``ops.block_inputs``: one kernel);
 * each request's remaining token budget lives in a device table indexed by its ``req_pool_idx``: set at
   prefill (``max_new_tokens`` minus the tokens it has), lowered by every step's emitted count, so the
   verifier cuts at ``max_new_tokens`` although the host's ``output_ids`` lag a step;
+* after the verdict one kernel (``ops.advance_state``) makes the next state and lowers the budgets;
 * the step returns its emitted tokens ([bs * B], request i's at ``i*B .. i*B + accept_lens[i]``), its
   ``accept_lens`` (tokens whose KV is kept, at least 1), and the next ``DFlashDraftInput``.
 
@@ -26,6 +27,7 @@ import torch
 from sglang.srt.managers.schedule_batch import ModelWorkerBatch
 from sglang.srt.managers.scheduler import GenerationBatchResult
 
+from dflash_sglang import ops
 from dflash_sglang.overlap import DFlashDraftInput, StepDone, host_lens_must_be_exact
 from dflash_sglang.worker import DFlashWorker
 
@@ -71,23 +73,19 @@ class DFlashOverlapWorker(DFlashWorker):
         state: DFlashDraftInput = batch.spec_info
         if batch.seq_lens.is_cuda:  # made on the scheduling stream; keep it alive for this one
             batch.seq_lens.record_stream(torch.cuda.current_stream())
-        prefix_lens = batch.seq_lens.to(torch.int64)
-        positions = prefix_lens[:, None] + self.block_offsets[None, :]
-        block_slots = self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions].to(torch.int64)
-        budgets = self.remaining_budget[batch.req_pool_indices]
-        step = self._block_step(batch, state.verified_id, prefix_lens, positions, block_slots,
-                                self._stop_ids(batch.reqs), budgets)
-        num_emitted = step.num_emitted.to(torch.int64)
-        self.remaining_budget[batch.req_pool_indices] = budgets - num_emitted
-        last = step.emitted.gather(1, (num_emitted - 1).clamp(min=0)[:, None]).squeeze(1)
-        verified_id = torch.where(num_emitted > 0, last, state.verified_id)
-        new_seq_lens = (prefix_lens + num_emitted).to(batch.seq_lens.dtype)
+        block, positions, block_slots, prefix_lens, budgets = ops.block_inputs(
+            state.verified_id, batch.seq_lens, batch.req_pool_indices, self.req_to_token_pool.req_to_token,
+            self.remaining_budget, self.mask_token_id, self.block_size)
+        step = self._block_step(batch, block, prefix_lens, positions, block_slots, self._stop_ids(batch.reqs), budgets)
+        # A request emits nothing only when it has no budget left: it finished at an earlier step, and the
+        # scheduler skips its tokens. accept_lens >= 1 keeps SGLang's acceptance histogram in range.
+        verified_id, new_seq_lens, accept_lens = ops.advance_state(
+            state.verified_id, prefix_lens, budgets, step.num_emitted, step.emitted, batch.req_pool_indices,
+            self.remaining_budget, batch.seq_lens.dtype)
         done = StepDone(torch.device(self.device))
         self.profiler.mark("accept")
         self.profiler.end_step(len(batch.reqs))
-        # A request emits nothing only when it has no budget left: it finished at an earlier step, and the
-        # scheduler skips its tokens. accept_lens >= 1 keeps SGLang's acceptance histogram in range.
         return GenerationBatchResult(
             logits_output=step.logits_output, next_token_ids=step.emitted.view(-1),
-            accept_lens=num_emitted.clamp(min=1).to(torch.int32), can_run_cuda_graph=step.can_run_cuda_graph,
+            accept_lens=accept_lens, can_run_cuda_graph=step.can_run_cuda_graph,
             next_draft_input=self._draft_input(verified_id, new_seq_lens, done))

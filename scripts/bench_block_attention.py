@@ -8,13 +8,20 @@ tokens per request, causal (the verify pass) and non-causal (the drafter's layer
 (``bench_kernels.Timer``); both outputs are checked against each other before timing. Prints a table and
 writes JSON (``--out``) with the device, commit and settings. Without CUDA it says so and exits 0.
 
-Usage: ``python scripts/bench_block_attention.py [--out PATH] [--commit SHA]``
+With ``--graph`` it times instead what a model's CUDA graph sees: ``LAYERS`` calls, each over its own layer's
+KV cache, captured in one graph and replayed (per-call time = replay time / LAYERS, launch gaps included), for
+the verify pass's causal block attention at several ``min_split`` values and, as the plain decoding step's
+counterpart, SGLang's triton decode attention (one query token per request, ``triton_attention_num_kv_splits``
+default 8) over the same caches.
+
+Usage: ``python scripts/bench_block_attention.py [--out PATH] [--commit SHA] [--graph]``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -27,6 +34,9 @@ from dflash_sglang.provenance import provenance, write_report  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 PREFIXES = (512, 4096)
 BATCHES = (1, 8, 32)
+LAYERS = 36
+MIN_SPLITS = (64, 128, 256, 512)
+DECODE_KV_SPLITS = 8
 
 
 def case_inputs(batch: int, prefix: int) -> dict:
@@ -51,13 +61,84 @@ def sglang_extend(args: dict, causal: bool, out: torch.Tensor) -> None:
                          sm_scale=HEAD_DIM ** -0.5)
 
 
+def graph_us(calls, reps: int = 20) -> float:
+    """Median microseconds per call of ``calls`` (a list of closures) captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # compile and warm up outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def bench_in_graphs(report: dict) -> None:
+    from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+
+    from dflash_sglang.ops.block_attention import block_attention
+
+    print(f"{'batch':>5} {'prefix':>6} " + " ".join(f"{'min ' + str(m):>9}" for m in MIN_SPLITS)
+          + f" {'decode':>9}   (us per layer, {LAYERS} layers in one graph)")
+    for prefix in PREFIXES:
+        for batch in BATCHES:
+            layers = [case_inputs(batch, prefix) for _ in range(LAYERS)]
+            outs = [torch.empty_like(layer["q"]) for layer in layers]
+            row = {"batch": batch, "prefix": prefix, "layers": LAYERS, "block_us": {}}
+            for min_split in MIN_SPLITS:
+                row["block_us"][min_split] = graph_us([
+                    (lambda layer=layer, out=out: block_attention(**layer, block_size=BLOCK, causal=True,
+                                                                  sm_scale=HEAD_DIM ** -0.5, out=out,
+                                                                  min_split=min_split))
+                    for layer, out in zip(layers, outs)])
+            # The decode step's attention: each request's last query token over the same prefix.
+            q1 = [layer["q"].view(batch, BLOCK, HEADS, HEAD_DIM)[:, -1].contiguous() for layer in layers]
+            o1 = [torch.empty_like(q) for q in q1]
+            logits = torch.empty(batch, HEADS, DECODE_KV_SPLITS, HEAD_DIM, dtype=torch.float32, device="cuda")
+            lse = torch.empty(batch, HEADS, DECODE_KV_SPLITS, dtype=torch.float32, device="cuda")
+            splits = torch.full((batch,), DECODE_KV_SPLITS, dtype=torch.int32, device="cuda")
+            row["decode_us"] = graph_us([
+                (lambda layer=layer, q=q, o=o: decode_attention_fwd(
+                    q, layer["k_cache"], layer["v_cache"], o, layer["kv_indptr"], layer["kv_indices"], logits, lse,
+                    splits, DECODE_KV_SPLITS, HEAD_DIM ** -0.5, 1.0, 1.0))
+                for layer, q, o in zip(layers, q1, o1)])
+            report["graph_cases"].append(row)
+            print(f"{batch:>5} {prefix:>6} " + " ".join(f"{row['block_us'][m]:>9.1f}" for m in MIN_SPLITS)
+                  + f" {row['decode_us']:>9.1f}", flush=True)
+            del layers, outs, q1, o1
+            torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="block-attention.json")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
+    parser.add_argument("--graph", action="store_true", help="per-layer times inside a captured CUDA graph")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_block_attention: no CUDA device; nothing to time")
+        return 0
+    if args.graph:
+        report = {**provenance(args.commit), "settings": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                                                          "block": BLOCK, "dtype": "bfloat16", "layers": LAYERS,
+                                                          "min_splits": list(MIN_SPLITS),
+                                                          "decode_kv_splits": DECODE_KV_SPLITS},
+                  "graph_cases": []}
+        bench_in_graphs(report)
+        write_report(report, args.out)
         return 0
     from dflash_sglang.ops.block_attention import block_attention
 

@@ -6,6 +6,8 @@
   decode sizes (batch 1..256 x block 16 context tokens) and a prefill of 8192 tokens.
 * ``verify_block`` vs ``ops.reference.verify_block_ref`` (on the same GPU tensors), greedy and sampling
   (vocab 151936 and 262144), batch 1..256, block 16.
+* ``ops.argmax`` (Triton, ``ops/argmax_kernel.py``) vs ``torch.argmax``: the greedy choices of a step, 15 (drafts) and
+  16 (target) rows per request over vocab 151936, batch 1..256.
 
 Times are CUDA-event medians of many repetitions after warm-up, with L2 flushed between repetitions (a
 256 MiB write outside the timed region). The card's device-to-device copy bandwidth (bytes read + written)
@@ -210,6 +212,19 @@ def bench_verify_block(timer: Timer, bs: int, vocab: int | None, copy_gbs: float
 # ------------------------------------------------------------------------------------------------------
 
 
+def bench_argmax(timer: Timer, rows: int, vocab: int, copy_gbs: float, label: str) -> dict:
+    from dflash_sglang.ops import argmax_kernel as triton_argmax
+
+    logits = torch.randn(rows, vocab, device="cuda")
+    assert torch.equal(triton_argmax.argmax(logits), logits.argmax(-1))
+    kernel_us = timer(lambda: triton_argmax.argmax(logits))
+    torch_us = timer(lambda: logits.argmax(-1))
+    gbs = logits.numel() * 4 / (kernel_us * 1e-6) / 1e9
+    return {"op": "argmax", "mode": "argmax_ref = torch.argmax", "case": label, "kernel_us": kernel_us,
+            "reference_us": torch_us, "speedup_vs_reference": torch_us / kernel_us, "kernel_gbs": gbs,
+            "fraction_of_copy_bw": gbs / copy_gbs}
+
+
 def print_table(rows: list[dict], copy_gbs: float) -> None:
     print(f"\ndevice-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
     header = (f"{'op':<13}{'drafter / mode':<34}{'case':<18}{'kernel us':>10}{'ref us':>12}{'unfused us':>12}"
@@ -265,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"verify_block {mode} bs={bs}: {row['kernel_us']:.1f} us", flush=True)
             torch.cuda.empty_cache()
+    for bs in batches:
+        for per_request in (BLOCK_SIZE - 1, BLOCK_SIZE):
+            rows.append(bench_argmax(timer, bs * per_request, 151936, copy_gbs, f"rows={bs}x{per_request} V=151936"))
+            print(f"argmax rows={bs}x{per_request}: {rows[-1]['kernel_us']:.1f} us "
+                  f"(torch {rows[-1]['reference_us']:.1f} us)", flush=True)
     print_table(rows, copy_gbs)
 
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")

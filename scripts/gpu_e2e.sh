@@ -9,7 +9,7 @@
 set -uo pipefail
 source scripts/gpu_setup.sh
 commit="${1:-}"
-DFLASH_KERNELS=on timeout 120 python3 -m pytest -q tests/test_op_inject_kv.py tests/test_op_verify_block.py tests/test_op_block_attention.py > "$out/gpu_tests.log" 2>&1
+DFLASH_KERNELS=on timeout 150 python3 -m pytest -q tests/test_op_inject_kv.py tests/test_op_verify_block.py tests/test_op_block_attention.py tests/test_op_step_ops.py > "$out/gpu_tests.log" 2>&1
 tail -1 "$out/gpu_tests.log"
 status=0
 timeout 420 python3 scripts/gpu_e2e.py --out "$out/gpu_e2e-fp16.json" --logs "$out/logs-fp16" --dtype float16 \

@@ -54,6 +54,9 @@ def test_summary_of_a_known_timeline(trace_file):
     assert summary["graph_ms"] == pytest.approx([1.5, 6.0])
     assert summary["outside_graphs_ms"] == pytest.approx(0.5)
     assert summary["top_outside_graphs_ms"] == pytest.approx({"verify_block": 0.5})
+    assert summary["outside_graphs_launches"] == 1
+    assert summary["graph_top_kernels_ms"] == [pytest.approx({"draft_gemm": 1.0, "draft_attn": 0.5}),
+                                               pytest.approx({"verify_gemm": 6.0})]
     assert summary["host_runtime_ms"]["cudaStreamSynchronize"] == pytest.approx(1.0)
 
 
@@ -68,6 +71,15 @@ def test_plain_decode_steps_of_one_graph(tmp_path):
     assert summary["steps"] == 4
     assert (summary["period_ms"], summary["gpu_idle_ms"]) == (pytest.approx(6.0), pytest.approx(1.0))
     assert summary["graph_ms"] == pytest.approx([5.0])
+
+
+def test_kernel_names_drop_their_template_and_argument_lists():
+    from dflash_sglang.bench.trace import short_kernel_name
+
+    assert short_kernel_name("void at::native::reduce_kernel<512, 1>(at::native::ReduceOp<float>)") == \
+        "at::native::reduce_kernel"
+    assert short_kernel_name("nvjet_sm90_tst_64x16_64x16_2x1_v_bz_splitK_TNT") == \
+        "nvjet_sm90_tst_64x16_64x16_2x1_v_bz_splitK_TNT"
 
 
 def test_too_short_a_trace_is_a_clear_error(tmp_path):

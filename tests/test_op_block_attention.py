@@ -134,6 +134,17 @@ def test_kernel_matches_reference(kernels, case, causal, dtype, splits):
     torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("min_split", [128, 192, 4096])
+def test_kernel_min_split_leaves_the_result_unchanged(kernels, min_split):
+    """Splits that must take at least ``min_split`` keys (192: rounded up to whole tiles): fewer live splits
+    for the short prefixes, the whole prefix in one split for 4096, and the same attention."""
+    args = _inputs([0, 70, 300, 129], 16, 4, 2, 64, torch.float16, device=DEVICE, seed=7)
+    out = kernels.block_attention(**args, causal=True, splits=4, min_split=min_split)
+    expected = block_attention_ref(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()},
+                                   causal=True)
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-3, atol=2e-3)
+
+
 def test_kernel_writes_into_out_and_leaves_nothing_else(kernels):
     """``out`` given: every element written (poisoned first), and the inputs untouched."""
     args = _inputs([40, 3], 8, 4, 2, 64, torch.float16, device=DEVICE)

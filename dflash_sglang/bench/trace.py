@@ -9,8 +9,11 @@ starts at each launch of the step's first graph), and reports per step, as media
 * ``period_ms``: time between the starts of consecutive steps (what a user waits per step);
 * ``gpu_busy_ms``: union of GPU kernel and memcpy time inside the step; ``gpu_idle_ms`` = period - busy,
   i.e. time the GPU waits for the host;
-* ``graph_ms``: GPU span of each graph replay (first kernel start to last kernel end), by position in the step;
-* ``outside_graphs_ms``: GPU time of kernels launched eagerly (not by a graph), with the top ones by name;
+* ``graph_ms``: GPU span of each graph replay (first kernel start to last kernel end), by position in the step,
+  and ``graph_top_kernels_ms``: the kernels that take the most time inside each (names without template
+  arguments, summed per step);
+* ``outside_graphs_ms``: GPU time of kernels launched eagerly (not by a graph), with the top ones by name, and
+  ``outside_graphs_launches``: how many there are per step;
 * ``host``: the CUDA runtime calls the host spent the most time in (synchronizations, copies, launches).
 """
 
@@ -24,6 +27,13 @@ from typing import Any
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 GRAPH_LAUNCH = "cudaGraphLaunch"
+
+
+def short_kernel_name(name: str) -> str:
+    """``void ns::kernel<...>(...)`` -> ``ns::kernel``: one name per kernel whatever its template arguments."""
+    name = name.removeprefix("void ")
+    cut = min((i for i in (name.find("<"), name.find("(")) if i > 0), default=len(name))
+    return name[:cut]
 
 
 def load_events(path: str) -> list[dict[str, Any]]:
@@ -68,21 +78,30 @@ def summarize_trace(events: list[dict[str, Any]], graphs_per_step: int, top: int
                 graphs[index].append(e)
         spans = [(max(e["ts"] + e["dur"] for e in graphs[i]) - min(e["ts"] for e in graphs[i])) / 1e3
                  for i in sorted(graphs)]
+        inside = [collections.Counter() for _ in graphs]
+        for position, index in enumerate(sorted(graphs)):
+            for e in graphs[index]:
+                inside[position][short_kernel_name(e["name"])] += e["dur"]
         host = collections.Counter()
         for e in step_calls:
             host[e["name"]] += e["dur"]
-        steps.append({"period": (stop - start) / 1e3, "busy": busy, "spans": spans, "eager": eager, "host": host})
+        steps.append({"period": (stop - start) / 1e3, "busy": busy, "spans": spans, "eager": eager, "host": host,
+                      "inside": inside, "launches": sum(1 for e in work if graph_of.get(e["args"]["correlation"])
+                                                        is None)})
     if not steps:
         raise ValueError("trace holds no complete step")
 
     def median(values):
         return statistics.median(values) if values else 0.0
 
-    def top_names(key: str) -> dict[str, float]:
+    def largest(counters: list[collections.Counter]) -> dict[str, float]:
         totals = collections.Counter()
-        for step in steps:
-            totals.update(step[key])
+        for counter in counters:
+            totals.update(counter)
         return {name: total / len(steps) / 1e3 for name, total in totals.most_common(top)}
+
+    def top_names(key: str) -> dict[str, float]:
+        return largest([step[key] for step in steps])
 
     width = min(len(s["spans"]) for s in steps)
     return {
@@ -91,7 +110,9 @@ def summarize_trace(events: list[dict[str, Any]], graphs_per_step: int, top: int
         "gpu_busy_ms": median([s["busy"] for s in steps]),
         "gpu_idle_ms": median([s["period"] - s["busy"] for s in steps]),
         "graph_ms": [median([s["spans"][i] for s in steps]) for i in range(width)],
+        "graph_top_kernels_ms": [largest([s["inside"][i] for s in steps]) for i in range(width)],
         "outside_graphs_ms": median([sum(s["eager"].values()) / 1e3 for s in steps]),
+        "outside_graphs_launches": median([s["launches"] for s in steps]),
         "top_outside_graphs_ms": top_names("eager"),
         "host_runtime_ms": top_names("host"),
     }

@@ -4,6 +4,9 @@
 Dispatch is explicit: CUDA tensors go to ``torch.ops.dflash.<op>`` when the extension loads (see
 ``DFLASH_KERNELS`` in ``config.py``); CPU tensors, or CUDA with ``DFLASH_KERNELS=off``, use
 ``ops.reference``. With ``DFLASH_KERNELS=auto`` a CUDA run without the extension says so once in the log.
+The Triton ops (``argmax``, ``block_inputs``, ``advance_state``, ``paged_kv_indices``; ``ops/argmax_kernel.py``,
+``ops/step_state.py``, ``ops/paged_kv.py``) need no build: they run on every CUDA tensor unless
+``DFLASH_KERNELS=off``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from dflash_sglang.ops._load import ExtensionUnavailable, load_ext
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["inject_kv", "verify_block", "kernels_available", "use_kernels_for"]
+__all__ = ["inject_kv", "verify_block", "argmax", "block_inputs", "advance_state", "paged_kv_indices",
+           "kernels_available", "use_kernels_for"]
 
 
 @functools.cache
@@ -76,6 +80,10 @@ if _ops_registered():
 
 def use_kernels_for(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and kernels_available()
+
+
+def use_triton_for(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and kernel_mode() != "off"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -196,3 +204,88 @@ def verify_block(block_tokens: torch.Tensor, block_slots: torch.Tensor, prefix_l
             block_slots.contiguous(), prefix_lens.contiguous(), stop_ids.contiguous(), budgets.contiguous())
     return reference.verify_block_ref(block_tokens, target_ids, target_probs, draft_probs, uniforms, block_slots,
                                       prefix_lens, stop_ids, budgets)
+
+
+def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's greedy choice (first index of the maximum): ``logits`` [R, V] or [G, C, V] -> int64 [R] or
+    [G, C], into ``out`` (any strides) when given. See :func:`dflash_sglang.ops.reference.argmax_ref`."""
+    if use_triton_for(logits):
+        from dflash_sglang.ops import argmax_kernel
+
+        return argmax_kernel.argmax(logits, out)
+    return reference.argmax_ref(logits, out)
+
+
+def block_inputs(verified_id: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor,
+                 req_to_token: torch.Tensor, budget_table: torch.Tensor, mask_token_id: int, block_size: int):
+    """A decode step's inputs from the overlap loop's device state; see
+    :func:`dflash_sglang.ops.reference.block_inputs_ref` for shapes and the returned tuple."""
+    device = seq_lens.device
+    _check_tensor("verified_id", verified_id, 1, (torch.int64,), device)
+    _check_tensor("seq_lens", seq_lens, 1, (torch.int32, torch.int64), device)
+    _check_tensor("req_pool_indices", req_pool_indices, 1, (torch.int32, torch.int64), device)
+    _check_tensor("req_to_token", req_to_token, 2, (torch.int32, torch.int64), device)
+    _check_tensor("budget_table", budget_table, 1, (torch.int64,), device)
+    bs = seq_lens.shape[0]
+    _check(req_to_token.stride(1) == 1, "req_to_token needs unit stride in its last dim")
+    _check(verified_id.shape[0] == bs and req_pool_indices.shape[0] == bs,
+           f"verified_id {tuple(verified_id.shape)} and req_pool_indices {tuple(req_pool_indices.shape)} "
+           f"must have bs={bs} entries")
+    if use_triton_for(seq_lens):
+        from dflash_sglang.ops import step_state
+
+        return step_state.block_inputs(verified_id.contiguous(), seq_lens.contiguous(), req_pool_indices.contiguous(),
+                                       req_to_token, budget_table, mask_token_id, block_size)
+    return reference.block_inputs_ref(verified_id, seq_lens, req_pool_indices, req_to_token, budget_table,
+                                      mask_token_id, block_size)
+
+
+def advance_state(verified_id: torch.Tensor, prefix_lens: torch.Tensor, budgets: torch.Tensor,
+                  num_emitted: torch.Tensor, emitted: torch.Tensor, req_pool_indices: torch.Tensor,
+                  budget_table: torch.Tensor, seq_lens_dtype: torch.dtype):
+    """The overlap loop's device state after a verdict; see
+    :func:`dflash_sglang.ops.reference.advance_state_ref` (``budget_table`` is mutated)."""
+    device = prefix_lens.device
+    for name, tensor in (("verified_id", verified_id), ("prefix_lens", prefix_lens), ("budgets", budgets),
+                         ("budget_table", budget_table)):
+        _check_tensor(name, tensor, 1, (torch.int64,), device)
+    _check_tensor("num_emitted", num_emitted, 1, (torch.int32, torch.int64), device)
+    _check_tensor("emitted", emitted, 2, (torch.int64,), device)
+    _check_tensor("req_pool_indices", req_pool_indices, 1, (torch.int32, torch.int64), device)
+    bs = prefix_lens.shape[0]
+    _check(all(t.shape[0] == bs for t in (verified_id, budgets, num_emitted, emitted, req_pool_indices)),
+           f"every per-request input must have bs={bs} rows")
+    _check(emitted.stride(1) == 1, "emitted needs unit stride in its last dim")
+    if use_triton_for(prefix_lens):
+        from dflash_sglang.ops import step_state
+
+        return step_state.advance_state(verified_id.contiguous(), prefix_lens.contiguous(), budgets.contiguous(),
+                                        num_emitted.contiguous(), emitted, req_pool_indices.contiguous(),
+                                        budget_table, seq_lens_dtype)
+    return reference.advance_state_ref(verified_id, prefix_lens, budgets, num_emitted, emitted, req_pool_indices,
+                                       budget_table, seq_lens_dtype)
+
+
+def paged_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> None:
+    """A batch's paged prefix listing, into ``kv_indptr`` [bs + 1] and ``kv_indices``; see
+    :func:`dflash_sglang.ops.reference.paged_kv_indices_ref`."""
+    device = seq_lens.device
+    _check_tensor("req_to_token", req_to_token, 2, (torch.int32, torch.int64), device)
+    _check(req_to_token.stride(1) == 1, "req_to_token needs unit stride in its last dim")
+    _check_tensor("req_pool_indices", req_pool_indices, 1, (torch.int32, torch.int64), device)
+    _check_tensor("seq_lens", seq_lens, 1, (torch.int32, torch.int64), device)
+    _check_tensor("kv_indptr", kv_indptr, 1, (torch.int32, torch.int64), device)
+    _check_tensor("kv_indices", kv_indices, 1, (torch.int32, torch.int64), device)
+    _check(kv_indptr.stride(0) == 1 and kv_indices.stride(0) == 1, "kv_indptr and kv_indices must be contiguous")
+    bs = seq_lens.shape[0]
+    _check(req_pool_indices.shape[0] == bs and kv_indptr.shape[0] == bs + 1,
+           f"req_pool_indices {tuple(req_pool_indices.shape)} must have bs={bs} entries and kv_indptr "
+           f"{tuple(kv_indptr.shape)} bs + 1")
+    if use_triton_for(seq_lens):
+        from dflash_sglang.ops import paged_kv
+
+        paged_kv.paged_kv_indices(req_to_token, req_pool_indices.contiguous(), seq_lens.contiguous(), kv_indptr,
+                                  kv_indices)
+    else:
+        reference.paged_kv_indices_ref(req_to_token, req_pool_indices, seq_lens, kv_indptr, kv_indices)

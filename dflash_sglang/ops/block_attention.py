@@ -36,18 +36,22 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 BLOCK_N = 64  # prefix keys per tile
+MIN_SPLIT = 64  # prefix keys a split takes at least (a multiple of BLOCK_N)
 MERGE_ROWS = 8  # query rows per merge program: at batch 1, 8 KV heads x 8 row groups of a 64-row block
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 @triton.jit
-def _split_size(length, num_splits, BLOCK_N: tl.constexpr):
-    """Prefix keys per split: an even share of ``length``, rounded up to whole tiles (0 for no prefix)."""
-    return ((length + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+def _split_size(length, num_splits, min_split, BLOCK_N: tl.constexpr):
+    """Prefix keys per split: an even share of ``length``, rounded up to whole tiles, and at least ``min_split``
+    (a multiple of BLOCK_N): a short prefix fills fewer splits, so fewer partials are written and merged."""
+    even = ((length + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return tl.maximum(even, min_split)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "min_split"])
 def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_part, Lse_part, qk_scale, num_splits,
+             min_split,
              stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok, stride_vb_head,
              stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head,
              BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
@@ -69,7 +73,7 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
     if split < num_splits:  # a slice of the cached prefix
         start = tl.load(kv_indptr + req)
         length = tl.load(kv_indptr + req + 1) - start
-        per_split = _split_size(length, num_splits, BLOCK_N)
+        per_split = _split_size(length, num_splits, min_split, BLOCK_N)
         lo = split * per_split
         hi = tl.minimum(lo + per_split, length)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -118,8 +122,8 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
     tl.store(Lse_part + part * BLOCK_M + rows, tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf")))
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge(O_part, Lse_part, O, kv_indptr, num_splits, stride_o_tok, stride_o_head,
+@triton.jit(do_not_specialize=["num_splits", "min_split"])
+def _merge(O_part, Lse_part, O, kv_indptr, num_splits, min_split, stride_o_tok, stride_o_head,
            BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_ROWS: tl.constexpr):
     req = tl.program_id(0)
@@ -129,7 +133,7 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, stride_o_tok, stride_o_he
     dims = tl.arange(0, BLOCK_D)
     first = (req * num_kv_heads + kv_head) * (num_splits + 1)
     length = tl.load(kv_indptr + req + 1) - tl.load(kv_indptr + req)
-    live_splits = tl.minimum(num_splits, tl.cdiv(length, tl.maximum(_split_size(length, num_splits, BLOCK_N), 1)))
+    live_splits = tl.minimum(num_splits, tl.cdiv(length, _split_size(length, num_splits, min_split, BLOCK_N)))
 
     # The block's partial first: its log-sum-exp is finite for every row, so no -inf - -inf below.
     m_i = tl.load(Lse_part + (first + num_splits) * BLOCK_M + rows)
@@ -166,13 +170,14 @@ def split_count(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
 def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
                     causal: bool, sm_scale: float, out: torch.Tensor | None = None,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, min_split: int = MIN_SPLIT) -> torch.Tensor:
     """Attention of ``bs`` blocks of ``block_size`` query tokens; see ``block_attention_ref`` for the shapes.
 
     ``q`` [bs * B, Hq, D] and ``k_block``, ``v_block`` [bs * B, Hkv, D] may be strided views (unit stride in
     the last dim); ``k_cache``, ``v_cache`` [slots, Hkv, D]; ``kv_indptr`` [bs + 1] int32 and ``kv_indices``
     (int32/int64) list each request's prefix slots. ``splits``: prefix splits per (request, KV head), by
-    default :func:`split_count` for this device. Returns ``out`` (or a new tensor) [bs * B, Hq, D].
+    default :func:`split_count` for this device; each takes at least ``min_split`` prefix keys (rounded up to
+    whole tiles). Returns ``out`` (or a new tensor) [bs * B, Hq, D].
     """
     batch_size = kv_indptr.numel() - 1
     num_tokens, num_heads, head_dim = q.shape
@@ -190,6 +195,7 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     splits = splits or split_count(batch_size, num_kv_heads, _num_sms(q.device))
+    min_split = max(BLOCK_N, -(-min_split // BLOCK_N) * BLOCK_N)
     block_m = max(16, triton.next_power_of_2(block_size * group))
     block_d = triton.next_power_of_2(head_dim)
     o_part = torch.empty(batch_size * num_kv_heads * (splits + 1), block_m, block_d, dtype=torch.float32,
@@ -200,11 +206,11 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     num_warps = 8 if block_m * block_d >= 64 * 256 else 4
     _partial[(batch_size, num_kv_heads, splits + 1)](
         q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, o_part, lse_part, sm_scale * LOG2E, splits,
-        q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0), v_block.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        min_split, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
+        v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         CAUSAL=causal, BLOCK_N=BLOCK_N, BLOCK_KB=max(16, triton.next_power_of_2(block_size)), **shape,
         num_warps=num_warps, num_stages=2)
     _merge[(batch_size, num_kv_heads, block_m // MERGE_ROWS)](
-        o_part, lse_part, out, kv_indptr, splits, out.stride(0), out.stride(1), **shape, BLOCK_N=BLOCK_N,
+        o_part, lse_part, out, kv_indptr, splits, min_split, out.stride(0), out.stride(1), **shape, BLOCK_N=BLOCK_N,
         MERGE_ROWS=MERGE_ROWS, num_warps=4)
     return out

@@ -12,6 +12,13 @@ written for clarity, with fp32 arithmetic.
   and new sequence lengths; greedy or speculative rejection sampling with caller-given uniforms.
 * :func:`block_attention_ref` -- the attention of blocks of query tokens over a paged prefix and the block
   itself (causal or not): the Triton kernel of ``ops/block_attention.py``.
+* :func:`argmax_ref` -- the greedy choice of each row of logits (first index of the maximum, as
+  ``torch.argmax``): the Triton kernel of ``ops/argmax_kernel.py``.
+* :func:`paged_kv_indices_ref` -- a batch's paged prefix listing (``kv_indptr``, ``kv_indices``) as the
+  attention kernels read it: the Triton kernel of ``ops/paged_kv.py``.
+* :func:`block_inputs_ref` and :func:`advance_state_ref` -- the overlap loop's per-step bookkeeping on the
+  device (the inputs of a step from the state the previous step left; that state advanced by the verdict):
+  the Triton kernels of ``ops/step_state.py``.
 """
 
 from __future__ import annotations
@@ -198,3 +205,77 @@ def block_attention_ref(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.T
         probs = scores.masked_fill(~visible.to(scores.device), float("-inf")).softmax(dim=-1)
         out[rows] = torch.einsum("hts,shd->thd", probs, values).to(q.dtype)
     return out
+
+
+def argmax_ref(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The index of each row's maximum (the first one on ties): ``logits`` [..., V] float -> [...] int64,
+    written into ``out`` (same leading shape; may be a strided view) when given."""
+    choice = logits.argmax(dim=-1)
+    if out is None:
+        return choice
+    out.copy_(choice)
+    return out
+
+
+def block_inputs_ref(verified_id: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor,
+                     req_to_token: torch.Tensor, budget_table: torch.Tensor, mask_token_id: int,
+                     block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs of one decode step of the overlap loop, from the state the previous step left on the device.
+
+    Args:
+        verified_id: [bs] int64, each request's last token t0 (no KV yet).
+        seq_lens: [bs] int32/int64, its committed tokens (the block starts at this position).
+        req_pool_indices: [bs] int32/int64, its row of ``req_to_token`` and ``budget_table``.
+        req_to_token: [rows, width] int32, the KV slot of each (row, position); the block's slots were
+            assigned there before the step. A position past ``width`` reads slot 0 (SGLang's padding slot).
+        budget_table: [rows] int64, how many more tokens each request may emit.
+        mask_token_id, block_size: the drafter's mask token and B.
+    Returns:
+        (block_input [bs, B] int64: [t0, mask, ..., mask],
+         positions [bs, B] int64: seq_lens + 0 .. B-1,
+         block_slots [bs, B] int64: the KV slots of those positions,
+         prefix_lens [bs] int64: seq_lens,
+         budgets [bs] int64: the requests' rows of ``budget_table``.)
+    """
+    prefix_lens = seq_lens.to(torch.int64)
+    rows = req_pool_indices.to(torch.int64)
+    positions = prefix_lens[:, None] + torch.arange(block_size, device=seq_lens.device)[None, :]
+    inside = positions < req_to_token.shape[1]
+    block_slots = req_to_token[rows[:, None], positions.clamp(max=req_to_token.shape[1] - 1)].to(torch.int64)
+    block_slots = torch.where(inside, block_slots, torch.zeros_like(block_slots))
+    block_input = torch.full_like(positions, mask_token_id)
+    block_input[:, 0] = verified_id
+    return block_input, positions, block_slots, prefix_lens, budget_table[rows]
+
+
+def advance_state_ref(verified_id: torch.Tensor, prefix_lens: torch.Tensor, budgets: torch.Tensor,
+                      num_emitted: torch.Tensor, emitted: torch.Tensor, req_pool_indices: torch.Tensor,
+                      budget_table: torch.Tensor, seq_lens_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The overlap loop's state after a step's verdict (``verify_block``'s ``num_emitted`` [bs] int32 and
+    ``emitted`` [bs, B] int64), for the next step to start from without a host read.
+
+    ``budget_table[req_pool_indices]`` becomes ``budgets - num_emitted`` (mutated). Returns
+    (next verified_id [bs] int64: the last emitted token, or ``verified_id`` where nothing was emitted,
+     new seq_lens [bs] in ``seq_lens_dtype``: ``prefix_lens + num_emitted``,
+     accept_lens [bs] int32: ``max(num_emitted, 1)``, the tokens whose KV the step kept.)
+    """
+    n = num_emitted.to(torch.int64)
+    budget_table[req_pool_indices.to(torch.int64)] = budgets - n
+    last = emitted.gather(1, (n - 1).clamp(min=0)[:, None]).squeeze(1)
+    next_id = torch.where(n > 0, last, verified_id)
+    return next_id, (prefix_lens + n).to(seq_lens_dtype), n.clamp(min=1).to(torch.int32)
+
+
+def paged_kv_indices_ref(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                         kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> None:
+    """Fills ``kv_indptr`` [bs + 1] (0, then the running sum of ``seq_lens``) and ``kv_indices`` (request i's
+    prefix slots ``req_to_token[req_pool_indices[i], :seq_lens[i]]`` at ``kv_indptr[i] .. kv_indptr[i + 1]``),
+    in their own dtypes; entries of ``kv_indices`` past the total are left alone."""
+    lengths = seq_lens.to(torch.int64)
+    kv_indptr[0] = 0
+    kv_indptr[1:lengths.shape[0] + 1] = lengths.cumsum(0).to(kv_indptr.dtype)
+    rows = [req_to_token[int(row), :int(length)] for row, length in zip(req_pool_indices, lengths)]
+    if rows:
+        listing = torch.cat(rows)
+        kv_indices[:listing.shape[0]] = listing.to(kv_indices.dtype)

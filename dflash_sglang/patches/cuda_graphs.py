@@ -110,7 +110,9 @@ def patch_triton_backend(backend) -> None:
     """Lets ``TritonAttnBackend`` capture and replay TARGET_VERIFY graphs for verify inputs without a custom
     mask: upstream's ``init_forward_metadata_capture_cuda_graph`` / ``..._replay_cuda_graph`` copy
     ``spec_info.custom_mask`` into a buffer (EAGLE trees always have one). With no mask the captured
-    attention is the same causal-chain (or ENCODER_ONLY non-causal) pass as the eager one. Wraps
+    attention is the same causal-chain (or ENCODER_ONLY non-causal) pass as the eager one, and a replay
+    refreshes only what it reads, ``kv_indptr`` and ``kv_indices``, in one kernel (``ops.paged_kv_indices``;
+    upstream: about ten, for the query index, mask and mask index too). Wraps
     ``forward_extend`` so those passes run the split-KV block kernel (upstream: its extend kernel, one program
     per request and query head walking the whole prefix; ``DFLASH_BLOCK_ATTENTION=off`` keeps it)."""
     original_capture = backend.init_forward_metadata_capture_cuda_graph
@@ -118,6 +120,7 @@ def patch_triton_backend(backend) -> None:
     original_forward_extend = backend.forward_extend
     from sglang.srt.layers.radix_attention import AttentionType
 
+    from dflash_sglang import ops
     from dflash_sglang.ops.block_attention import block_attention
 
     def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
@@ -131,10 +134,17 @@ def patch_triton_backend(backend) -> None:
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                                 forward_mode, spec_info, seq_lens_cpu):
-        if _mask_free(forward_mode, spec_info):
-            spec_info = _WithoutCustomMask(spec_info)
-        return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
-                               spec_info, seq_lens_cpu)
+        if not _mask_free(forward_mode, spec_info):
+            return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
+                                   spec_info, seq_lens_cpu)
+        if self.sliding_window_size is not None and self.sliding_window_size > 0:
+            return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
+                                   _WithoutCustomMask(spec_info), seq_lens_cpu)
+        # The graph reads kv_indptr / kv_indices; its qo_indptr (i * B) was written at capture, and the mask
+        # index is unread without a mask.
+        bs = len(req_pool_indices)
+        ops.paged_kv_indices(self.req_to_token, req_pool_indices, seq_lens[:bs], self.kv_indptr[:bs + 1],
+                             self.cuda_graph_kv_indices)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
         if not _runs_block_attention(self, q, k, v, layer, forward_batch, sinks):
