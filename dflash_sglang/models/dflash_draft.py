@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The DFlash drafter as an SGLang model (``architectures: ["DFlashDraftModel"]``).
 
-Built from SGLang's layers (RMSNorm, rotary embedding, RadixAttention on the drafter's own KV pool and
-attention backend); numerically the same model as ``dflash_sglang.model.DFlashDrafter``.
+Built from SGLang's layers (RMSNorm, rotary embedding, SiLU-and-multiply, RadixAttention on the drafter's own KV
+pool and attention backend), with each layer's q/k/v and gate/up projections fused into one GEMM each;
+numerically the same model as ``dflash_sglang.model.DFlashDrafter``.
 
 Two entry points, both used by ``dflash_sglang.worker``:
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang.srt.distributed import get_tensor_model_parallel_world_size
+from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
@@ -49,8 +51,10 @@ class DFlashDraftAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.q_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        # q_proj, k_proj and v_proj rows in one GEMM (k/v rows also sit in the model's stacked kv_weight).
+        self.qkv_weight = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, config.hidden_size),
+                                       requires_grad=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = get_rope(self.head_dim, rotary_dim=self.head_dim, max_position=max_position,
@@ -62,11 +66,8 @@ class DFlashDraftAttention(nn.Module):
             attn_type=AttentionType.DECODER if config.layer_is_causal(layer_id) else AttentionType.ENCODER_ONLY,
             prefix=f"layers.{layer_id}.self_attn.attn")
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_weight: torch.Tensor,
-                forward_batch: ForwardBatch) -> torch.Tensor:
-        """kv_weight: [2 * kv_size, hidden], this layer's rows of the model's stacked K/V weights."""
-        q = self.q_proj(hidden)
-        k, v = F.linear(hidden, kv_weight).split([self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = F.linear(hidden, self.qkv_weight).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
@@ -76,12 +77,14 @@ class DFlashDraftAttention(nn.Module):
 class DFlashDraftMLP(nn.Module):
     def __init__(self, config: DFlashDraftConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        # gate_proj then up_proj rows, one GEMM; SGLang's fused SiLU-and-multiply.
+        self.gate_up_weight = nn.Parameter(torch.empty(2 * config.intermediate_size, config.hidden_size),
+                                           requires_grad=False)
+        self.act = SiluAndMul()
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(F.linear(x, self.gate_up_weight)))
 
 
 class DFlashDraftLayer(nn.Module):
@@ -93,13 +96,13 @@ class DFlashDraftLayer(nn.Module):
         self.mlp = DFlashDraftMLP(config)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                kv_weight: torch.Tensor, forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+                forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_weight, forward_batch)
+        hidden = self.self_attn(positions, hidden, forward_batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -113,6 +116,9 @@ class DFlashDraftModel(nn.Module):
             raise NotImplementedError("the DFlash drafter runs with tensor parallel size 1 only for now")
         if quant_config is not None:
             raise NotImplementedError("quantized DFlash drafters are not supported; serve the bf16 checkpoint")
+        if config.to_dict().get("attention_bias"):
+            raise NotImplementedError("DFlash drafters with attention biases (attention_bias: true) are not supported; "
+                                      "the released z-lab drafters have none")
         self.config = config
         self.draft_config = DFlashDraftConfig.from_dict(config.to_dict())
         draft = self.draft_config
@@ -146,8 +152,8 @@ class DFlashDraftModel(nn.Module):
         if self.draft_config.input_embedding_scale is not None:
             hidden = hidden * self.draft_config.input_embedding_scale
         residual = None
-        for layer, kv_weight in zip(self.layers, self.kv_weight):
-            hidden, residual = layer(positions, hidden, residual, kv_weight, forward_batch)
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, forward_batch)
         hidden, _ = self.norm(hidden, residual)
         return LogitsProcessorOutput(next_token_logits=self.compute_logits(hidden))
 
@@ -192,24 +198,37 @@ class DFlashDraftModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads released checkpoint tensors; missing/unexpected/mis-shaped names raise listing them."""
+        """Loads released checkpoint tensors; missing/unexpected/mis-shaped names raise listing them. Each layer's
+        q/k/v_proj go into its fused ``qkv_weight`` (k/v also into the stacked ``kv_weight``), gate/up_proj into
+        its ``gate_up_weight``."""
         draft = self.draft_config
-        kv_size = draft.num_key_value_heads * draft.head_dim
+        q_size, kv_size = draft.num_attention_heads * draft.head_dim, draft.num_key_value_heads * draft.head_dim
+        intermediate = draft.intermediate_size
+        fused_rows = {"self_attn.q_proj": ("self_attn.qkv_weight", 0, q_size),
+                      "self_attn.k_proj": ("self_attn.qkv_weight", q_size, kv_size),
+                      "self_attn.v_proj": ("self_attn.qkv_weight", q_size + kv_size, kv_size),
+                      "mlp.gate_proj": ("mlp.gate_up_weight", 0, intermediate),
+                      "mlp.up_proj": ("mlp.gate_up_weight", intermediate, intermediate)}
         params = dict(self.named_parameters())
-        expected = {name: tuple(p.shape) for name, p in params.items() if name != "kv_weight"}
+        expected = {name: tuple(p.shape) for name, p in params.items()
+                    if name != "kv_weight" and not name.endswith(("qkv_weight", "gate_up_weight"))}
         for i in range(draft.num_hidden_layers):
-            for proj in ("k_proj", "v_proj"):
-                expected[f"layers.{i}.self_attn.{proj}.weight"] = (kv_size, draft.hidden_size)
+            for source, (_, _, rows) in fused_rows.items():
+                expected[f"layers.{i}.{source}.weight"] = (rows, draft.hidden_size)
         loaded: dict[str, tuple[int, ...]] = {}
         for raw_name, tensor in weights:
             name = canonical_name(raw_name)
             loaded[name] = tuple(tensor.shape)
             if name not in expected or tuple(tensor.shape) != expected[name]:
                 continue  # reported together below
-            if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-                layer = int(name.split(".")[1])
-                rows = slice(0, kv_size) if ".k_proj." in name else slice(kv_size, 2 * kv_size)
-                self.kv_weight.data[layer, rows].copy_(tensor)
+            parts = name.split(".")
+            source = ".".join(parts[2:4]) if parts[0] == "layers" else None
+            if source in fused_rows:
+                layer = int(parts[1])
+                target, start, rows = fused_rows[source]
+                params[f"layers.{layer}.{target}"].data[start:start + rows].copy_(tensor)
+                if source in ("self_attn.k_proj", "self_attn.v_proj"):
+                    self.kv_weight.data[layer, start - q_size:start - q_size + rows].copy_(tensor)
             else:
                 params[name].data.copy_(tensor)
         check_state_dict(loaded, expected, "DFlash drafter checkpoint")
