@@ -10,7 +10,8 @@ writes JSON (``--out``) with the device, commit and settings. Without CUDA it sa
 
 With ``--graph`` it times instead what a model's CUDA graph sees: ``LAYERS`` calls, each over its own layer's
 KV cache, captured in one graph and replayed (per-call time = replay time / LAYERS, launch gaps included), for
-the verify pass's causal block attention at several ``min_split`` values and, as the plain decoding step's
+the verify pass's causal block attention at several split counts (``auto``: ``split_count``) and, as the plain
+decoding step's
 counterpart, SGLang's triton decode attention (one query token per request, ``triton_attention_num_kv_splits``
 default 8) over the same caches.
 
@@ -35,7 +36,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 PREFIXES = (512, 4096)
 BATCHES = (1, 8, 32)
 LAYERS = 36
-MIN_SPLITS = (64, 128, 256, 512)
+SPLITS = (None, 1, 2, 4, 8, 16)  # None: split_count's choice
 DECODE_KV_SPLITS = 8
 
 
@@ -86,23 +87,28 @@ def graph_us(calls, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def labels_of(splits: tuple) -> list[str]:
+    return ["auto" if count is None else f"S={count}" for count in splits]
+
+
 def bench_in_graphs(report: dict) -> None:
     from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 
     from dflash_sglang.ops.block_attention import block_attention
 
-    print(f"{'batch':>5} {'prefix':>6} " + " ".join(f"{'min ' + str(m):>9}" for m in MIN_SPLITS)
+    labels = labels_of(SPLITS)
+    print(f"{'batch':>5} {'prefix':>6} " + " ".join(f"{label:>8}" for label in labels)
           + f" {'decode':>9}   (us per layer, {LAYERS} layers in one graph)")
     for prefix in PREFIXES:
         for batch in BATCHES:
             layers = [case_inputs(batch, prefix) for _ in range(LAYERS)]
             outs = [torch.empty_like(layer["q"]) for layer in layers]
             row = {"batch": batch, "prefix": prefix, "layers": LAYERS, "block_us": {}}
-            for min_split in MIN_SPLITS:
-                row["block_us"][min_split] = graph_us([
+            for splits, label in zip(SPLITS, labels):
+                row["block_us"][label] = graph_us([
                     (lambda layer=layer, out=out: block_attention(**layer, block_size=BLOCK, causal=True,
                                                                   sm_scale=HEAD_DIM ** -0.5, out=out,
-                                                                  min_split=min_split))
+                                                                  splits=splits))
                     for layer, out in zip(layers, outs)])
             # The decode step's attention: each request's last query token over the same prefix.
             q1 = [layer["q"].view(batch, BLOCK, HEADS, HEAD_DIM)[:, -1].contiguous() for layer in layers]
@@ -116,7 +122,7 @@ def bench_in_graphs(report: dict) -> None:
                     splits, DECODE_KV_SPLITS, HEAD_DIM ** -0.5, 1.0, 1.0))
                 for layer, q, o in zip(layers, q1, o1)])
             report["graph_cases"].append(row)
-            print(f"{batch:>5} {prefix:>6} " + " ".join(f"{row['block_us'][m]:>9.1f}" for m in MIN_SPLITS)
+            print(f"{batch:>5} {prefix:>6} " + " ".join(f"{row['block_us'][label]:>8.1f}" for label in labels)
                   + f" {row['decode_us']:>9.1f}", flush=True)
             del layers, outs, q1, o1
             torch.cuda.empty_cache()
@@ -134,7 +140,7 @@ def main() -> int:
     if args.graph:
         report = {**provenance(args.commit), "settings": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                                                           "block": BLOCK, "dtype": "bfloat16", "layers": LAYERS,
-                                                          "min_splits": list(MIN_SPLITS),
+                                                          "splits": labels_of(SPLITS),
                                                           "decode_kv_splits": DECODE_KV_SPLITS},
                   "graph_cases": []}
         bench_in_graphs(report)

@@ -14,15 +14,18 @@ for a block instead:
 
 * ``_partial``: one program per (request, KV head, split). It holds all ``B x G`` query rows of the KV
   head's ``G`` query heads, so every K/V tile it loads serves all of them (one ``tl.dot`` of ``B*G`` rows).
-  Programs ``0 .. S-1`` each take a contiguous slice of the prefix; program ``S`` takes the block's own keys
-  with the causal mask. Each writes its normalized partial output and log-sum-exp (fp32).
-* ``_merge``: one program per (request, KV head, 8 query rows) combines the block's partial and those of the
-  splits that hold prefix keys by their log-sum-exp. (One program per (request, KV head) took 12 us per
-  layer at batch 1 on the H100, more than ``_partial``'s 7 us: 8 programs each reading 17 partials.)
+  Split ``s`` takes the ``s``-th contiguous slice of the prefix; split 0 also takes the block's own keys
+  (with the causal mask), so it always holds keys. With one split (large batches) the program writes the
+  output itself; otherwise each live split writes its normalized partial output and log-sum-exp (fp32).
+* ``_merge``: one program per (request, KV head, 8 query rows) combines the partials of the live splits by
+  their log-sum-exp. (One program per (request, KV head) took 12 us per layer at batch 1 on the H100, more
+  than ``_partial``'s 7 us: 8 programs each reading 17 partials.)
 
 The split count ``S`` depends only on the batch size and head count (so a CUDA graph captures a fixed grid)
-and is a runtime argument (one compiled kernel for every batch size); the prefix slice of each split is
-computed on the device from the live prefix length.
+and is a runtime argument (one compiled kernel for every batch size above one split); the prefix slice of
+each split is computed on the device from the live prefix length. A partial is ``B*G x head_dim`` fp32
+(32 KB for Qwen3-8B), as much as 64 prefix keys of the KV head: ``S`` gives about one wave of programs and
+no more, since at 32 requests over 512-token prefixes the partials' traffic, not the KV's, set the time.
 """
 
 from __future__ import annotations
@@ -36,30 +39,45 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 BLOCK_N = 64  # prefix keys per tile
-MIN_SPLIT = 64  # prefix keys a split takes at least (a multiple of BLOCK_N)
 MERGE_ROWS = 8  # query rows per merge program: at batch 1, 8 KV heads x 8 row groups of a 64-row block
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 @triton.jit
-def _split_size(length, num_splits, min_split, BLOCK_N: tl.constexpr):
-    """Prefix keys per split: an even share of ``length``, rounded up to whole tiles, and at least ``min_split``
-    (a multiple of BLOCK_N): a short prefix fills fewer splits, so fewer partials are written and merged."""
-    even = ((length + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    return tl.maximum(even, min_split)
+def _split_size(length, num_splits, BLOCK_N: tl.constexpr):
+    """Prefix keys per split: an even share of ``length``, rounded up to whole tiles (at least one tile)."""
+    return tl.maximum(((length + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_split"])
-def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_part, Lse_part, qk_scale, num_splits,
-             min_split,
+@triton.jit
+def _store_rows(O, values, req, kv_head, rows, dims, stride_o_tok, stride_o_head,
+                BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Writes rows (token * GROUP + query head in the group) of a KV head's output in O's dtype."""
+    token = rows // GROUP
+    o_offsets = (req * BLOCK_SIZE + token)[:, None] * stride_o_tok \
+        + (kv_head * GROUP + rows % GROUP)[:, None] * stride_o_head + dims[None, :]
+    tl.store(O + o_offsets, values.to(O.dtype.element_ty),
+             mask=(rows < BLOCK_SIZE * GROUP)[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_part, Lse_part, O, qk_scale, num_splits,
              stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok, stride_vb_head,
-             stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head,
+             stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head, stride_o_tok, stride_o_head,
              BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+             DIRECT: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
+
+    start = tl.load(kv_indptr + req)
+    length = tl.load(kv_indptr + req + 1) - start
+    per_split = _split_size(length, num_splits, BLOCK_N)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, length)
+    live = (split == 0) | (lo < length)  # a split past the prefix's end has no keys and writes nothing
 
     rows = tl.arange(0, BLOCK_M)  # row = token * GROUP + (query head within the KV head's group)
     token = rows // GROUP
@@ -70,33 +88,10 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
         + (kv_head * GROUP + rows % GROUP)[:, None] * stride_q_head + dims[None, :]
     q = tl.load(Q + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
-    if split < num_splits:  # a slice of the cached prefix
-        start = tl.load(kv_indptr + req)
-        length = tl.load(kv_indptr + req + 1) - start
-        per_split = _split_size(length, num_splits, min_split, BLOCK_N)
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, length)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):  # every tile has a valid column: m_i is finite after the first
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
-            slots = tl.load(kv_indices + start + cols, mask=col_ok, other=0).to(tl.int64)
-            tile_ok = col_ok[:, None] & dim_ok[None, :]
-            k = tl.load(K_cache + slots[:, None] * stride_kc_slot + kv_head * stride_kc_head + dims[None, :],
-                        mask=tile_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            v = tl.load(V_cache + slots[:, None] * stride_vc_slot + kv_head * stride_vc_head + dims[None, :],
-                        mask=tile_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-    else:  # the block's own keys
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if split == 0:  # the block's own keys first: key 0 is visible to every row, so m_i is finite after them
         cols = tl.arange(0, BLOCK_KB)
         col_ok = cols < BLOCK_SIZE
         tile_ok = col_ok[:, None] & dim_ok[None, :]
@@ -105,7 +100,7 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
                     mask=tile_ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = col_ok[None, :]
-        if CAUSAL:  # key 0 is visible to every row, so every row's max is finite
+        if CAUSAL:
             visible = visible & (cols[None, :] <= token[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_i = tl.max(s, 1)
@@ -114,16 +109,37 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
                     mask=tile_ok, other=0.0)
         acc = tl.dot(p.to(v.dtype), v)
         l_i = tl.sum(p, 1)
+    for n0 in range(lo, hi, BLOCK_N):  # every tile has a valid column: m_i is finite after the first
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        slots = tl.load(kv_indices + start + cols, mask=col_ok, other=0).to(tl.int64)
+        tile_ok = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K_cache + slots[:, None] * stride_kc_slot + kv_head * stride_kc_head + dims[None, :],
+                    mask=tile_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        v = tl.load(V_cache + slots[:, None] * stride_vc_slot + kv_head * stride_vc_head + dims[None, :],
+                    mask=tile_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
 
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    part = (req * num_kv_heads + kv_head) * (num_splits + 1) + split
-    tl.store(O_part + part * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :], acc / l_safe[:, None])
-    tl.store(Lse_part + part * BLOCK_M + rows, tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf")))
+    if DIRECT:  # one split: this program saw every key
+        _store_rows(O, acc / l_i[:, None], req, kv_head, rows, dims, stride_o_tok, stride_o_head,
+                    BLOCK_SIZE, GROUP, HEAD_DIM)
+    else:
+        part = (req * num_kv_heads + kv_head) * num_splits + split
+        l_safe = tl.where(live, l_i, 1.0)
+        tl.store(O_part + part * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :],
+                 acc / l_safe[:, None], mask=live)
+        tl.store(Lse_part + part * BLOCK_M + rows, m_i + tl.log2(l_safe), mask=live)
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_split"])
-def _merge(O_part, Lse_part, O, kv_indptr, num_splits, min_split, stride_o_tok, stride_o_head,
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge(O_part, Lse_part, O, kv_indptr, num_splits, stride_o_tok, stride_o_head,
            BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_ROWS: tl.constexpr):
     req = tl.program_id(0)
@@ -131,15 +147,15 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, min_split, stride_o_tok, 
     num_kv_heads = tl.num_programs(1)
     rows = tl.program_id(2) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
     dims = tl.arange(0, BLOCK_D)
-    first = (req * num_kv_heads + kv_head) * (num_splits + 1)
+    first = (req * num_kv_heads + kv_head) * num_splits
     length = tl.load(kv_indptr + req + 1) - tl.load(kv_indptr + req)
-    live_splits = tl.minimum(num_splits, tl.cdiv(length, _split_size(length, num_splits, min_split, BLOCK_N)))
+    live_splits = tl.minimum(num_splits, tl.cdiv(length, _split_size(length, num_splits, BLOCK_N)))
 
-    # The block's partial first: its log-sum-exp is finite for every row, so no -inf - -inf below.
-    m_i = tl.load(Lse_part + (first + num_splits) * BLOCK_M + rows)
+    # Split 0 holds the block's keys: its log-sum-exp is finite for every row, so no -inf - -inf below.
+    m_i = tl.load(Lse_part + first * BLOCK_M + rows)
     l_i = tl.full([MERGE_ROWS], 1.0, tl.float32)
-    acc = tl.load(O_part + (first + num_splits) * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :])
-    for split in range(live_splits):  # the splits past the prefix's end hold no keys
+    acc = tl.load(O_part + first * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :])
+    for split in range(1, live_splits):  # the splits past the prefix's end wrote nothing
         lse = tl.load(Lse_part + (first + split) * BLOCK_M + rows)
         part = tl.load(O_part + (first + split) * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :])
         m_new = tl.maximum(m_i, lse)
@@ -148,13 +164,8 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, min_split, stride_o_tok, 
         acc = acc * alpha[:, None] + part * weight[:, None]
         l_i = l_i * alpha + weight
         m_i = m_new
-
-    token = rows // GROUP
-    row_ok = rows < BLOCK_SIZE * GROUP
-    o_offsets = (req * BLOCK_SIZE + token)[:, None] * stride_o_tok \
-        + (kv_head * GROUP + rows % GROUP)[:, None] * stride_o_head + dims[None, :]
-    tl.store(O + o_offsets, (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
+    _store_rows(O, acc / l_i[:, None], req, kv_head, rows, dims, stride_o_tok, stride_o_head,
+                BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
 @functools.cache
@@ -163,21 +174,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 def split_count(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
-    """Prefix splits per (request, KV head): enough programs for about two waves of the GPU's SMs."""
-    return max(1, min(MAX_SPLITS, -(-2 * num_sms // (batch_size * num_kv_heads))))
+    """Prefix splits per (request, KV head): about one wave of programs over the GPU's SMs."""
+    return max(1, min(MAX_SPLITS, -(-num_sms // (batch_size * num_kv_heads))))
 
 
 def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
                     causal: bool, sm_scale: float, out: torch.Tensor | None = None,
-                    splits: int | None = None, min_split: int = MIN_SPLIT) -> torch.Tensor:
+                    splits: int | None = None) -> torch.Tensor:
     """Attention of ``bs`` blocks of ``block_size`` query tokens; see ``block_attention_ref`` for the shapes.
 
     ``q`` [bs * B, Hq, D] and ``k_block``, ``v_block`` [bs * B, Hkv, D] may be strided views (unit stride in
     the last dim); ``k_cache``, ``v_cache`` [slots, Hkv, D]; ``kv_indptr`` [bs + 1] int32 and ``kv_indices``
     (int32/int64) list each request's prefix slots. ``splits``: prefix splits per (request, KV head), by
-    default :func:`split_count` for this device; each takes at least ``min_split`` prefix keys (rounded up to
-    whole tiles). Returns ``out`` (or a new tensor) [bs * B, Hq, D].
+    default :func:`split_count` for this device. Returns ``out`` (or a new tensor) [bs * B, Hq, D].
     """
     batch_size = kv_indptr.numel() - 1
     num_tokens, num_heads, head_dim = q.shape
@@ -195,22 +205,24 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     splits = splits or split_count(batch_size, num_kv_heads, _num_sms(q.device))
-    min_split = max(BLOCK_N, -(-min_split // BLOCK_N) * BLOCK_N)
     block_m = max(16, triton.next_power_of_2(block_size * group))
     block_d = triton.next_power_of_2(head_dim)
-    o_part = torch.empty(batch_size * num_kv_heads * (splits + 1), block_m, block_d, dtype=torch.float32,
-                         device=q.device)
-    lse_part = torch.empty(batch_size * num_kv_heads * (splits + 1), block_m, dtype=torch.float32, device=q.device)
+    direct = splits == 1
+    parts = 0 if direct else batch_size * num_kv_heads * splits
+    o_part = torch.empty(parts, block_m, block_d, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
     shape = dict(BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d)
     # Wide heads hold a [BLOCK_M, 256] fp32 accumulator: fewer warps would spill.
     num_warps = 8 if block_m * block_d >= 64 * 256 else 4
-    _partial[(batch_size, num_kv_heads, splits + 1)](
-        q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, o_part, lse_part, sm_scale * LOG2E, splits,
-        min_split, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
+    _partial[(batch_size, num_kv_heads, splits)](
+        q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, o_part, lse_part, out, sm_scale * LOG2E,
+        splits, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
         v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        CAUSAL=causal, BLOCK_N=BLOCK_N, BLOCK_KB=max(16, triton.next_power_of_2(block_size)), **shape,
-        num_warps=num_warps, num_stages=2)
-    _merge[(batch_size, num_kv_heads, block_m // MERGE_ROWS)](
-        o_part, lse_part, out, kv_indptr, splits, min_split, out.stride(0), out.stride(1), **shape, BLOCK_N=BLOCK_N,
-        MERGE_ROWS=MERGE_ROWS, num_warps=4)
+        out.stride(0), out.stride(1), CAUSAL=causal, BLOCK_N=BLOCK_N,
+        BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, **shape, num_warps=num_warps,
+        num_stages=2)
+    if not direct:
+        _merge[(batch_size, num_kv_heads, block_m // MERGE_ROWS)](
+            o_part, lse_part, out, kv_indptr, splits, out.stride(0), out.stride(1), **shape, BLOCK_N=BLOCK_N,
+            MERGE_ROWS=MERGE_ROWS, num_warps=4)
     return out
