@@ -157,6 +157,6 @@ def test_kernel_rejects_shapes_it_does_not_cover(kernels):
 def test_split_count_fills_the_gpu():
     kernels = pytest.importorskip("dflash_sglang.ops.block_attention")
     assert kernels.split_count(1, 8, 132) == 16  # 8 x 16 programs at batch 1
-    assert kernels.split_count(8, 8, 132) == 3
+    assert kernels.split_count(8, 8, 132) == 4
     assert kernels.split_count(32, 8, 132) == 1  # one program per (request, KV head) writes the output
     assert kernels.split_count(64, 8, 132) == 1

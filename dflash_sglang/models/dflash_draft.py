@@ -35,6 +35,7 @@ from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.models.utils import apply_qk_norm
 
 from dflash_sglang import ops
 from dflash_sglang.checkpoint import canonical_name, check_state_dict
@@ -68,8 +69,8 @@ class DFlashDraftAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         q, k, v = F.linear(hidden, self.qkv_weight).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
+        # SGLang's Qwen3 q/k norm: in place on the fused output in one kernel on CUDA, per head elsewhere.
+        q, k = apply_qk_norm(q, k, self.q_norm, self.k_norm, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v.contiguous(), forward_batch))
 
