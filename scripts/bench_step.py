@@ -80,6 +80,7 @@ PAIRS = {
 BLOCK_SIZE = 16
 MASK_TOKEN_ID = 151669
 TAUS = (4.0, 6.5, 8.0)
+NOISY_SPREAD = 0.1  # (max - min) / median of a concurrency's samples above which the run says so
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -147,7 +148,12 @@ def measure_step_ms(server: ServerProcess, concurrency: int, args, speculative: 
         short = run_requests(server, prompts, args.short, speculative)
         long = run_requests(server, prompts, args.long, speculative)
         samples.append((long.wall_s - short.wall_s) / (long.steps - short.steps) * 1e3)
-    return {"step_ms": statistics.median(samples), "step_ms_samples": samples,
+    step_ms = statistics.median(samples)
+    spread = (max(samples) - min(samples)) / step_ms
+    if spread > NOISY_SPREAD:
+        print(f"  note: c={concurrency} samples {[round(x, 3) for x in samples]} ms differ by {100 * spread:.0f}%: "
+              "more --repeats or a longer --long", flush=True)
+    return {"step_ms": step_ms, "step_ms_samples": samples, "step_ms_spread": spread,
             "tokens_per_step": (long.tokens - short.tokens) / concurrency / (long.steps - short.steps)}
 
 
@@ -223,7 +229,7 @@ def main() -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--short", type=int, default=32)
-    parser.add_argument("--long", type=int, default=160)
+    parser.add_argument("--long", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention-backend", default="triton")
     parser.add_argument("--draft-attention-backends", nargs="+", default=["triton"],
