@@ -123,6 +123,9 @@ class DFlashDraftModel(nn.Module):
         self.config = config
         self.draft_config = DFlashDraftConfig.from_dict(config.to_dict())
         draft = self.draft_config
+        if draft.hidden_act != "silu":
+            raise NotImplementedError(f"drafter hidden_act {draft.hidden_act!r} is not supported; expected 'silu' "
+                                      "(the released DFlash drafters' SwiGLU MLP)")
         max_position = max(draft.max_position_embeddings, getattr(config, "max_position_embeddings", 0),
                            _server_context_length())
         kv_size = draft.num_key_value_heads * draft.head_dim
