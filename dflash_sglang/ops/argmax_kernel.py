@@ -12,11 +12,11 @@ The output may be a strided view, so the drafts go straight into the block the t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from dflash_sglang.ops import _device
 
 BLOCK_V = 2048  # logits per load in a chunk program
 MAX_CHUNKS = 64
@@ -56,11 +56,6 @@ def _pick(Values, Indices, Out, num_chunks, num_cols, stride_out_row, stride_out
     tl.store(out, index.to(tl.int64))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def chunk_count(rows: int, vocab: int, num_sms: int) -> int:
     """Chunks per row: about four programs per SM over all rows, each at least one load wide."""
     return max(1, min(MAX_CHUNKS, -(-4 * num_sms // rows), -(-vocab // BLOCK_V)))
@@ -88,7 +83,7 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None, chunks: int | 
     if rows == 0:
         return out
     out3 = out[:, None] if logits.dim() == 2 else out
-    chunks = chunks or chunk_count(rows, vocab, _num_sms(logits.device))
+    chunks = chunks or chunk_count(rows, vocab, _device.num_sms(logits.device))
     chunk_len = -(-vocab // chunks)
     values = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
     indices = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)

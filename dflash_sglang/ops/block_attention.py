@@ -30,11 +30,11 @@ fewer: at 32 requests over 512-token prefixes the partials' traffic, not the KV'
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from dflash_sglang.ops import _device
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
@@ -168,11 +168,6 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, stride_o_tok, stride_o_he
                 BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def split_count(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """Prefix splits per (request, KV head): at most two waves of programs over the GPU's SMs (measured in
     CUDA graphs on an H200, Qwen3-8B heads: the best of 1-16 splits at 1, 8 and 32 requests over 512- and
@@ -206,7 +201,7 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
             raise ValueError(f"block_attention: {name} needs unit stride in its last dim")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    splits = splits or split_count(batch_size, num_kv_heads, _num_sms(q.device))
+    splits = splits or split_count(batch_size, num_kv_heads, _device.num_sms(q.device))
     block_m = max(16, triton.next_power_of_2(block_size * group))
     block_d = triton.next_power_of_2(head_dim)
     direct = splits == 1
