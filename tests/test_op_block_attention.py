@@ -160,3 +160,13 @@ def test_split_count_fills_the_gpu():
     assert kernels.split_count(8, 8, 132) == 4
     assert kernels.split_count(32, 8, 132) == 1  # one program per (request, KV head) writes the output
     assert kernels.split_count(64, 8, 132) == 1
+
+
+def test_pipeline_stages_fit_the_shared_memory():
+    kernels = pytest.importorskip("dflash_sglang.ops.block_attention")
+    hopper, ada = 227 * 1024, 99 * 1024  # shared memory one program may opt into on an H100/H200, an RTX 4090
+    assert kernels.pipeline_stages(128, 2, hopper) == 3  # 3 x 32 KB of K/V tiles for bf16 head_dim 128
+    assert kernels.pipeline_stages(256, 2, hopper) == 3
+    assert kernels.pipeline_stages(128, 2, ada) == 2
+    assert kernels.pipeline_stages(256, 4, hopper) == 2  # fp32 head_dim 256: 3 x 128 KB would not fit
+    assert kernels.pipeline_stages(64, 2, 0) == 2  # the interpreter (no shared memory to size by)

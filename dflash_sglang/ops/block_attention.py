@@ -15,7 +15,8 @@ for a block instead:
 * ``_partial``: one program per (request, KV head, split). It holds all ``B x G`` query rows of the KV
   head's ``G`` query heads, so every K/V tile it loads serves all of them (one ``tl.dot`` of ``B*G`` rows).
   Split ``s`` takes the ``s``-th contiguous slice of the prefix; split 0 also takes the block's own keys
-  (with the causal mask), so it always holds keys. With one split (large batches) the program writes the
+  (with the causal mask), so it always holds keys. It loads them before its prefix loop and attends to them
+  after it, so the extra tile adds no memory latency to the longest program. With one split (large batches) the program writes the
   output itself; otherwise each live split writes its normalized partial output and log-sum-exp (fp32).
 * ``_merge``: one program per (request, KV head, 8 query rows) combines the partials of the live splits by
   their log-sum-exp. (One program per (request, KV head) took 12 us per layer at batch 1 on the H100, more
@@ -41,6 +42,7 @@ MAX_SPLITS = 16
 BLOCK_N = 64  # prefix keys per tile
 MERGE_ROWS = 8  # query rows per merge program: at batch 1, 8 KV heads x 8 row groups of a 64-row block
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+STAGE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the score tile and the compiler's scratch
 
 
 @triton.jit
@@ -58,6 +60,17 @@ def _store_rows(O, values, req, kv_head, rows, dims, stride_o_tok, stride_o_head
         + (kv_head * GROUP + rows % GROUP)[:, None] * stride_o_head + dims[None, :]
     tl.store(O + o_offsets, values.to(O.dtype.element_ty),
              mask=(rows < BLOCK_SIZE * GROUP)[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale):
+    """One online-softmax step: the rows of ``q`` attend to the ``visible`` keys of one K/V tile; returns the
+    updated running max (log2 domain), normalizer and unnormalized output."""
+    s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -88,27 +101,19 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
         + (kv_head * GROUP + rows % GROUP)[:, None] * stride_q_head + dims[None, :]
     q = tl.load(Q + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
+    # Split 0 also attends to the block's own keys. Their loads are issued before the prefix loop and used after
+    # it, so their latency hides behind the loop instead of lengthening split 0, the longest program.
+    block_cols = tl.arange(0, BLOCK_KB)
+    block_ok = (block_cols < BLOCK_SIZE)[:, None] & dim_ok[None, :] & (split == 0)
+    block_tok = req * BLOCK_SIZE + block_cols
+    k_block = tl.load(K_block + block_tok[:, None] * stride_kb_tok + kv_head * stride_kb_head + dims[None, :],
+                      mask=block_ok, other=0.0)
+    v_block = tl.load(V_block + block_tok[:, None] * stride_vb_tok + kv_head * stride_vb_head + dims[None, :],
+                      mask=block_ok, other=0.0)
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if split == 0:  # the block's own keys first: key 0 is visible to every row, so m_i is finite after them
-        cols = tl.arange(0, BLOCK_KB)
-        col_ok = cols < BLOCK_SIZE
-        tile_ok = col_ok[:, None] & dim_ok[None, :]
-        kv_tok = req * BLOCK_SIZE + cols
-        k = tl.load(K_block + kv_tok[:, None] * stride_kb_tok + kv_head * stride_kb_head + dims[None, :],
-                    mask=tile_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= token[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_i = tl.max(s, 1)
-        p = tl.exp2(s - m_i[:, None])
-        v = tl.load(V_block + kv_tok[:, None] * stride_vb_tok + kv_head * stride_vb_head + dims[None, :],
-                    mask=tile_ok, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v)
-        l_i = tl.sum(p, 1)
     for n0 in range(lo, hi, BLOCK_N):  # every tile has a valid column: m_i is finite after the first
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
@@ -116,16 +121,14 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
         tile_ok = col_ok[:, None] & dim_ok[None, :]
         k = tl.load(K_cache + slots[:, None] * stride_kc_slot + kv_head * stride_kc_head + dims[None, :],
                     mask=tile_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
         v = tl.load(V_cache + slots[:, None] * stride_vc_slot + kv_head * stride_vc_head + dims[None, :],
                     mask=tile_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, qk_scale)
+    if split == 0:  # key 0 is visible to every row: m_i is finite after this even with no prefix
+        visible = (block_cols < BLOCK_SIZE)[None, :]
+        if CAUSAL:
+            visible = visible & (block_cols[None, :] <= token[:, None])
+        m_i, l_i, acc = _attend_tile(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
 
     if DIRECT:  # one split: this program saw every key
         _store_rows(O, acc / l_i[:, None], req, kv_head, rows, dims, stride_o_tok, stride_o_head,
@@ -168,10 +171,18 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, stride_o_tok, stride_o_he
                 BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
+def pipeline_stages(block_d: int, itemsize: int, shared_memory: int) -> int:
+    """K/V tiles in flight in ``_partial``'s prefix loop: 3 where the device's shared memory holds three K and
+    V tile pairs plus a margin for the kernel's other buffers, else 2. (In CUDA graphs on an H200, Qwen3-8B
+    heads, 3 stages against 2 took 10-26% off every shape in ``bench_block_attention.py --graph``.)"""
+    tile_pair = 2 * BLOCK_N * block_d * itemsize
+    return 3 if 3 * tile_pair + STAGE_MARGIN_BYTES <= shared_memory else 2
+
+
 def split_count(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """Prefix splits per (request, KV head): at most two waves of programs over the GPU's SMs (measured in
-    CUDA graphs on an H200, Qwen3-8B heads: the best of 1-16 splits at 1, 8 and 32 requests over 512- and
-    4096-token prefixes, but for 32 x 4096, where 2 splits beat this rule's 1 by 7%)."""
+    CUDA graphs on an H200, Qwen3-8B heads: the best of 1-16 splits, or within 1% of it, at 1, 8 and 32
+    requests over 512- and 4096-token prefixes)."""
     return max(1, min(MAX_SPLITS, 2 * num_sms // (batch_size * num_kv_heads)))
 
 
@@ -211,13 +222,14 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     shape = dict(BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d)
     # Wide heads hold a [BLOCK_M, 256] fp32 accumulator: fewer warps would spill.
     num_warps = 8 if block_m * block_d >= 64 * 256 else 4
+    num_stages = pipeline_stages(block_d, q.element_size(), _device.shared_memory_per_block(q.device))
     _partial[(batch_size, num_kv_heads, splits)](
         q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, o_part, lse_part, out, sm_scale * LOG2E,
         splits, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
         v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), CAUSAL=causal, BLOCK_N=BLOCK_N,
         BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, **shape, num_warps=num_warps,
-        num_stages=2)
+        num_stages=num_stages)
     if not direct:
         _merge[(batch_size, num_kv_heads, block_m // MERGE_ROWS)](
             o_part, lse_part, out, kv_indptr, splits, out.stride(0), out.stride(1), **shape, BLOCK_N=BLOCK_N,
