@@ -16,8 +16,9 @@ for a block instead:
   head's ``G`` query heads, so every K/V tile it loads serves all of them (one ``tl.dot`` of ``B*G`` rows).
   Split ``s`` takes the ``s``-th contiguous slice of the prefix; split 0 also takes the block's own keys
   (with the causal mask), so it always holds keys. It loads them before its prefix loop and attends to them
-  after it, so the extra tile adds no memory latency to the longest program. With one split (large batches) the program writes the
-  output itself; otherwise each live split writes its normalized partial output and log-sum-exp (fp32).
+  after it, so the extra tile adds no memory latency to the longest program. With one split (large batches)
+  the program writes the output itself; otherwise each live split writes its normalized partial output and
+  log-sum-exp (fp32). The prefix loop keeps three K/V tiles in flight where shared memory allows.
 * ``_merge``: one program per (request, KV head, 8 query rows) combines the partials of the live splits by
   their log-sum-exp. (One program per (request, KV head) took 12 us per layer at batch 1 on the H100, more
   than ``_partial``'s 7 us: 8 programs each reading 17 partials.)
