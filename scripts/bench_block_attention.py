@@ -11,9 +11,8 @@ writes JSON (``--out``) with the device, commit and settings. Without CUDA it sa
 With ``--graph`` it times instead what a model's CUDA graph sees: ``LAYERS`` calls, each over its own layer's
 KV cache, captured in one graph and replayed (per-call time = replay time / LAYERS, launch gaps included), for
 the verify pass's causal block attention at several split counts (``auto``: ``split_count``) and, as the plain
-decoding step's
-counterpart, SGLang's triton decode attention (one query token per request, ``triton_attention_num_kv_splits``
-default 8) over the same caches.
+decoding step's counterpart, SGLang's triton decode attention (one query token per request,
+``triton_attention_num_kv_splits`` default 8) over the same caches.
 
 Usage: ``python scripts/bench_block_attention.py [--out PATH] [--commit SHA] [--graph]``
 """
