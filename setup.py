@@ -99,7 +99,7 @@ setup(
         "pydantic>=2",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", *BENCH], "bench": BENCH},
-    entry_points={"console_scripts": ["dflash-serve=dflash_sglang.serve:main"]},
+    entry_points={"console_scripts": ["dflash-serve=dflash_sglang.deploy.serve:main"]},
     cmdclass=cmdclass,
     **extension_kwargs,
 )

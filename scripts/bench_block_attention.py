@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_kernels import Timer  # noqa: E402  (scripts/ is on sys.path when this runs as a script)
-from dflash_sglang.provenance import provenance, write_report  # noqa: E402
+from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 PREFIXES = (512, 4096)

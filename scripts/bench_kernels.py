@@ -47,7 +47,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dflash_sglang.provenance import git_commit  # noqa: E402
+from dflash_sglang.bench.provenance import git_commit  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,11 @@ from typing import Iterator
 from dflash_sglang.bench.client import APIS, EndpointError, probe_endpoint
 from dflash_sglang.bench.prompts import PromptSetError, load_jsonl_prompts, load_prompt_set
 from dflash_sglang.bench.report import environment, plot
-from dflash_sglang.provenance import write_report
+from dflash_sglang.bench.provenance import write_report
 from dflash_sglang.bench.runner import Matrix, Runs, assemble, run_endpoint
-from dflash_sglang.deploy import DeployConfigError, launch_env, load_deploy_config, resolve_backends, to_launch_args
-from dflash_sglang.launch import ServerProcess, ServerStartError, free_port
+from dflash_sglang.deploy.deployment import (DeployConfigError, launch_env, load_deploy_config, resolve_backends,
+                                             to_launch_args)
+from dflash_sglang.deploy.launch import ServerProcess, ServerStartError, free_port
 
 logger = logging.getLogger("bench_serving")
 

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dflash_sglang.bench.trace import load_events, summarize_trace  # noqa: E402
-from dflash_sglang.launch import ServerProcess  # noqa: E402
-from dflash_sglang.provenance import provenance, write_report  # noqa: E402
+from dflash_sglang.deploy.launch import ServerProcess  # noqa: E402
+from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def record_trace(server: ServerProcess, concurrency: int, args, speculative: boo
 
 
 def read_profile(path: str) -> dict[int, dict]:
-    """Medians, per batch size, of the worker's step-profile records (dflash_sglang.step_profile)."""
+    """Medians, per batch size, of the worker's step-profile records (dflash_sglang.serving.step_profile)."""
     if not os.path.exists(path):
         return {}
     by_bs: dict[int, list[dict]] = {}

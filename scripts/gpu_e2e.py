@@ -33,9 +33,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dflash_sglang.launch import ServerProcess  # noqa: E402
-from dflash_sglang.provenance import provenance, write_report  # noqa: E402
-from dflash_sglang.tiny import write_tiny_checkpoints  # noqa: E402
+from dflash_sglang.deploy.launch import ServerProcess  # noqa: E402
+from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
+from dflash_sglang.testing.tiny import write_tiny_checkpoints  # noqa: E402
 
 # Four rounding steps of a logit in [16, 32) (the tiny target's top logits): float16 4 x 2^-6, bfloat16 4 x 2^-3.
 TIE_TOLERANCE = {"float16": 2 ** -4, "bfloat16": 2 ** -1}

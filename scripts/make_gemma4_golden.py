@@ -9,7 +9,7 @@ own environment; the tests only read what it writes. Regenerate with::
     PYTHONPATH=/tmp/tf-gemma4:$PWD DFLASH_SGLANG_DISABLE=1 .venv/bin/python scripts/make_gemma4_golden.py
 
 (the main virtual environment supplies torch, safetensors, huggingface_hub). For each variant it writes
-``tests/fixtures/gemma4/<variant>/``: ``config.json`` (our ``dflash_sglang.tiny_gemma4.gemma4_config``, the
+``tests/fixtures/gemma4/<variant>/``: ``config.json`` (our ``dflash_sglang.testing.tiny_gemma4.gemma4_config``, the
 released layout) and ``model.safetensors`` (bf16, saved by transformers' ``save_pretrained``, so the names are
 transformers' own, vision tower included), and next to it ``reference-<variant>.safetensors``:
 
@@ -31,8 +31,8 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from dflash_sglang.tiny import write_json
-from dflash_sglang.tiny_gemma4 import VARIANTS, gemma4_config, gemma4_text_weights, write_gemma4_tokenizer
+from dflash_sglang.testing.tiny import write_json
+from dflash_sglang.testing.tiny_gemma4 import VARIANTS, gemma4_config, gemma4_text_weights, write_gemma4_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "gemma4")
 PROMPT_LEN, NUM_OUTPUT, MIN_MARGIN = 24, 8, 0.05

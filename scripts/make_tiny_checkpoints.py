@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Writes the tiny test checkpoints (target + three drafters); see dflash_sglang/tiny.py.
+"""Writes the tiny test checkpoints (target + three drafters); see dflash_sglang/testing/tiny.py.
 
     python scripts/make_tiny_checkpoints.py OUT_DIR [--block-size N] [--seed S]
 """
 
 import argparse
 
-from dflash_sglang.tiny import write_tiny_checkpoints
+from dflash_sglang.testing.tiny import write_tiny_checkpoints
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
-    """The tiny target + drafters (block_size 8) of ``dflash_sglang.tiny``, written once per session:
+    """The tiny target + drafters (block_size 8) of ``dflash_sglang.testing.tiny``, written once per session:
     ``{"target", "drafter", "drafter-agree", "drafter-disagree"} -> folder``."""
-    from dflash_sglang.tiny import write_tiny_checkpoints
+    from dflash_sglang.testing.tiny import write_tiny_checkpoints
 
     return write_tiny_checkpoints(str(tmp_path_factory.mktemp("tiny-checkpoints")), seed=0, block_size=8)
 

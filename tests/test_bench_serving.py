@@ -17,7 +17,7 @@ from dflash_sglang.bench.client import EndpointError, probe_endpoint
 from dflash_sglang.bench.prompts import (PROMPT_SETS, PromptSet, PromptSetError, load_jsonl_prompts,
                                          load_prompt_set, read_shipped_set)
 from dflash_sglang.bench.stats import RequestResult, compare_outputs, first_difference, summarize
-from dflash_sglang.launch import free_port
+from dflash_sglang.deploy.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_serving.py"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dflash_sglang.checkpoint import CheckpointError, load_drafter, save_drafter
-from dflash_sglang.config import DFlashDraftConfig, DraftConfigError
-from dflash_sglang.model import DFlashDrafter
+from dflash_sglang.core.checkpoint import CheckpointError, load_drafter, save_drafter
+from dflash_sglang.core.config import DFlashDraftConfig, DraftConfigError
+from dflash_sglang.core.model import DFlashDrafter
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_config_of_written_drafter_is_released_layout(drafter_dir):
 
 
 # ------------------------------------------------------------------------------------------------------
-# The tiny checkpoints themselves (dflash_sglang.tiny).
+# The tiny checkpoints themselves (dflash_sglang.testing.tiny).
 def test_tiny_target_loads_in_transformers(tiny_checkpoints):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -211,7 +211,7 @@ def test_tiny_drafters_are_built_as_described(tiny_checkpoints):
 
 
 def test_tiny_checkpoints_are_deterministic(tiny_checkpoints, tmp_path):
-    from dflash_sglang.tiny import write_tiny_checkpoints
+    from dflash_sglang.testing.tiny import write_tiny_checkpoints
 
     again = write_tiny_checkpoints(str(tmp_path / "again"), seed=0, block_size=8)
     other = write_tiny_checkpoints(str(tmp_path / "other"), seed=1, block_size=16)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from dflash_sglang.config import DFlashDraftConfig, DraftConfigError
+from dflash_sglang.core.config import DFlashDraftConfig, DraftConfigError
 
 # Laid out like z-lab/Qwen3-8B-DFlash-b16 (classic: block_size at the top level).
 CLASSIC = {

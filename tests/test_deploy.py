@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Deployment configs (dflash_sglang.deploy / dflash_sglang.serve): every file in configs/ validates and its
---dry-run command parses with SGLang's own argument parser; broken configs fail with one clear message."""
+"""Deployment configs (dflash_sglang.deploy.deployment / dflash_sglang.deploy.serve): every file in configs/
+validates and its --dry-run command parses with SGLang's own argument parser; broken configs fail with one
+clear message."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dflash_sglang import deploy, serve
-from dflash_sglang.deploy import DeployConfigError, load_deploy_config, resolve_backends, to_launch_args
+from dflash_sglang.deploy import deployment as deploy, serve
+from dflash_sglang.deploy.deployment import DeployConfigError, load_deploy_config, resolve_backends, to_launch_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -37,7 +38,7 @@ def write_drafter(folder: Path, block_size: int = 16) -> Path:
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     """A copy of the repo layout that tiny-cpu.yaml expects: configs/tiny-cpu.yaml + artifacts/tiny/*."""
-    from dflash_sglang.tiny import write_tiny_checkpoints
+    from dflash_sglang.testing.tiny import write_tiny_checkpoints
 
     root = tmp_path_factory.mktemp("repo")
     (root / "configs").mkdir()
@@ -65,7 +66,7 @@ def no_gpu(monkeypatch):
 
 
 def run_serve(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dflash_sglang.serve", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dflash_sglang.deploy.serve", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=60)
 
 

@@ -26,8 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dflash_sglang.launch import ServerProcess
-from dflash_sglang.tiny_gemma4 import THINK, write_gemma4_drafter, write_gemma4_tokenizer
+from dflash_sglang.deploy.launch import ServerProcess
+from dflash_sglang.testing.tiny_gemma4 import THINK, write_gemma4_drafter, write_gemma4_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from dflash_sglang.models.gemma4_config import Gemma4Config, Gemma4TextConfig, check_servable
+from dflash_sglang.serving.models.gemma4_config import Gemma4Config, Gemma4TextConfig, check_servable
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gemma4")
 PATTERN = (["sliding_attention"] * 5 + ["full_attention"]) * 10

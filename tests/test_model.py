@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from dflash_sglang.config import DFlashDraftConfig
-from dflash_sglang.model import DFlashDrafter
+from dflash_sglang.core.config import DFlashDraftConfig
+from dflash_sglang.core.model import DFlashDrafter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

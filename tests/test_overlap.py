@@ -12,7 +12,7 @@ import pytest
 import torch
 from child_pytest import run_child_pytest
 
-from dflash_sglang.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
 
 CHILD = "DFLASH_TEST_OVERLAP_CHILD"
 IMPORTED = False
@@ -20,7 +20,7 @@ if driver_present() or os.environ.get(CHILD):  # SGLang's scheduler modules load
     from sglang.srt.managers.overlap_utils import FutureMap  # driver or the CPU stand-in at start-up
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    from dflash_sglang.overlap import DFlashDraftInput, host_lens_must_be_exact
+    from dflash_sglang.serving.overlap import DFlashDraftInput, host_lens_must_be_exact
     IMPORTED = True
 
 in_sglang = pytest.mark.skipif(not IMPORTED, reason="runs in the child process of test_in_a_child_process")

@@ -10,14 +10,14 @@ import types
 
 import pytest
 
-from dflash_sglang import plugin
-from dflash_sglang.patches import PATCHED_MARK, patches
+from dflash_sglang.serving import plugin
+from dflash_sglang.serving.patches import PATCHED_MARK, patches
 
 
 @pytest.mark.parametrize("sglang_module", sorted(plugin.PATCHES))
 def test_every_table_entry_names_a_patch_and_an_existing_sglang_module(sglang_module):
     module_name, function = plugin.PATCHES[sglang_module].split(":")
-    patch = getattr(importlib.import_module(f"dflash_sglang.patches.{module_name}"), function)
+    patch = getattr(importlib.import_module(f"dflash_sglang.serving.patches.{module_name}"), function)
     assert callable(patch) and patch.__doc__, f"{plugin.PATCHES[sglang_module]} needs a docstring"
     assert importlib.util.find_spec(sglang_module) is not None, f"SGLang has no {sglang_module}"
 
@@ -71,7 +71,7 @@ def _route(layer=None, mode="TARGET_VERIFY", custom_mask=None, kv_dtype="bfloat1
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    from dflash_sglang.patches.cuda_graphs import _runs_block_attention
+    from dflash_sglang.serving.patches.cuda_graphs import _runs_block_attention
 
     if env is not None:
         monkeypatch.setenv("DFLASH_BLOCK_ATTENTION", env)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dflash_sglang.checkpoint import load_drafter
-from dflash_sglang.reference import ReferenceResult, generate, target_generate
-from dflash_sglang.sampling import processed_probs
+from dflash_sglang.core.checkpoint import load_drafter
+from dflash_sglang.core.reference import ReferenceResult, generate, target_generate
+from dflash_sglang.core.sampling import processed_probs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -26,8 +26,8 @@ import openai
 import pytest
 from scipy import stats
 
-from dflash_sglang.cpu_stub import cpu_server_env
-from dflash_sglang.launch import SGLANG_SERVE, ServerProcess
+from dflash_sglang.deploy.cpu_stub import cpu_server_env
+from dflash_sglang.deploy.launch import SGLANG_SERVE, ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ import os
 import subprocess
 from typing import Sequence
 
-from dflash_sglang.provenance import provenance
+from dflash_sglang.bench.provenance import provenance
 
 
 def environment() -> dict:
-    """What the client ran on (``dflash_sglang.provenance``), plus the GPU names ``nvidia-smi`` lists (the
+    """What the client ran on (``dflash_sglang.bench.provenance``), plus the GPU names ``nvidia-smi`` lists (the
     servers' GPUs when they run on this machine; empty without one)."""
     return {**provenance(), "gpus": _gpu_names()}
 

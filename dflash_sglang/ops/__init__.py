@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from dflash_sglang.config import kernel_mode
+from dflash_sglang.core.config import kernel_mode
 from dflash_sglang.ops import reference
 from dflash_sglang.ops._load import ExtensionUnavailable, load_ext
 

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from dflash_sglang.config import kernel_build_dir
+from dflash_sglang.core.config import kernel_build_dir
 from dflash_sglang.ops.build_flags import CXX_FLAGS, DEFAULT_ARCH_LIST, NVCC_FLAGS
 
 logger = logging.getLogger(__name__)

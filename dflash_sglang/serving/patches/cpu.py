@@ -4,7 +4,7 @@ backend, and a KV pool that does not warm up a Triton kernel on a CPU device."""
 
 from __future__ import annotations
 
-from dflash_sglang.patches import patches
+from dflash_sglang.serving.patches import patches
 
 
 @patches(lambda module: module.TorchNativeAttnBackend)

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dflash_sglang.config import DFlashDraftConfig
+from dflash_sglang.core.config import DFlashDraftConfig
 
 # Alternative checkpoint spellings -> canonical parameter names.
 NAME_ALIASES = {
@@ -86,8 +86,8 @@ def load_drafter_state_dict(path: str, expected_shapes: Mapping[str, tuple[int, 
 
 
 def load_drafter(path: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Builds a :class:`~dflash_sglang.model.DFlashDrafter` from a released checkpoint folder."""
-    from dflash_sglang.model import DFlashDrafter
+    """Builds a :class:`~dflash_sglang.core.model.DFlashDrafter` from a released checkpoint folder."""
+    from dflash_sglang.core.model import DFlashDrafter
 
     config = DFlashDraftConfig.from_pretrained(path)
     with torch.device("meta"):

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from dflash_sglang.model import DFlashDrafter
+from dflash_sglang.core.model import DFlashDrafter
 from dflash_sglang.ops import verify_block
-from dflash_sglang.sampling import processed_probs, sample_from
+from dflash_sglang.core.sampling import processed_probs, sample_from
 
 MAX_BLOCK_SIZE = 32  # verify_block's limit
 
@@ -153,7 +153,7 @@ def generate(target, drafter: DFlashDrafter, prompts: Sequence[Sequence[int]], *
             sizes in [2, 32] run too (acceptance is best at the trained size).
         temperature: 0 = greedy; otherwise speculative rejection sampling with the same
             temperature / top-p / top-k processing for the target's p and the drafter's q.
-        top_p, top_k: as in SGLang (``top_k <= 0`` = whole vocabulary); see ``dflash_sglang.sampling``.
+        top_p, top_k: as in SGLang (``top_k <= 0`` = whole vocabulary); see ``dflash_sglang.core.sampling``.
         stop_token_ids: generation stops after emitting any of these (the stop token is kept).
         seed: seeds the one ``torch.Generator`` used for every draw of the call (requests in order).
     Returns:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dflash_sglang.config import DFlashDraftConfig
+from dflash_sglang.core.config import DFlashDraftConfig
 
 
 class RMSNorm(nn.Module):

@@ -2,7 +2,7 @@
 """SGLang patches, one function per patched object, and what they share: the supported SGLang version and
 the ``patches`` decorator that makes every patch check that version and apply once.
 
-The import hook (``dflash_sglang.plugin``) calls a patch with the SGLang module it belongs to, right after
+The import hook (``dflash_sglang.serving.plugin``) calls a patch with the SGLang module it belongs to, right after
 SGLang imported it. Modules: ``algorithm`` (DFLASH as an algorithm, its arguments and requests), ``cpu``
 (what SGLang's CPU path lacks for DFLASH), ``cuda_graphs`` (both block passes in CUDA graphs; attention
 backends), ``gemma4`` (Gemma 4 configs). No module here imports SGLang or torch at import time.

@@ -4,7 +4,7 @@ server defaults, the model registry entries, and the refusal of requests DFLASH 
 
 from __future__ import annotations
 
-from dflash_sglang.patches import ALGORITHM, is_dflash_server, patches
+from dflash_sglang.serving.patches import ALGORITHM, is_dflash_server, patches
 
 
 @patches(lambda module: module.SpeculativeAlgorithm)
@@ -27,10 +27,10 @@ def patch_spec_info(algorithm_enum) -> None:
     def create_worker(self, server_args):
         if self is member:
             if server_args.disable_overlap_schedule:
-                from dflash_sglang.worker import DFlashWorker
+                from dflash_sglang.serving.worker import DFlashWorker
 
                 return DFlashWorker
-            from dflash_sglang.worker_overlap import DFlashOverlapWorker
+            from dflash_sglang.serving.worker_overlap import DFlashOverlapWorker
 
             return DFlashOverlapWorker
         return original_create_worker(self, server_args)
@@ -57,7 +57,7 @@ def patch_server_args(server_args_cls) -> None:
 
     def handle_speculative_decoding(self) -> None:
         if self.speculative_algorithm is not None and self.speculative_algorithm.upper() == ALGORITHM:
-            from dflash_sglang.server_defaults import apply_dflash_server_defaults
+            from dflash_sglang.serving.server_defaults import apply_dflash_server_defaults
 
             self.speculative_algorithm = ALGORITHM
             apply_dflash_server_defaults(self)
@@ -69,9 +69,9 @@ def patch_server_args(server_args_cls) -> None:
 
 @patches(lambda module: module.ModelRegistry)
 def patch_model_registry(registry) -> None:
-    """Registers ``dflash_sglang.models`` (the drafter, and targets SGLang lacks), as
+    """Registers ``dflash_sglang.serving.models`` (the drafter, and targets SGLang lacks), as
     ``SGLANG_EXTERNAL_MODEL_PACKAGE`` would."""
-    registry.register("dflash_sglang.models", overwrite=False)
+    registry.register("dflash_sglang.serving.models", overwrite=False)
 
 
 @patches(lambda module: module.TokenizerManager)
@@ -82,7 +82,7 @@ def patch_tokenizer_manager(manager) -> None:
     def validate_one_request(self, obj, input_ids):
         original_validate(self, obj, input_ids)
         if is_dflash_server(self.server_args) and hasattr(obj, "return_logprob"):
-            from dflash_sglang.request_rules import check_request
+            from dflash_sglang.serving.request_rules import check_request
 
             check_request(obj.sampling_params, obj.return_logprob, getattr(obj, "custom_logit_processor", None))
 

@@ -56,7 +56,7 @@ def ensure_libcuda_stub(cache_dir: str | None = None) -> str | None:
     symbols = _driver_symbols(libraries)
     if not symbols:
         return None
-    from dflash_sglang.config import stub_cache_dir
+    from dflash_sglang.core.config import stub_cache_dir
 
     digest = hashlib.sha256("\n".join(symbols).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or stub_cache_dir(), digest)

@@ -38,7 +38,7 @@ from sglang.srt.mem_cache.common import alloc_token_slots
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
-from dflash_sglang.worker import upload
+from dflash_sglang.serving.worker import upload
 
 EXACT_LENS_BACKEND = "triton"  # the attention backend whose block passes need no host sequence lengths
 

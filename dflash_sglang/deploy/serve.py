@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``dflash-serve``: launch SGLang with DFLASH from a deployment YAML (see ``dflash_sglang.deploy``).
+"""``dflash-serve``: launch SGLang with DFLASH from a deployment YAML (see ``dflash_sglang.deploy.deployment``).
 
-    python -m dflash_sglang.serve --config configs/qwen3-8b.yaml [--set key=value ...] [--dry-run] [--strict]
+    python -m dflash_sglang.deploy.serve --config configs/qwen3-8b.yaml [--set key=value ...] [--dry-run] [--strict]
 
 ``--dry-run`` prints the equivalent shell command and exits 0. Otherwise this process is replaced
 (``os.execv``) by ``python -m sglang.launch_server ...``, so signals and the exit status are SGLang's own.
@@ -15,10 +15,10 @@ import logging
 import os
 import sys
 
-from dflash_sglang.deploy import (DeployConfigError, format_command, launch_env, load_deploy_config,
+from dflash_sglang.deploy.deployment import (DeployConfigError, format_command, launch_env, load_deploy_config,
                                   resolve_backends, to_launch_args)
 
-logger = logging.getLogger("dflash_sglang.serve")
+logger = logging.getLogger("dflash_sglang.deploy.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         if cfg.device == "cpu":
             logger.info("on a machine without a GPU driver, the launch also puts a libcuda stand-in on "
-                        "LD_LIBRARY_PATH (dflash_sglang.cpu_stub)")
+                        "LD_LIBRARY_PATH (dflash_sglang.deploy.cpu_stub)")
         print(format_command(command, env))
         return 0
     logger.info("exec %s", format_command(command, env))
     sys.stdout.flush()
     sys.stderr.flush()
     if cfg.device == "cpu":
-        from dflash_sglang.cpu_stub import cpu_server_env
+        from dflash_sglang.deploy.cpu_stub import cpu_server_env
 
         os.execve(command[0], command, {**cpu_server_env(), **env})
     os.execv(command[0], command)

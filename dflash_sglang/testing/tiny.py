@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from dflash_sglang.checkpoint import save_drafter
-from dflash_sglang.config import DFlashDraftConfig
+from dflash_sglang.core.checkpoint import save_drafter
+from dflash_sglang.core.config import DFlashDraftConfig
 
 # The target: small enough to run in milliseconds on a CPU.
 HIDDEN_SIZE = 64
@@ -291,7 +291,7 @@ def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], blo
 
 
 def random_drafter(config: DFlashDraftConfig, generator: torch.Generator):
-    from dflash_sglang.model import DFlashDrafter
+    from dflash_sglang.core.model import DFlashDrafter
 
     drafter = DFlashDrafter(config)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from dflash_sglang.config import DFlashDraftConfig, DraftConfigError
+from dflash_sglang.core.config import DFlashDraftConfig, DraftConfigError
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_RUNNING_REQUESTS = 48

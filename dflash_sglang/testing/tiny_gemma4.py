@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from dflash_sglang.checkpoint import save_drafter
-from dflash_sglang.tiny import TokenizerSpec, drafter_config, random_drafter, write_tokenizer
+from dflash_sglang.core.checkpoint import save_drafter
+from dflash_sglang.testing.tiny import TokenizerSpec, drafter_config, random_drafter, write_tokenizer
 
 VARIANTS = ("dense", "moe")
 HIDDEN_SIZE = 32

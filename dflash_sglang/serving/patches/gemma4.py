@@ -5,7 +5,7 @@ transformers, and ``ModelConfig`` serving a Gemma 4 text-only with a KV pool as 
 
 from __future__ import annotations
 
-from dflash_sglang.patches import patches
+from dflash_sglang.serving.patches import patches
 
 
 @patches(lambda module: module)
@@ -13,7 +13,7 @@ def patch_hf_transformers_utils(module) -> None:
     """Registers the Gemma 4 configs with SGLang's ``_CONFIG_REGISTRY`` and transformers' ``AutoConfig``."""
     from transformers import AutoConfig
 
-    from dflash_sglang.models.gemma4_config import Gemma4Config, Gemma4TextConfig
+    from dflash_sglang.serving.models.gemma4_config import Gemma4Config, Gemma4TextConfig
 
     for config_cls in (Gemma4Config, Gemma4TextConfig):
         module._CONFIG_REGISTRY[config_cls.model_type] = config_cls
@@ -31,7 +31,7 @@ def patch_model_config(model_config_cls) -> None:
 
     def derive_model_shapes(self) -> None:
         original_derive_shapes(self)
-        from dflash_sglang.models.gemma4_config import adapt_model_config
+        from dflash_sglang.serving.models.gemma4_config import adapt_model_config
 
         adapt_model_config(self)
 

@@ -10,7 +10,7 @@ import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGES = ("dflash-sglang", "sglang", "torch", "transformers", "flashinfer-python", "sglang-kernel", "openai")
 
 

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
-from dflash_sglang.cpu_stub import cpu_server_env
+from dflash_sglang.deploy.cpu_stub import cpu_server_env
 
 
 def free_port() -> int:

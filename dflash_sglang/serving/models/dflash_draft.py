@@ -3,9 +3,9 @@
 
 Built from SGLang's layers (RMSNorm, rotary embedding, SiLU-and-multiply, RadixAttention on the drafter's own KV
 pool and attention backend), with each layer's q/k/v and gate/up projections fused into one GEMM each;
-numerically the same model as ``dflash_sglang.model.DFlashDrafter``.
+numerically the same model as ``dflash_sglang.core.model.DFlashDrafter``.
 
-Two entry points, both used by ``dflash_sglang.worker``:
+Two entry points, both used by ``dflash_sglang.serving.worker``:
 
 * :meth:`DFlashDraftModel.inject_context` -- the KV injection: projects the target's captured hidden
   states of N verified tokens (``fc`` + ``hidden_norm``), computes every layer's K/V with ONE GEMM over
@@ -38,8 +38,8 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.models.utils import apply_qk_norm
 
 from dflash_sglang import ops
-from dflash_sglang.checkpoint import canonical_name, check_state_dict
-from dflash_sglang.config import DFlashDraftConfig
+from dflash_sglang.core.checkpoint import canonical_name, check_state_dict
+from dflash_sglang.core.config import DFlashDraftConfig
 
 logger = logging.getLogger(__name__)
 

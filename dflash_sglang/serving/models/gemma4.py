@@ -38,9 +38,9 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.utils import add_prefix
 
-from dflash_sglang.checkpoint import check_state_dict
-from dflash_sglang.models.gemma4_config import Gemma4TextConfig, check_servable, text_config_of
-from dflash_sglang.models.gemma4_layers import Gemma4Attention, Gemma4MLP, Gemma4MoE
+from dflash_sglang.core.checkpoint import check_state_dict
+from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig, check_servable, text_config_of
+from dflash_sglang.serving.models.gemma4_layers import Gemma4Attention, Gemma4MLP, Gemma4MoE
 
 logger = logging.getLogger(__name__)
 SKIPPED_TOWERS = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")

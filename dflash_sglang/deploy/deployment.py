@@ -7,7 +7,7 @@ the exact ``python -m sglang.launch_server ...`` command line.
 * :func:`load_deploy_config` reads a file, applies ``--set key=value`` overrides and checks local
   checkpoints; every problem raises one :class:`DeployConfigError` naming the key, the file and the line.
 * :func:`resolve_backends` checks that the attention backends can run on this machine.
-* :func:`to_launch_args` builds the argv; ``dflash_sglang.serve`` runs it.
+* :func:`to_launch_args` builds the argv; ``dflash_sglang.deploy.serve`` runs it.
 
 Model paths: a value starting with ``/``, ``./`` or ``../`` is a local folder; a relative one is resolved
 against the folder holding the YAML file (so ``configs/tiny-cpu.yaml`` names ``../artifacts/tiny/target``),
@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from dflash_sglang.config import DFlashDraftConfig, DraftConfigError
+from dflash_sglang.core.config import DFlashDraftConfig, DraftConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -43,10 +43,10 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, Forw
 from sglang.srt.server_args import ServerArgs
 
 from dflash_sglang import ops
-from dflash_sglang.info import DFlashVerifyInput
-from dflash_sglang.sampling import processed_probs, sample_from
-from dflash_sglang.server_defaults import load_draft_config
-from dflash_sglang.step_profile import make_profiler
+from dflash_sglang.serving.info import DFlashVerifyInput
+from dflash_sglang.core.sampling import processed_probs, sample_from
+from dflash_sglang.serving.server_defaults import load_draft_config
+from dflash_sglang.serving.step_profile import make_profiler
 
 logger = logging.getLogger(__name__)
 NO_BUDGET_LIMIT = 1 << 40

@@ -38,7 +38,7 @@ from sglang.srt.layers.rotary_embedding import RotaryEmbedding, get_rope
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.utils import add_prefix
 
-from dflash_sglang.models.gemma4_config import Gemma4TextConfig
+from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig
 
 
 def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ block kernel (``ops/block_attention.py``); the flashinfer backend attends non-ca
 
 from __future__ import annotations
 
-from dflash_sglang.patches import is_dflash_server, patches
+from dflash_sglang.serving.patches import is_dflash_server, patches
 
 
 class _FixedBlockVerifier:
@@ -40,8 +40,8 @@ def patch_cuda_graph_runner(runner_cls) -> None:
         if not is_dflash_server(model_runner.server_args):
             return original_init(self, model_runner)
         if not model_runner.is_draft_worker:  # the graphs must contain the feature capture
-            from dflash_sglang.server_defaults import load_draft_config
-            from dflash_sglang.worker import enable_feature_capture
+            from dflash_sglang.serving.server_defaults import load_draft_config
+            from dflash_sglang.serving.worker import enable_feature_capture
 
             enable_feature_capture(model_runner, load_draft_config(model_runner.server_args))
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
@@ -59,7 +59,7 @@ def patch_cuda_graph_runner(runner_cls) -> None:
     def get_spec_info(self, num_tokens: int):
         if not is_dflash_server(self.model_runner.server_args):
             return original_get_spec_info(self, num_tokens)
-        from dflash_sglang.info import DFlashVerifyInput
+        from dflash_sglang.serving.info import DFlashVerifyInput
 
         return DFlashVerifyInput(None, self.num_tokens_per_bs, self._dflash_hidden_mode)
 
@@ -92,7 +92,7 @@ def _runs_block_attention(backend, q, k, v, layer, forward_batch, sinks) -> bool
     cross attention) with equal Q/K/V head sizes of 64, 128 or 256 and a KV cache in the queries' dtype."""
     from sglang.srt.layers.radix_attention import AttentionType
 
-    from dflash_sglang.config import block_attention_mode
+    from dflash_sglang.core.config import block_attention_mode
     from dflash_sglang.ops.block_attention import SUPPORTED_HEAD_DIMS
 
     return (forward_batch.forward_mode.is_target_verify() and backend.forward_metadata.custom_mask is None

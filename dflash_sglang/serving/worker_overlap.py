@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """DFlashOverlapWorker: the DFLASH step under SGLang's overlap scheduler (the default; ``--disable-overlap-schedule``
-selects :class:`~dflash_sglang.worker.DFlashWorker`'s host-committed loop).
+selects :class:`~dflash_sglang.serving.worker.DFlashWorker`'s host-committed loop).
 
 The scheduler hands this worker a ``ModelWorkerBatch`` and reads the step's tokens one iteration later, so a
-step is queued on the forward stream without any host read of the previous one (``dflash_sglang.overlap``):
+step is queued on the forward stream without any host read of the previous one (``dflash_sglang.serving.overlap``):
 
 * t0 is the previous step's ``verified_id`` and the prefix length is ``seq_lens`` (the previous step's
   ``new_seq_lens``), both device tensors; the block's KV slots are read from ``req_to_token``, where
@@ -28,8 +28,8 @@ from sglang.srt.managers.schedule_batch import ModelWorkerBatch
 from sglang.srt.managers.scheduler import GenerationBatchResult
 
 from dflash_sglang import ops
-from dflash_sglang.overlap import DFlashDraftInput, StepDone, host_lens_must_be_exact
-from dflash_sglang.worker import DFlashWorker
+from dflash_sglang.serving.overlap import DFlashDraftInput, StepDone, host_lens_must_be_exact
+from dflash_sglang.serving.worker import DFlashWorker
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections import defaultdict, deque
 
 import torch
 
-from dflash_sglang.config import step_profile_path
+from dflash_sglang.core.config import step_profile_path
 
 
 class NoProfiler:

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""How this package hooks into SGLang 0.5.10.post1 (the patches themselves: ``dflash_sglang.patches``).
+"""How this package hooks into SGLang 0.5.10.post1 (the patches themselves: ``dflash_sglang.serving.patches``).
 
 SGLang has no plugin entry point for speculative algorithms and parses arguments before user code runs,
 in the launching process and again in its spawned scheduler processes. So ``dflash_sglang_hook.pth``
@@ -10,12 +10,12 @@ SGLang version first):
 
 * ``sglang.srt.speculative.spec_info`` -- adds ``SpeculativeAlgorithm.DFLASH`` (replaces nothing; the
   member is added to the enum) and wraps ``SpeculativeAlgorithm.create_worker`` and ``supports_spec_v2`` so
-  DFLASH builds ``dflash_sglang.worker_overlap.DFlashOverlapWorker`` under the overlap scheduler (SGLang's
-  default) and ``dflash_sglang.worker.DFlashWorker`` with ``--disable-overlap-schedule``.
+  DFLASH builds ``dflash_sglang.serving.worker_overlap.DFlashOverlapWorker`` under the overlap scheduler (SGLang's
+  default) and ``dflash_sglang.serving.worker.DFlashWorker`` with ``--disable-overlap-schedule``.
 * ``sglang.srt.server_args`` -- appends ``DFLASH`` to the ``--speculative-algorithm`` choices in
   ``ServerArgs.add_cli_args`` and wraps ``ServerArgs._handle_speculative_decoding`` to validate the drafter
-  against the target and set DFLASH's defaults (``dflash_sglang.server_defaults``).
-* ``sglang.srt.models.registry`` -- registers the models of ``dflash_sglang.models`` (the drafter, and
+  against the target and set DFLASH's defaults (``dflash_sglang.serving.server_defaults``).
+* ``sglang.srt.models.registry`` -- registers the models of ``dflash_sglang.serving.models`` (the drafter, and
   targets SGLang lacks) with ``ModelRegistry.register``, as ``SGLANG_EXTERNAL_MODEL_PACKAGE`` would.
 * ``sglang.srt.layers.attention.torch_native_backend`` -- wraps ``TorchNativeAttnBackend.forward_extend``
   so the CPU backend can run mask-free TARGET_VERIFY passes (upstream supports them on GPU backends only).
@@ -53,7 +53,7 @@ import importlib.abc
 import sys
 from types import ModuleType
 
-# SGLang module -> "dflash_sglang.patches.<module>:<function>", imported only when SGLang imports the module.
+# SGLang module -> "dflash_sglang.serving.patches.<module>:<function>", imported only when SGLang imports the module.
 PATCHES: dict[str, str] = {
     "sglang.srt.speculative.spec_info": "algorithm:patch_spec_info",
     "sglang.srt.server_args": "algorithm:patch_server_args",
@@ -74,7 +74,7 @@ PATCHES: dict[str, str] = {
 def apply_patch(patch: str, module: ModuleType) -> None:
     """Applies ``patch`` ("<patches module>:<function>") to the SGLang ``module`` it belongs to."""
     module_name, function = patch.split(":")
-    getattr(importlib.import_module(f"dflash_sglang.patches.{module_name}"), function)(module)
+    getattr(importlib.import_module(f"dflash_sglang.serving.patches.{module_name}"), function)(module)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class SGLangPatchFinder(importlib.abc.MetaPathFinder):
 
 def install_import_hook() -> None:
     """Called by dflash_sglang_hook.pth at start-up; also patches modules already imported."""
-    from dflash_sglang.config import hook_disabled
+    from dflash_sglang.core.config import hook_disabled
 
     if hook_disabled():
         return

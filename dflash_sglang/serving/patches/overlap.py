@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What SGLang's overlap scheduler ("spec v2") needs for DFLASH (``dflash_sglang.overlap`` has the why):
+"""What SGLang's overlap scheduler ("spec v2") needs for DFLASH (``dflash_sglang.serving.overlap`` has the why):
 its ``FutureMap`` carries DFLASH's step state, and its output path cuts a step's tokens at stop strings."""
 
 from __future__ import annotations
 
-from dflash_sglang.patches import is_dflash_server, patches
+from dflash_sglang.serving.patches import is_dflash_server, patches
 
 
 @patches(lambda module: module.FutureMap)
@@ -15,7 +15,7 @@ def patch_future_map(future_map_cls) -> None:
     original_store = future_map_cls.store_to_map_for_new_batch
 
     def resolve_future(self, model_worker_batch) -> None:
-        from dflash_sglang.overlap import DFlashDraftInput
+        from dflash_sglang.serving.overlap import DFlashDraftInput
 
         if isinstance(model_worker_batch.spec_info, DFlashDraftInput):
             model_worker_batch.spec_info.resolve_from(self)
@@ -23,7 +23,7 @@ def patch_future_map(future_map_cls) -> None:
         original_resolve(self, model_worker_batch)
 
     def store_to_map_for_new_batch(self, future_indices, draft_input) -> None:
-        from dflash_sglang.overlap import DFlashDraftInput
+        from dflash_sglang.serving.overlap import DFlashDraftInput
 
         if isinstance(draft_input, DFlashDraftInput):
             draft_input.store_into(self, future_indices)
@@ -45,7 +45,7 @@ def patch_output_processor(mixin) -> None:
         tokens_per_req = original_resolve(self, result, batch)
         if not is_dflash_server(self.server_args):
             return tokens_per_req
-        from dflash_sglang.overlap import cut_at_stop_strings
+        from dflash_sglang.serving.overlap import cut_at_stop_strings
 
         for i, (req, tokens) in enumerate(zip(batch.reqs, tokens_per_req)):
             if req.is_retracted:
