@@ -33,6 +33,18 @@ Shapes. Qwen3-8B and Qwen3-4B are their published config.json values. The drafte
 heads and head_dim (bench_kernels.py records the source); their intermediate size is taken equal to the
 target's and their target_layer_ids follow the reference's default rule (5 ids evenly spaced over
 [1, num_layers - 3]): both ASSUMED, as their config.json files were not readable offline.
+
+Gemma 4 targets (google/gemma-4-31B-it, google/gemma-4-26B-A4B-it) are their released text_configs (the
+values tests/test_gemma4_config.py pins) inside the released multimodal config.json. Their drafters
+(z-lab/gemma-4-31B-it-DFlash, z-lab/gemma-4-26B-A4B-it-DFlash) follow the best public evidence, a GGUF
+conversion's card of the 31B drafter (https://huggingface.co/Lucebox/gemma-4-31B-it-DFlash-GGUF): 5 layers,
+hidden 5376, 64 query / 8 KV heads of 128, intermediate 10752 (2 x hidden), rope_theta 1e6, sliding window
+2048, final_logit_softcapping 30, target_layer_ids [1, 12, 23, 35, 46, 57] (the reference rule with 6 ids),
+block 16, mask token 4; 1.63 GB at Q8_0, which those shapes give to the MB. Layer types: 4 sliding + 1 full,
+from a conversion of the 26B-A4B drafter
+(https://huggingface.co/ji-farthing/gemma-4-26B-A4B-it-DFlash-SWA-ik-llama-GGUF), ASSUMED the same for 31B. The 26B-A4B drafter: hidden 2816 and the same layout scaled (32 query / 8 KV heads
+of 128, intermediate 5632, 6 target layer ids by the reference rule): ASSUMED, consistent with that
+conversion's 450.5 MB at Q8_0 (these shapes give 0.43 B parameters, ~456 MB).
 """
 
 from __future__ import annotations
@@ -57,9 +69,21 @@ from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E40
 
 @dataclass(frozen=True)
 class Pair:
-    target: dict
-    drafter_layers: int
-    published_speedups: dict[str, float]  # benchmark -> speedup over AR (paper, greedy)
+    target: dict  # config.json
+    drafter: dict  # config.json in the released DFlash format
+    published_speedups: dict[str, float]  # source: benchmark -> speedup over AR (greedy)
+    taus: tuple[float, ...]  # acceptance lengths to project speedups at (the published ones where known)
+
+
+BLOCK_SIZE = 16
+TAUS = (4.0, 6.5, 8.0)
+NOISY_SPREAD = 0.1  # (max - min) / median of a concurrency's samples above which the run says so
+
+
+def default_target_layer_ids(num_target_layers: int, num_ids: int) -> list[int]:
+    """The reference's default: ids evenly spaced (rounded) over [1, num_target_layers - 3]."""
+    low, high = 1, num_target_layers - 3
+    return [round(low + i * (high - low) / (num_ids - 1)) for i in range(num_ids)]
 
 
 def qwen3_config(hidden: int, layers: int, intermediate: int, tie: bool) -> dict:
@@ -71,36 +95,81 @@ def qwen3_config(hidden: int, layers: int, intermediate: int, tie: bool) -> dict
             "bos_token_id": 151643, "eos_token_id": 151645}
 
 
-PAIRS = {
-    "qwen3-8b": Pair(qwen3_config(4096, 36, 12288, tie=False), 5,
-                     {"gsm8k": 5.20, "math500": 6.17, "aime24": 5.91, "aime25": 5.85, "humaneval": 5.20,
-                      "mbpp": 4.75}),
-    "qwen3-4b": Pair(qwen3_config(2560, 36, 9728, tie=True), 5, {}),
-}
-BLOCK_SIZE = 16
-MASK_TOKEN_ID = 151669
-TAUS = (4.0, 6.5, 8.0)
-NOISY_SPREAD = 0.1  # (max - min) / median of a concurrency's samples above which the run says so
-
-
-def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
-    """The reference's default: ids evenly spaced (rounded) over [1, num_target_layers - 3]."""
-    low, high = 1, num_target_layers - 3
-    return [round(low + i * (high - low) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
-
-
-def drafter_config(pair: Pair) -> dict:
-    target = pair.target
-    config = {key: target[key] for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                                           "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings",
-                                           "rms_norm_eps", "rope_theta", "hidden_act", "attention_bias")}
-    layer_ids = default_target_layer_ids(target["num_hidden_layers"], pair.drafter_layers)
-    config.update(architectures=["DFlashDraftModel"], num_hidden_layers=pair.drafter_layers, block_size=BLOCK_SIZE,
-                  num_target_layers=target["num_hidden_layers"], tie_word_embeddings=False,
-                  layer_types=["full_attention"] * pair.drafter_layers, torch_dtype="bfloat16",
-                  dflash_config={"block_size": BLOCK_SIZE, "mask_token_id": MASK_TOKEN_ID,
-                                 "target_layer_ids": layer_ids})
+def drafter_config(*, target_layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                   intermediate: int, vocab: int, rope_theta: float, max_positions: int, num_target_ids: int,
+                   mask_token_id: int, layer_types: list[str], sliding_window: int | None = None,
+                   **dflash_extras) -> dict:
+    """A DFlash drafter's config.json (released format: a qwen3-type stack plus ``dflash_config``)."""
+    config = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": hidden,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+              "intermediate_size": intermediate, "vocab_size": vocab, "max_position_embeddings": max_positions,
+              "rms_norm_eps": 1e-6, "rope_theta": rope_theta, "hidden_act": "silu", "attention_bias": False,
+              "num_hidden_layers": len(layer_types), "layer_types": layer_types, "block_size": BLOCK_SIZE,
+              "num_target_layers": target_layers, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "dflash_config": {"block_size": BLOCK_SIZE, "mask_token_id": mask_token_id,
+                                "target_layer_ids": default_target_layer_ids(target_layers, num_target_ids),
+                                **dflash_extras}}
+    if sliding_window is not None:
+        config["sliding_window"] = sliding_window
     return config
+
+
+def qwen3_drafter(target: dict) -> dict:
+    return drafter_config(target_layers=target["num_hidden_layers"], hidden=target["hidden_size"], heads=32,
+                          kv_heads=8, head_dim=128, intermediate=target["intermediate_size"], vocab=151936,
+                          rope_theta=1000000, max_positions=40960, num_target_ids=5, mask_token_id=151669,
+                          layer_types=["full_attention"] * 5)
+
+
+GEMMA4_LAYER_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 10
+GEMMA4_ROPE = {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
+                                  "rope_type": "proportional"},
+               "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}
+
+
+def gemma4_config(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, global_kv_heads: int,
+                  **moe) -> dict:
+    """A released Gemma 4 config.json (multimodal wrapper, text_config as google/gemma-4-*-it publish it)."""
+    text = {"model_type": "gemma4_text", "hidden_size": hidden, "num_hidden_layers": layers,
+            "intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "num_global_key_value_heads": global_kv_heads, "head_dim": 256, "global_head_dim": 512,
+            "vocab_size": 262144, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144, "sliding_window": 1024,
+            "final_logit_softcapping": 30.0, "use_double_wide_mlp": False, "num_kv_shared_layers": 0,
+            "hidden_size_per_layer_input": 0, "attention_k_eq_v": True, "enable_moe_block": bool(moe),
+            "tie_word_embeddings": True, "layer_types": GEMMA4_LAYER_TYPES[:layers], "rope_parameters": GEMMA4_ROPE,
+            "hidden_activation": "gelu_pytorch_tanh", "torch_dtype": "bfloat16", **moe}
+    return {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text,
+            "vision_config": {"model_type": "gemma4_vision", "hidden_size": 1152}, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16", "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
+
+
+def gemma4_drafter(target: dict, heads: int, intermediate: int) -> dict:
+    text = target["text_config"]
+    return drafter_config(target_layers=text["num_hidden_layers"], hidden=text["hidden_size"], heads=heads,
+                          kv_heads=8, head_dim=128, intermediate=intermediate, vocab=262144, rope_theta=1000000.0,
+                          max_positions=262144, num_target_ids=6, mask_token_id=4,
+                          layer_types=["sliding_attention"] * 4 + ["full_attention"], sliding_window=2048,
+                          final_logit_softcapping=30.0)
+
+
+QWEN3_8B = qwen3_config(4096, 36, 12288, tie=False)
+QWEN3_4B = qwen3_config(2560, 36, 9728, tie=True)
+GEMMA4_31B = gemma4_config(60, 5376, 21504, 32, 16, 4)
+GEMMA4_26B_A4B = gemma4_config(30, 2816, 2112, 16, 8, 2, num_experts=128, top_k_experts=8, moe_intermediate_size=704)
+PAIRS = {
+    "qwen3-8b": Pair(QWEN3_8B, qwen3_drafter(QWEN3_8B),
+                     {"paper: gsm8k": 5.20, "paper: math500": 6.17, "paper: aime24": 5.91, "paper: aime25": 5.85,
+                      "paper: humaneval": 5.20, "paper: mbpp": 4.75}, TAUS),
+    "qwen3-4b": Pair(QWEN3_4B, qwen3_drafter(QWEN3_4B), {}, TAUS),
+    # z-lab/gemma-4-31B-it-DFlash card: B300, Math500 c1 77 -> 447 tok/s ("up to 5.8x"), acceptance 6-8.
+    "gemma-4-31b": Pair(GEMMA4_31B, gemma4_drafter(GEMMA4_31B, heads=64, intermediate=10752),
+                        {"card B300 math500 c1": 5.8}, (6.0, 7.0, 8.0)),
+    # z-lab/gemma-4-26B-A4B-it-DFlash card: one H100 (vLLM) 222.3 tok/s at tau 7.8, ~3.4x; B300 Math500
+    # 259 -> 925 tok/s at c1 (tau 8.61), 1296 -> 4837 at c8.
+    "gemma-4-26b-a4b": Pair(GEMMA4_26B_A4B, gemma4_drafter(GEMMA4_26B_A4B, heads=32, intermediate=5632),
+                            {"card H100 c1 (tau 7.8)": 3.4, "card B300 math500 c1 (tau 8.61)": 3.57,
+                             "card B300 math500 c8": 3.73}, (7.8, 8.61)),
+}
 
 
 def write_model_dir(path: str, config: dict) -> str:
@@ -258,7 +327,7 @@ def main() -> int:
     for pair_name in args.pairs:
         pair = PAIRS[pair_name]
         target = write_model_dir(os.path.join(work, pair_name, "target"), pair.target)
-        drafter = write_model_dir(os.path.join(work, pair_name, "drafter"), drafter_config(pair))
+        drafter = write_model_dir(os.path.join(work, pair_name, "drafter"), pair.drafter)
         common = ["--model-path", target, "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "bfloat16",
                   "--attention-backend", args.attention_backend, "--mem-fraction-static", "0.7",
                   "--cuda-graph-max-bs", str(max(args.concurrency)), "--max-running-requests",
@@ -275,7 +344,8 @@ def main() -> int:
             if i == 0 and not args.no_torch_path:
                 runs["dflash_torch_path"] = (dflash, {"DFLASH_KERNELS": "off"}, True)
         results: dict = {}
-        report["pairs"][pair_name] = {"results": results, "drafter_config": drafter_config(pair)}
+        report["pairs"][pair_name] = {"results": results, "target_config": pair.target,
+                                      "drafter_config": pair.drafter}
         for mode, (server_args, env, speculative) in runs.items():
             results[mode] = serve_and_measure(f"{pair_name}-{mode}", server_args, {**os.environ, **env},
                                               args.concurrency, args, work, speculative)
@@ -289,13 +359,16 @@ def main() -> int:
 def summarize(results: dict, pair: Pair) -> dict:
     summary = {}
     for c, ar in results.get("ar", {}).items():
-        row = {"step_ar_ms": ar["step_ms"]}
+        row = {"step_ar_ms": ar["step_ms"], "ar_tok_s_per_request": 1e3 / ar["step_ms"]}
         for mode in results:
             if mode != "ar":
                 ratio = results[mode][c]["step_ms"] / ar["step_ms"]
                 row[f"step_{mode}_ms"] = results[mode][c]["step_ms"]
                 row[f"ratio_{mode}_over_ar"] = ratio
-                row[f"projected_speedup_{mode}"] = {str(tau): tau / ratio for tau in TAUS}
+                row[f"projected_speedup_{mode}"] = {str(tau): tau / ratio for tau in pair.taus}
+                # Per request: tau tokens per DFLASH step.
+                row[f"projected_tok_s_per_request_{mode}"] = {
+                    str(tau): tau * 1e3 / results[mode][c]["step_ms"] for tau in pair.taus}
                 # From the traces (where both were recorded): the ratio if no step waited for the host.
                 busy, ar_busy = (r.get("trace", {}).get("gpu_busy_ms") for r in (results[mode][c], ar))
                 if busy and ar_busy:

@@ -65,11 +65,26 @@ def test_ref_zero_queries_average_the_visible_values():
                     torch.testing.assert_close(out[request * 4 + t, head], visible.mean(0))
 
 
+def test_ref_window_bounds_each_row_to_its_last_keys():
+    """q = 0 under a window of 2 (SGLang's count: the two keys before a query, and itself): causal row t of a
+    block after a 5-key prefix sits at position 5 + t and averages the values at positions 3 + t .. 5 + t;
+    a non-causal row also sees the two block keys after it."""
+    args = _inputs([5], block_size=4, num_heads=1, num_kv_heads=1, head_dim=64, dtype=torch.float32)
+    args["q"] = torch.zeros_like(args["q"])
+    values = torch.cat([args["v_cache"][args["kv_indices"][:5], 0], args["v_block"][:, 0]])  # by position
+    for causal in (True, False):
+        out = block_attention_ref(**args, causal=causal, window=2)
+        for t in range(4):
+            last = 5 + t if causal else min(5 + t + 2, 8)
+            torch.testing.assert_close(out[t, 0], values[3 + t:last + 1].mean(0))
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_ref_matches_sdpa(causal):
+@pytest.mark.parametrize("window", [-1, 3, 20])
+def test_ref_matches_sdpa(causal, window):
     lengths, block, heads, kv_heads = [5, 0, 17], 8, 8, 2
     args = _inputs(lengths, block, heads, kv_heads, head_dim=64, dtype=torch.float32, seed=1)
-    out = block_attention_ref(**args, causal=causal)
+    out = block_attention_ref(**args, causal=causal, window=window)
     for request, prefix_len in enumerate(lengths):
         start = int(args["kv_indptr"][request])
         rows = slice(request * block, (request + 1) * block)
@@ -79,6 +94,8 @@ def test_ref_matches_sdpa(causal):
         mask = torch.ones(block, prefix_len + block, dtype=torch.bool)
         if causal:
             mask[:, prefix_len:] = torch.ones(block, block, dtype=torch.bool).tril()
+        if window >= 0:  # transformers' sliding window of window + 1 positions (the query's own included)
+            mask &= torch.ones_like(mask).tril(prefix_len + window).triu(prefix_len - window)
         expected = torch.nn.functional.scaled_dot_product_attention(
             args["q"][rows].transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
         torch.testing.assert_close(out[rows], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
@@ -114,9 +131,20 @@ CASES = [
     ([33, 1], 8, 2, 2, 64),
     ([200], 5, 8, 1, 128),
     ([64, 65], 16, 2, 1, 256),
+    ([40, 0], 16, 16, 2, 512),  # Gemma 4 global layers (GQA 8:1, 512-wide heads): 4 row chunks per KV head
 ]
 if CUDA:
-    CASES += [([513] * 8, 16, 32, 8, 128), (list(range(0, 3000, 97)), 16, 32, 8, 128), ([4097], 16, 64, 8, 128)]
+    CASES += [([513] * 8, 16, 32, 8, 128), (list(range(0, 3000, 97)), 16, 32, 8, 128), ([4097], 16, 64, 8, 128),
+              ([700, 3], 16, 32, 16, 256), ([1500] * 3, 16, 32, 4, 512)]
+# (prefix lengths, block size, query heads, KV heads, head_dim, window): windows shorter than the prefix, than
+# the block, and longer than both.
+WINDOW_CASES = [
+    ([150, 9, 0], 16, 4, 2, 64, 40),
+    ([70], 8, 2, 1, 128, 3),
+    ([33, 100], 16, 4, 1, 512, 50),
+]
+if CUDA:
+    WINDOW_CASES += [([3000, 1100, 1024, 17], 16, 32, 16, 256, 1023), ([2500], 16, 32, 16, 512, 1023)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -132,6 +160,30 @@ def test_kernel_matches_reference(kernels, case, causal, dtype, splits):
     assert out.shape == expected.shape and out.dtype == dtype
     tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", WINDOW_CASES,
+                         ids=lambda c: f"bs{len(c[0])}-B{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-w{c[5]}")
+@pytest.mark.parametrize("splits", [None, 1, 5])
+def test_kernel_matches_reference_under_a_window(kernels, case, causal, dtype, splits):
+    lengths, block, heads, kv_heads, head_dim, window = case
+    args = _inputs(lengths, block, heads, kv_heads, head_dim, dtype, device=DEVICE, seed=window)
+    out = kernels.block_attention(**args, causal=causal, window=window, splits=splits)
+    expected = block_attention_ref(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()},
+                                   causal=causal, window=window)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_row_tiles_cap_the_accumulator():
+    kernels = pytest.importorskip("dflash_sglang.ops.block_attention")
+    assert kernels.row_tile(16, 4, 128) == 64  # Qwen3-8B: one program holds the KV head's 64 rows
+    assert kernels.row_tile(16, 2, 256) == 32  # Gemma 4 sliding layers
+    assert kernels.row_tile(16, 8, 512) == 32  # Gemma 4 global layers: 128 rows in 4 chunks
+    assert kernels.row_tile(5, 1, 64) == 16
+    assert kernels.prefix_tile(512) == 32 and kernels.prefix_tile(256) == 64
 
 
 def test_kernel_writes_into_out_and_leaves_nothing_else(kernels):
@@ -169,4 +221,5 @@ def test_pipeline_stages_fit_the_shared_memory():
     assert kernels.pipeline_stages(256, 2, hopper) == 3
     assert kernels.pipeline_stages(128, 2, ada) == 2
     assert kernels.pipeline_stages(256, 4, hopper) == 2  # fp32 head_dim 256: 3 x 128 KB would not fit
+    assert kernels.pipeline_stages(512, 2, hopper) == 3  # 32-key tiles: 3 x 64 KB
     assert kernels.pipeline_stages(64, 2, 0) == 2  # the interpreter (no shared memory to size by)

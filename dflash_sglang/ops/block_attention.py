@@ -23,6 +23,13 @@ for a block instead:
   their log-sum-exp. (One program per (request, KV head) took 12 us per layer at batch 1 on the H100, more
   than ``_partial``'s 7 us: 8 programs each reading 17 partials.)
 
+Gemma-style layers: a sliding ``window`` (SGLang's convention: a query sees the ``window`` keys before it and
+itself; non-causal rows also only the ``window`` keys after it) bounds each row's keys, and the prefix loop
+starts at the first key the block's first row sees, so a windowed layer reads at most ``window`` prefix keys
+whatever the context length. Row chunks: a program holds at most ``MAX_TILE_ELEMENTS`` query-row x head-dim
+accumulator entries, so wide heads (512) or large groups split a KV head's ``B x G`` rows over several programs
+(each re-reads the KV head's keys, mostly from L2).
+
 The split count ``S`` depends only on the batch size and head count (so a CUDA graph captures a fixed grid)
 and is a runtime argument (one compiled kernel for every batch size above one split); the prefix slice of
 each split is computed on the device from the live prefix length. A partial is ``B*G x head_dim`` fp32
@@ -40,16 +47,36 @@ from dflash_sglang.ops import _device
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
-BLOCK_N = 64  # prefix keys per tile
 MERGE_ROWS = 8  # query rows per merge program: at batch 1, 8 KV heads x 8 row groups of a 64-row block
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_HEAD_DIMS = (64, 128, 256, 512)
+MAX_TILE_ELEMENTS = 64 * 256  # query rows x head dims per program: a [64, 256] fp32 accumulator over 8 warps
 STAGE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the score tile and the compiler's scratch
+NO_WINDOW = -1
+
+
+def prefix_tile(head_dim: int) -> int:
+    """Prefix keys per K/V tile: 64, or 32 for 512-wide heads (a 64-key bf16 K and V tile pair is 128 KB)."""
+    return 32 if head_dim > 256 else 64
+
+
+def row_tile(block_size: int, group: int, block_d: int) -> int:
+    """Query rows per program: the KV head's ``block_size x group`` rows (a power of two, at least 16), capped
+    so the fp32 accumulator holds at most ``MAX_TILE_ELEMENTS``."""
+    return max(16, min(triton.next_power_of_2(block_size * group), MAX_TILE_ELEMENTS // block_d))
 
 
 @triton.jit
 def _split_size(length, num_splits, BLOCK_N: tl.constexpr):
     """Prefix keys per split: an even share of ``length``, rounded up to whole tiles (at least one tile)."""
     return tl.maximum(((length + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N, BLOCK_N)
+
+
+@triton.jit
+def _prefix_start(length, window, HAS_WINDOW: tl.constexpr):
+    """The first prefix key the block's first row sees: ``length - window`` under a window, else 0."""
+    if HAS_WINDOW:
+        return tl.maximum(length - window, 0)
+    return 0
 
 
 @triton.jit
@@ -69,31 +96,35 @@ def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale):
     updated running max (log2 domain), normalizer and unnormalized output."""
     s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet (windows) stays 0
+    alpha = tl.exp2(m_i - m_base)
+    p = tl.exp2(s - m_base[:, None])
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "window"])
 def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_part, Lse_part, O, qk_scale, num_splits,
-             stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok, stride_vb_head,
+             window, stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok, stride_vb_head,
              stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head, stride_o_tok, stride_o_head,
              BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
-             DIRECT: tl.constexpr):
+             HAS_WINDOW: tl.constexpr, ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr):
     req = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    unit = tl.program_id(1)  # (KV head, chunk of its query rows)
+    kv_head = unit // ROW_CHUNKS
     split = tl.program_id(2)
-    num_kv_heads = tl.num_programs(1)
+    num_units = tl.num_programs(1)
 
     start = tl.load(kv_indptr + req)
     length = tl.load(kv_indptr + req + 1) - start
-    per_split = _split_size(length, num_splits, BLOCK_N)
-    lo = split * per_split
+    first = _prefix_start(length, window, HAS_WINDOW)
+    per_split = _split_size(length - first, num_splits, BLOCK_N)
+    lo = first + split * per_split
     hi = tl.minimum(lo + per_split, length)
     live = (split == 0) | (lo < length)  # a split past the prefix's end has no keys and writes nothing
 
-    rows = tl.arange(0, BLOCK_M)  # row = token * GROUP + (query head within the KV head's group)
+    local_rows = tl.arange(0, BLOCK_M)
+    rows = (unit % ROW_CHUNKS) * BLOCK_M + local_rows  # row = token * GROUP + (query head within the group)
     token = rows // GROUP
     row_ok = rows < BLOCK_SIZE * GROUP
     dims = tl.arange(0, BLOCK_D)
@@ -115,7 +146,7 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):  # every tile has a valid column: m_i is finite after the first
+    for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         slots = tl.load(kv_indices + start + cols, mask=col_ok, other=0).to(tl.int64)
@@ -124,44 +155,58 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
                     mask=tile_ok, other=0.0)
         v = tl.load(V_cache + slots[:, None] * stride_vc_slot + kv_head * stride_vc_head + dims[None, :],
                     mask=tile_ok, other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, qk_scale)
-    if split == 0:  # key 0 is visible to every row: m_i is finite after this even with no prefix
+        visible = col_ok[None, :]
+        if HAS_WINDOW:  # key c is window keys or fewer before row token's query (at position length + token)
+            visible = visible & (cols[None, :] + window >= length + token[:, None])
+        m_i, l_i, acc = _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale)
+    if split == 0:  # each row sees its own key: m_i is finite after this even with no prefix
         visible = (block_cols < BLOCK_SIZE)[None, :]
         if CAUSAL:
             visible = visible & (block_cols[None, :] <= token[:, None])
+        if HAS_WINDOW:
+            distance = token[:, None] - block_cols[None, :]
+            visible = visible & (distance <= window) & (-distance <= window)
         m_i, l_i, acc = _attend_tile(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
 
     if DIRECT:  # one split: this program saw every key
         _store_rows(O, acc / l_i[:, None], req, kv_head, rows, dims, stride_o_tok, stride_o_head,
                     BLOCK_SIZE, GROUP, HEAD_DIM)
     else:
-        part = (req * num_kv_heads + kv_head) * num_splits + split
-        l_safe = tl.where(live, l_i, 1.0)
-        tl.store(O_part + part * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :],
+        part = (req * num_units + unit) * num_splits + split
+        seen = live & (l_i > 0)  # under a window a split may hold no key a row sees: lse -inf, output 0
+        l_safe = tl.where(seen, l_i, 1.0)
+        tl.store(O_part + part * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :],
                  acc / l_safe[:, None], mask=live)
-        tl.store(Lse_part + part * BLOCK_M + rows, m_i + tl.log2(l_safe), mask=live)
+        tl.store(Lse_part + part * BLOCK_M + local_rows, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")),
+                 mask=live)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge(O_part, Lse_part, O, kv_indptr, num_splits, stride_o_tok, stride_o_head,
-           BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_ROWS: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits", "window"])
+def _merge(O_part, Lse_part, O, kv_indptr, num_splits, window, stride_o_tok, stride_o_head,
+           BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+           ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+           MERGE_ROWS: tl.constexpr):
     req = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    num_kv_heads = tl.num_programs(1)
-    rows = tl.program_id(2) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
+    unit = tl.program_id(1)
+    kv_head = unit // ROW_CHUNKS
+    num_units = tl.num_programs(1)
+    local_rows = tl.program_id(2) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
+    rows = (unit % ROW_CHUNKS) * BLOCK_M + local_rows
     dims = tl.arange(0, BLOCK_D)
-    first = (req * num_kv_heads + kv_head) * num_splits
+    first = (req * num_units + unit) * num_splits
     length = tl.load(kv_indptr + req + 1) - tl.load(kv_indptr + req)
-    live_splits = tl.minimum(num_splits, tl.cdiv(length, _split_size(length, num_splits, BLOCK_N)))
+    keys = length - _prefix_start(length, window, HAS_WINDOW)
+    live_splits = tl.minimum(num_splits, tl.cdiv(keys, _split_size(keys, num_splits, BLOCK_N)))
 
-    # Split 0 holds the block's keys: its log-sum-exp is finite for every row, so no -inf - -inf below.
-    m_i = tl.load(Lse_part + first * BLOCK_M + rows)
+    # Split 0 holds the block's keys (each row sees its own): its log-sum-exp is finite for every row, so no
+    # -inf - -inf below; a later split a row saw nothing of has lse -inf and output 0, so weight 0.
+    m_i = tl.load(Lse_part + first * BLOCK_M + local_rows)
     l_i = tl.full([MERGE_ROWS], 1.0, tl.float32)
-    acc = tl.load(O_part + first * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :])
+    acc = tl.load(O_part + first * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :])
     for split in range(1, live_splits):  # the splits past the prefix's end wrote nothing
-        lse = tl.load(Lse_part + (first + split) * BLOCK_M + rows)
-        part = tl.load(O_part + (first + split) * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + dims[None, :])
+        lse = tl.load(Lse_part + (first + split) * BLOCK_M + local_rows)
+        part = tl.load(O_part + (first + split) * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D
+                       + dims[None, :])
         m_new = tl.maximum(m_i, lse)
         alpha = tl.exp2(m_i - m_new)
         weight = tl.exp2(lse - m_new)
@@ -176,7 +221,7 @@ def pipeline_stages(block_d: int, itemsize: int, shared_memory: int) -> int:
     """K/V tiles in flight in ``_partial``'s prefix loop: 3 where the device's shared memory holds three K and
     V tile pairs plus a margin for the kernel's other buffers, else 2. (In CUDA graphs on an H200, Qwen3-8B
     heads, 3 stages against 2 took 10-26% off every shape in ``bench_block_attention.py --graph``.)"""
-    tile_pair = 2 * BLOCK_N * block_d * itemsize
+    tile_pair = 2 * prefix_tile(block_d) * block_d * itemsize
     return 3 if 3 * tile_pair + STAGE_MARGIN_BYTES <= shared_memory else 2
 
 
@@ -189,14 +234,16 @@ def split_count(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
 
 def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
-                    causal: bool, sm_scale: float, out: torch.Tensor | None = None,
+                    causal: bool, sm_scale: float, window: int = NO_WINDOW, out: torch.Tensor | None = None,
                     splits: int | None = None) -> torch.Tensor:
     """Attention of ``bs`` blocks of ``block_size`` query tokens; see ``block_attention_ref`` for the shapes.
 
     ``q`` [bs * B, Hq, D] and ``k_block``, ``v_block`` [bs * B, Hkv, D] may be strided views (unit stride in
     the last dim); ``k_cache``, ``v_cache`` [slots, Hkv, D]; ``kv_indptr`` [bs + 1] int32 and ``kv_indices``
-    (int32/int64) list each request's prefix slots. ``splits``: prefix splits per (request, KV head), by
-    default :func:`split_count` for this device. Returns ``out`` (or a new tensor) [bs * B, Hq, D].
+    (int32/int64) list each request's prefix slots (under a ``window``, its last keys at least). ``window``:
+    keys a query sees on each side of it (SGLang's ``sliding_window_size``), -1 for all. ``splits``: prefix
+    splits per (request, KV head), by default :func:`split_count` for this device. Returns ``out`` (or a new
+    tensor) [bs * B, Hq, D].
     """
     batch_size = kv_indptr.numel() - 1
     num_tokens, num_heads, head_dim = q.shape
@@ -213,26 +260,30 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
             raise ValueError(f"block_attention: {name} needs unit stride in its last dim")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    splits = splits or split_count(batch_size, num_kv_heads, _device.num_sms(q.device))
-    block_m = max(16, triton.next_power_of_2(block_size * group))
     block_d = triton.next_power_of_2(head_dim)
+    block_m = row_tile(block_size, group, block_d)
+    row_chunks = triton.cdiv(block_size * group, block_m)
+    units = num_kv_heads * row_chunks
+    splits = splits or split_count(batch_size, units, _device.num_sms(q.device))
     direct = splits == 1
-    parts = 0 if direct else batch_size * num_kv_heads * splits
+    parts = 0 if direct else batch_size * units * splits
     o_part = torch.empty(parts, block_m, block_d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
-    shape = dict(BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d)
-    # Wide heads hold a [BLOCK_M, 256] fp32 accumulator: fewer warps would spill.
-    num_warps = 8 if block_m * block_d >= 64 * 256 else 4
+    has_window = window is not None and window >= 0
+    shape = dict(BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, HAS_WINDOW=has_window,
+                 ROW_CHUNKS=row_chunks, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=prefix_tile(block_d))
+    window_arg = window if has_window else 0
+    # Wide tiles hold a [BLOCK_M, BLOCK_D] fp32 accumulator of up to MAX_TILE_ELEMENTS: fewer warps would spill.
+    num_warps = 8 if block_m * block_d >= MAX_TILE_ELEMENTS else 4
     num_stages = pipeline_stages(block_d, q.element_size(), _device.shared_memory_per_block(q.device))
-    _partial[(batch_size, num_kv_heads, splits)](
+    _partial[(batch_size, units, splits)](
         q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, o_part, lse_part, out, sm_scale * LOG2E,
-        splits, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
+        splits, window_arg, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
         v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), CAUSAL=causal, BLOCK_N=BLOCK_N,
-        BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, **shape, num_warps=num_warps,
-        num_stages=num_stages)
+        out.stride(0), out.stride(1), CAUSAL=causal, BLOCK_KB=max(16, triton.next_power_of_2(block_size)),
+        DIRECT=direct, **shape, num_warps=num_warps, num_stages=num_stages)
     if not direct:
-        _merge[(batch_size, num_kv_heads, block_m // MERGE_ROWS)](
-            o_part, lse_part, out, kv_indptr, splits, out.stride(0), out.stride(1), **shape, BLOCK_N=BLOCK_N,
+        _merge[(batch_size, units, block_m // MERGE_ROWS)](
+            o_part, lse_part, out, kv_indptr, splits, window_arg, out.stride(0), out.stride(1), **shape,
             MERGE_ROWS=MERGE_ROWS, num_warps=4)
     return out

@@ -172,7 +172,7 @@ def sample_inverse_cdf(weights: torch.Tensor, uniform: float) -> int:
 
 def block_attention_ref(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
-                        causal: bool, sm_scale: float) -> torch.Tensor:
+                        causal: bool, sm_scale: float, window: int = -1) -> torch.Tensor:
     """Attention of ``bs`` blocks of ``B = block_size`` query tokens (the Triton kernel of
     ``ops/block_attention.py``).
 
@@ -181,27 +181,31 @@ def block_attention_ref(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.T
         k_block, v_block: [bs * B, Hkv, D] the blocks' own keys and values (Hq = G * Hkv: query head h reads
             KV head ``h // G``).
         k_cache, v_cache: [slots, Hkv, D] the cached keys and values.
-        kv_indptr: [bs + 1]; request r's prefix is ``kv_indices[kv_indptr[r]:kv_indptr[r + 1]]`` (cache slots).
+        kv_indptr: [bs + 1]; request r's prefix is ``kv_indices[kv_indptr[r]:kv_indptr[r + 1]]`` (cache slots),
+            the P keys right before its block: block token t sits at position P + t, prefix key c at c.
         block_size: B.
         causal: block token i sees block keys 0..i (the target's verify pass); else all B (the drafter's).
         sm_scale: the softmax scale.
+        window: a sliding window as SGLang counts it (``sliding_window_size``: transformers' window - 1): a
+            query sees the keys at most ``window`` positions before it, and (non-causal) after it; -1 for all.
     Returns:
-        [bs * B, Hq, D] in q's dtype: each block token attends to its request's whole prefix and the visible
-        block keys.
+        [bs * B, Hq, D] in q's dtype: each block token attends to the visible prefix and block keys.
     """
     batch_size = kv_indptr.numel() - 1
     group = q.shape[1] // k_block.shape[1]
     out = torch.empty_like(q)
-    block_visible = torch.ones(block_size, block_size, dtype=torch.bool)
-    if causal:
-        block_visible = block_visible.tril()
+    tokens = torch.arange(block_size)
     for r in range(batch_size):
         rows = slice(r * block_size, (r + 1) * block_size)
         prefix = kv_indices[int(kv_indptr[r]):int(kv_indptr[r + 1])].long()
         keys = torch.cat([k_cache[prefix], k_block[rows]]).float().repeat_interleave(group, dim=1)  # [P+B, Hq, D]
         values = torch.cat([v_cache[prefix], v_block[rows]]).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,shd->hts", q[rows].float(), keys) * sm_scale  # [Hq, B, P+B]
-        visible = torch.cat([torch.ones(block_size, len(prefix), dtype=torch.bool), block_visible], dim=1)
+        key_positions = torch.arange(len(prefix) + block_size)
+        distance = (len(prefix) + tokens)[:, None] - key_positions[None, :]  # query minus key position [B, P+B]
+        visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+        if window >= 0:
+            visible &= distance.abs() <= window
         probs = scores.masked_fill(~visible.to(scores.device), float("-inf")).softmax(dim=-1)
         out[rows] = torch.einsum("hts,shd->thd", probs, values).to(q.dtype)
     return out

@@ -2,8 +2,8 @@
 """Both of DFLASH's block passes in CUDA graphs, and the attention backends they run on: the CUDA-graph
 runner captures TARGET_VERIFY graphs for the target (with the drafter's features) and for the drafter; the
 triton backend captures and replays them without a tree mask and runs their attention with the split-KV
-block kernel (``ops/block_attention.py``); the flashinfer backend attends non-causally in the drafter's
-``ENCODER_ONLY`` layers."""
+block kernel (``ops/block_attention.py``; sliding-window layers too); the flashinfer backend attends
+non-causally in the drafter's ``ENCODER_ONLY`` layers."""
 
 from __future__ import annotations
 
@@ -88,8 +88,9 @@ def _mask_free(forward_mode, spec_info) -> bool:
 
 def _runs_block_attention(backend, q, k, v, layer, forward_batch, sinks) -> bool:
     """Whether a ``TritonAttnBackend.forward_extend`` call is a DFLASH block pass the block kernel covers: a
-    mask-free TARGET_VERIFY batch, plain softmax attention (no sliding window, soft cap, sinks, KV scales or
-    cross attention) with equal Q/K/V head sizes of 64, 128 or 256 and a KV cache in the queries' dtype."""
+    mask-free TARGET_VERIFY batch, softmax attention (sliding windows included; no soft cap, sinks, KV scales
+    or cross attention) with equal Q/K/V head sizes of 64, 128, 256 or 512 and a KV cache in the queries'
+    dtype."""
     from sglang.srt.layers.radix_attention import AttentionType
 
     from dflash_sglang.core.config import block_attention_mode
@@ -99,10 +100,22 @@ def _runs_block_attention(backend, q, k, v, layer, forward_batch, sinks) -> bool
             and k is not None and v is not None
             and not backend.enable_deterministic and not backend.use_mla and sinks is None
             and layer.qk_head_dim == layer.v_head_dim and layer.qk_head_dim in SUPPORTED_HEAD_DIMS
-            and layer.sliding_window_size <= -1 and not layer.logit_cap and layer.k_scale is None
+            and not layer.logit_cap and layer.k_scale is None
             and not layer.is_cross_attention and layer.xai_temperature_len <= 0
             and layer.attn_type in (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
             and forward_batch.token_to_kv_pool.dtype == q.dtype and block_attention_mode() == "on")
+
+
+def _layer_window(layer) -> int:
+    """The layer's sliding window in SGLang's count (keys before the query), -1 for none."""
+    window = layer.sliding_window_size
+    return window if window is not None and window > -1 else -1
+
+
+def _has_swa_pool(backend) -> bool:
+    """Whether sliding layers keep their own (window-sized) KV pool, indexed through SGLang's full-to-SWA slot
+    translation: then their block passes read the window listing upstream's metadata builds."""
+    return hasattr(backend.token_to_kv_pool_allocator, "translate_loc_from_full_to_swa")
 
 
 @patches(lambda module: module.TritonAttnBackend)
@@ -137,29 +150,38 @@ def patch_triton_backend(backend) -> None:
         if not _mask_free(forward_mode, spec_info):
             return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
                                    spec_info, seq_lens_cpu)
-        if self.sliding_window_size is not None and self.sliding_window_size > 0:
+        if self.sliding_window_size is not None and self.sliding_window_size > 0 and (
+                _has_swa_pool(self) or getattr(self, "_dflash_reads_window_listing", False)):
             return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
                                    _WithoutCustomMask(spec_info), seq_lens_cpu)
-        # The graph reads kv_indptr / kv_indices; its qo_indptr (i * B) was written at capture, and the mask
-        # index is unread without a mask.
+        # The graph reads kv_indptr / kv_indices (sliding layers too: the block kernel applies their window to
+        # the full listing); its qo_indptr (i * B) was written at capture, and the mask index is unread
+        # without a mask.
         bs = len(req_pool_indices)
         ops.paged_kv_indices(self.req_to_token, req_pool_indices, seq_lens[:bs], self.kv_indptr[:bs + 1],
                              self.cuda_graph_kv_indices)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
         if not _runs_block_attention(self, q, k, v, layer, forward_batch, sinks):
+            if _mask_free(forward_batch.forward_mode, forward_batch.spec_info) and _layer_window(layer) >= 0:
+                # Upstream's kernel reads the window listing: graph replays must keep building it.
+                self._dflash_reads_window_listing = True
             return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache, sinks)
         if save_kv_cache:
             forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         head_dim = layer.qk_head_dim
+        window = _layer_window(layer)
+        metadata = self.forward_metadata
+        windowed_pool = window >= 0 and _has_swa_pool(self)
         out = block_attention(
             q.view(-1, layer.tp_q_head_num, head_dim), k.view(-1, layer.tp_k_head_num, head_dim),
             v.view(-1, layer.tp_v_head_num, head_dim),
             forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
             forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.forward_metadata.kv_indptr, self.forward_metadata.kv_indices,
-            block_size=self.forward_metadata.max_extend_len,
-            causal=layer.attn_type != AttentionType.ENCODER_ONLY, sm_scale=layer.scaling)
+            metadata.window_kv_indptr if windowed_pool else metadata.kv_indptr,
+            metadata.window_kv_indices if windowed_pool else metadata.kv_indices,
+            block_size=metadata.max_extend_len, causal=layer.attn_type != AttentionType.ENCODER_ONLY,
+            sm_scale=layer.scaling, window=window)
         return out.view(q.shape)
 
     backend.init_forward_metadata_capture_cuda_graph = init_forward_metadata_capture_cuda_graph
