@@ -124,8 +124,8 @@ def test_dflash2_is_named_as_unsupported():
 
 
 def test_dflash2_layout_with_classic_architecture_parses():
-    # The same file under the classic architecture name: sliding-window causal layers, rope_parameters,
-    # output_multiplier and soft-capping from dflash_config.
+    # The same file under the classic architecture name: sliding-window layers made non-causal by `is_causal: false`,
+    # rope_parameters, output_multiplier and soft-capping from dflash_config.
     config = DFlashDraftConfig.from_dict({**DFLASH2, "architectures": ["DFlashDraftModel"]})
     assert config.rope_theta == 500000.0
     assert config.sliding_window == 2048

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dflash_sglang.core.config import DFlashDraftConfig
-from dflash_sglang.core.model import DFlashDrafter
+from dflash_sglang.core.model import DFlashDrafter, DraftAttention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -166,6 +166,35 @@ def test_block_rows_do_not_depend_on_later_rows_when_causal():
 def test_non_causal_block_rows_see_the_whole_block():
     full, other = _block_outputs_before_and_after_changing_the_last_row("full-gqa")
     assert not torch.allclose(full[0], other[0])
+
+
+# Context at positions 0..5, block at 6..9; layer 0 slides with window 3, layer 1 is full.
+@pytest.mark.parametrize("layer_id, is_causal, expected", [
+    (0, None, [5.0, 6.0, 7.0, 8.0]),  # sliding, causal by default: p sees p-2, p-1, p
+    (0, False, [6.0, 7.0, 7.5, 8.0]),  # sliding, non-causal: |p - k| <= 2, both ways
+    (1, None, [4.5] * 4),  # full, non-causal by default: all of 0..9
+    (1, True, [3.0, 3.5, 4.0, 4.5]),  # full, causal: 0..p
+], ids=["sliding-default", "sliding-explicit-non-causal", "full-default", "full-explicit-causal"])
+def test_attention_window_closed_form(layer_id, is_causal, expected):
+    """With zero queries every visible key scores the same, so a query's output is the mean of its visible
+    values; each value is its key's position. The window (3) counts the query itself and is shorter than
+    the context, so the expected means name exactly which keys each block query sees."""
+    overrides = {} if is_causal is None else {"is_causal": is_causal}
+    config = _config(hidden_size=2, num_attention_heads=1, num_key_value_heads=1, head_dim=2,
+                     layer_types=["sliding_attention", "full_attention"], sliding_window=3, **overrides)
+    attention = DraftAttention(config, layer_id)
+    with torch.no_grad():
+        for proj in (attention.q_proj, attention.k_proj):
+            proj.weight.zero_()
+        for proj in (attention.v_proj, attention.o_proj):
+            proj.weight.copy_(torch.eye(2))
+        context_positions, block_positions = torch.arange(6), torch.arange(6, 10)
+        as_rows = lambda positions: torch.stack([positions.float(), torch.zeros(len(positions))], dim=-1)  # noqa: E731
+        context_k = torch.zeros(6, 1, 2)
+        out = attention(as_rows(block_positions), block_positions, context_k, as_rows(context_positions)[:, None],
+                        context_positions)
+    torch.testing.assert_close(out[:, 0], torch.tensor(expected))
+    torch.testing.assert_close(out[:, 1], torch.zeros(4))
 
 
 @pytest.mark.parametrize("multiplier, cap", [(None, None), (0.5, None), (None, 2.0), (0.25, 3.0)])

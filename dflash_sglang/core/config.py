@@ -115,14 +115,17 @@ class DFlashDraftConfig:
     def layer_is_causal(self, layer_id: int) -> bool:
         """Whether drafter layer ``layer_id`` masks the block causally.
 
-        As in the reference: an explicit ``is_causal`` applies to every layer; without it, sliding-window
-        layers are causal and full-attention layers are not.
+        As in the reference (z-lab/dflash ``Qwen3DFlashAttention.__init__``): an explicit ``is_causal`` applies
+        to every layer; without it, sliding-window layers are causal and full-attention layers are not. vLLM and
+        SGLang serve z-lab's Gemma 4 drafters (sliding + full layers) the same way. NOTE: z-lab's code of April
+        2026 (44947fb) ran every layer non-causally; the rule above replaced it.
         """
         if self.is_causal is not None:
             return self.is_causal
         return self.layer_types[layer_id] == "sliding_attention"
 
     def layer_sliding_window(self, layer_id: int) -> int | None:
+        """transformers' window of layer ``layer_id`` (it counts the query itself), None for full attention."""
         return self.sliding_window if self.layer_types[layer_id] == "sliding_attention" else None
 
     # ----------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def block_attention_mask(query_positions: torch.Tensor, key_positions: torch.Ten
     """Which keys each block query sees: [B] x [C + B] -> [B, C + B] bool.
 
     Non-causal layers let every block query see the whole block; causal ones only earlier positions. A
-    sliding window limits the distance (both ways when non-causal), as in the reference drafter.
+    sliding window ``W`` counts the query itself: query position p keeps key k only while p - k < W (and, when
+    non-causal, k - p < W), as the reference drafter's mask does (z-lab/dflash ``_attention_mask``).
     """
     q = query_positions[:, None]
     k = key_positions[None, :]

@@ -14,7 +14,16 @@ Two entry points, both used by ``dflash_sglang.serving.worker``:
 * :meth:`DFlashDraftModel.forward` -- the draft pass, run by SGLang's ModelRunner (eagerly or as a CUDA
   graph) as a TARGET_VERIFY batch whose prefix is the injected context and whose block is
   [last token, mask, ...]; returns the block's draft logits through the target's LM head.
-  Attention is ``ENCODER_ONLY`` (non-causal) in layers the config marks non-causal.
+  Attention is ``ENCODER_ONLY`` (non-causal) in layers the config marks non-causal
+  (:meth:`DFlashDraftConfig.layer_is_causal`); sliding layers pass SGLang's window, the keys BEFORE the
+  query (transformers' ``sliding_window`` minus one).
+
+Sliding windows on SGLang's attention backends: triton, fa3/fa4 and flashinfer bound causal sliding layers as
+the reference does (triton only because :meth:`DFlashDraftModel.get_attention_sliding_window_size` makes it
+build its window KV indices). Non-causal sliding layers (an explicit ``is_causal: false``) run on triton only:
+fa3/fa4 apply a window as ``(window, 0)``, i.e. causally, and triton bounds only the left side, which matches
+the reference while ``sliding_window >= block_size``; other combinations are refused at load. torch_native
+(the CPU backend) ignores windows, so it is exact only while the context is shorter than the window (logged).
 
 Embedding and LM head are the target's tensors (:meth:`set_embed_and_head`), shared, not copied.
 """
@@ -60,10 +69,9 @@ class DFlashDraftAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = get_rope(self.head_dim, rotary_dim=self.head_dim, max_position=max_position,
                                    base=config.rope_theta, is_neox_style=True)
-        sliding_window = config.layer_sliding_window(layer_id)
         self.attn = RadixAttention(
             self.num_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.num_kv_heads,
-            layer_id=layer_id, sliding_window_size=-1 if sliding_window is None else sliding_window,
+            layer_id=layer_id, sliding_window_size=sglang_window(config.layer_sliding_window(layer_id)),
             attn_type=AttentionType.DECODER if config.layer_is_causal(layer_id) else AttentionType.ENCODER_ONLY,
             prefix=f"layers.{layer_id}.self_attn.attn")
 
@@ -123,6 +131,7 @@ class DFlashDraftModel(nn.Module):
         self.config = config
         self.draft_config = DFlashDraftConfig.from_dict(config.to_dict())
         draft = self.draft_config
+        check_windows_on_backends(draft, _draft_attention_backends())
         if draft.hidden_act != "silu":
             raise NotImplementedError(f"drafter hidden_act {draft.hidden_act!r} is not supported; expected 'silu' "
                                       "(the released DFlash drafters' SwiGLU MLP)")
@@ -144,6 +153,12 @@ class DFlashDraftModel(nn.Module):
         self._cos_sin_cache: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------
+    def get_attention_sliding_window_size(self) -> int | None:
+        """SGLang's window (keys before the query) of the sliding layers; None without any. SGLang's ModelRunner
+        hands it to the attention backend, which the triton backend needs to build its window KV indices."""
+        has_sliding = "sliding_attention" in self.draft_config.layer_types
+        return sglang_window(self.draft_config.sliding_window) if has_sliding else None
+
     def set_embed_and_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
         """Shares the target's embedding and LM head (no copy)."""
         self.embed_weight = embed_weight
@@ -237,6 +252,54 @@ class DFlashDraftModel(nn.Module):
                 params[name].data.copy_(tensor)
         check_state_dict(loaded, expected, "DFlash drafter checkpoint")
         self._k_norm_weights = None
+
+
+def sglang_window(sliding_window: int | None) -> int:
+    """SGLang's ``sliding_window_size`` for a transformers ``sliding_window`` (None: no window, -1).
+
+    transformers' window counts the query itself (query p sees keys p - W + 1 .. p); SGLang's backends count
+    the keys before the query (they keep key k while p - k <= window)."""
+    return -1 if sliding_window is None else sliding_window - 1
+
+
+def check_windows_on_backends(draft: DFlashDraftConfig, backends: set[str]) -> None:
+    """Refuses drafter layers whose sliding window one of the draft attention ``backends`` would apply wrongly
+    (see the module docstring); logs that torch_native ignores windows."""
+    windowed = [i for i in range(draft.num_hidden_layers) if draft.layer_sliding_window(i) is not None]
+    if not windowed:
+        return
+    if "torch_native" in backends:
+        logger.warning("DFLASH: the torch_native attention backend ignores sliding windows; drafter layers %s "
+                       "see the whole context (exact while it is shorter than %d tokens)", windowed,
+                       draft.sliding_window)
+    non_causal = [i for i in windowed if not draft.layer_is_causal(i)]
+    if not non_causal:
+        return
+    unsupported = sorted(backends - {"triton", "torch_native"})
+    if unsupported:
+        raise NotImplementedError(
+            f"drafter layers {non_causal} are non-causal (config `is_causal: false`) with a sliding window; the "
+            f"{unsupported} attention backend(s) would not apply it as the reference does (fa3/fa4 apply a "
+            "window as (window, 0), i.e. causally): pass --speculative-draft-attention-backend triton")
+    if "triton" in backends and draft.sliding_window < draft.block_size:
+        raise NotImplementedError(
+            f"drafter layers {non_causal} are non-causal with sliding_window {draft.sliding_window} < block_size "
+            f"{draft.block_size}: the reference then also hides block keys more than the window AFTER a query, "
+            "which SGLang's triton backend (left bound only) cannot do")
+
+
+def _draft_attention_backends() -> set[str]:
+    """The attention backends the drafter's ModelRunner will use (its override, else the prefill and decode
+    backends); empty outside a server, e.g. a model built directly in tests."""
+    from sglang.srt.server_args import get_global_server_args
+
+    try:
+        args = get_global_server_args()
+    except ValueError:  # not set: no server
+        return set()
+    if args.speculative_draft_attention_backend:
+        return {args.speculative_draft_attention_backend}
+    return {backend for backend in args.get_attention_backends() if backend}
 
 
 def _server_context_length() -> int:
