@@ -129,7 +129,7 @@ class DFlashDraftModel(nn.Module):
             raise NotImplementedError("DFlash drafters with attention biases (attention_bias: true) are not supported; "
                                       "the released z-lab drafters have none")
         self.config = config
-        self.draft_config = DFlashDraftConfig.from_dict(config.to_dict())
+        self.draft_config = _draft_config(config)
         draft = self.draft_config
         check_windows_on_backends(draft, _draft_attention_backends())
         if draft.hidden_act != "silu":
@@ -300,6 +300,21 @@ def _draft_attention_backends() -> set[str]:
     if args.speculative_draft_attention_backend:
         return {args.speculative_draft_attention_backend}
     return {backend for backend in args.get_attention_backends() if backend}
+
+
+def _draft_config(config) -> DFlashDraftConfig:
+    """The drafter's config.json as written (read through the server's drafter path), not transformers' parse
+    of it: ``Qwen3Config`` drops ``sliding_window`` unless ``use_sliding_window`` is set, while DFlash drafters
+    mark their sliding layers in ``layer_types``. Outside a server (a model built directly), the parse."""
+    from sglang.srt.server_args import get_global_server_args
+
+    from dflash_sglang.serving.server_defaults import load_draft_config
+
+    try:
+        args = get_global_server_args()
+    except ValueError:  # not set: no server
+        return DFlashDraftConfig.from_dict(config.to_dict())
+    return load_draft_config(args)
 
 
 def _server_context_length() -> int:
