@@ -92,13 +92,13 @@ def test_block_attention_routes_dflash_block_passes_only(monkeypatch):
 
     assert _route()  # the target's verify pass
     assert _route(layer(attn_type=AttentionType.ENCODER_ONLY))  # the drafter's pass
-    assert _route(layer(head_dim=256))
+    assert _route(layer(head_dim=256)) and _route(layer(head_dim=512))
+    assert _route(layer(sliding_window_size=1023))  # Gemma 4's sliding layers: the kernel applies the window
     # Everything else keeps SGLang's kernels.
     assert not _route(mode="EXTEND") and not _route(mode="DECODE")
     assert not _route(custom_mask=object())  # an EAGLE tree
-    assert not _route(layer(sliding_window_size=1024))
     assert not _route(layer(logit_cap=30.0))
-    assert not _route(layer(head_dim=80)) and not _route(layer(head_dim=512))
+    assert not _route(layer(head_dim=80))
     assert not _route(layer(v_head_dim=64))
     assert not _route(kv_dtype="float8_e4m3fn")
     assert not _route(sinks=object())
