@@ -332,7 +332,10 @@ def backend_problem(backend: str, device: str, capability: tuple[int, int] | Non
 
 def resolve_backends(cfg: DeployConfig, strict: bool = False) -> DeployConfig:
     """Returns ``cfg`` with backends that cannot run here replaced (fa3/fa4 -> triton on GPUs without them,
-    anything -> torch_native on the CPU), each replacement logged; with ``strict`` raises instead."""
+    anything -> torch_native on the CPU), each replacement logged; with ``strict`` raises instead.
+
+    Whether a backend that can run here attends the drafter correctly is the server's decision, for every entry
+    point (``serving/draft_attention.py``: fa3/fa4 -> triton for non-causal sliding-window drafter layers)."""
     capability = cuda_capability() if cfg.device == "cuda" else None
     if cfg.device == "cuda" and capability is None:
         logger.warning("no CUDA GPU is visible here: attention backends are not checked (SGLang checks them "

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from dflash_sglang.core.config import DFlashDraftConfig, DraftConfigError
+from dflash_sglang.serving.draft_attention import choose_draft_attention_backend
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_RUNNING_REQUESTS = 48
@@ -53,7 +54,9 @@ def load_draft_config(server_args) -> DFlashDraftConfig:
 
 
 def apply_dflash_server_defaults(server_args) -> None:
-    """Validates and fills the speculative settings of ``server_args`` (a ``sglang.srt.server_args.ServerArgs``)."""
+    """Validates and fills the speculative settings of ``server_args`` (a ``sglang.srt.server_args.ServerArgs``),
+    including the drafter's attention backend where the requested one would attend the drafter wrongly
+    (``draft_attention.choose_draft_attention_backend``)."""
     draft = load_draft_config(server_args)
     target = read_model_config(server_args.model_path, getattr(server_args, "revision", None))
     try:
@@ -76,6 +79,7 @@ def apply_dflash_server_defaults(server_args) -> None:
     server_args.speculative_num_steps = 1
     server_args.speculative_eagle_topk = 1
     server_args.speculative_num_draft_tokens = draft.block_size
+    choose_draft_attention_backend(server_args, draft)
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
     if server_args.enable_mixed_chunk:

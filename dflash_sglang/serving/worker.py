@@ -45,6 +45,7 @@ from sglang.srt.server_args import ServerArgs
 from dflash_sglang import ops
 from dflash_sglang.serving.info import DFlashVerifyInput
 from dflash_sglang.core.sampling import processed_probs, sample_from
+from dflash_sglang.serving.draft_attention import describe_draft_attention
 from dflash_sglang.serving.server_defaults import load_draft_config
 from dflash_sglang.serving.step_profile import make_profiler
 
@@ -90,11 +91,11 @@ class DFlashWorker(TpModelWorker):
         self.profiler = make_profiler(self.device)
         self.mask_token_id = self.draft_config.mask_token_id
         self._stop_ids_cache: tuple[list, Optional[torch.Tensor]] = ([], None)
-        logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), draft attention backend %s, "
-                    "CUDA kernels %s", self.block_size, server_args.speculative_draft_model_path,
-                    self.draft_config.num_hidden_layers, list(self.draft_config.target_layer_ids),
-                    server_args.speculative_draft_attention_backend or server_args.attention_backend,
+        logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), CUDA kernels %s",
+                    self.block_size, server_args.speculative_draft_model_path, self.draft_config.num_hidden_layers,
+                    list(self.draft_config.target_layer_ids),
                     "on" if ops.use_kernels_for(self.k_cache) else "off (PyTorch path)")
+        logger.info("%s", describe_draft_attention(server_args, self.draft_runner))
 
     # ----------------------------------------------------------------------------------------------
     # SGLang's speculative-worker interface
