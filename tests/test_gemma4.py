@@ -8,6 +8,7 @@
   1e-3 (seen: < 1e-5), served in bf16 (dense) within bf16 tolerance.
 * DFLASH: the tiny dense Gemma 4 with a tiny drafter in the released format (Gemma keys in
   ``dflash_config``) gives the non-speculative server's greedy tokens.
+* KV pool: each layer type keeps its own KV shape (``models/gemma4_kv_pool.py``), said in the log.
 * Chat: the Gemma-4-style chat template runs in SGLang's OpenAI server, and ``chat_template_kwargs``
   ``{"enable_thinking": ...}`` changes the prompt exactly as the template renders it.
 
@@ -127,6 +128,11 @@ def _check_golden(server: ServerProcess, variant: str, dtype: str) -> None:
     print(f"{variant} served in {dtype}: max |log-prob error| prefill {prefill_error:.2e}, decode {decode_error:.2e}, "
           f"decode after a cached prompt {cached_error:.2e}")
     assert max(prefill_error, decode_error, cached_error) < LOGPROB_ATOL[dtype]
+
+
+def test_kv_pool_keeps_each_layer_type_at_its_shape(dense):
+    """No padding: sliding layers 2 KV heads x 8, full layers 2 x 16 (``Gemma4KVPool``), 4096 slots each."""
+    assert "Gemma 4 KV pool: 4096 tokens; sliding layers [0, 2]: 2 x 8; full layers [1, 3]: 2 x 16" in dense.log_text()
 
 
 def test_vision_tower_is_skipped_and_said_in_the_log(dense):

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Gemma 4 configs under SGLang's transformers pin (5.3.0): the released layouts parse without
-trust_remote_code, per-layer attention shapes and the shared KV pool shape are derived as transformers'
+trust_remote_code, per-layer attention shapes and the KV shapes per layer type are derived as transformers'
 Gemma 4 does, unsupported variants fail by name, and SGLang's own ModelConfig (through the plugin's hooks)
-sees a text-only model with a KV pool wide enough for every layer."""
+sees a text-only model with its full-attention and sliding KV shapes apart (SGLang's hybrid-SWA names).
+(The KV pool built from these: tests/test_gemma4_kv_pool.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import shutil
 
 import pytest
 
-from dflash_sglang.serving.models.gemma4_config import Gemma4Config, Gemma4TextConfig, check_servable
+from dflash_sglang.serving.models.gemma4_config import FULL, SLIDING, Gemma4Config, Gemma4TextConfig, check_servable
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gemma4")
 PATTERN = (["sliding_attention"] * 5 + ["full_attention"]) * 10
@@ -27,6 +28,11 @@ RELEASED_31B = {
     "num_kv_shared_layers": 0, "hidden_size_per_layer_input": 0, "attention_k_eq_v": True,
     "enable_moe_block": False, "tie_word_embeddings": True, "layer_types": PATTERN, "rope_parameters": ROPE,
 }
+
+# google/gemma-4-26B-A4B-it's text_config: what differs from the 31B's.
+RELEASED_26B = dict(hidden_size=2816, num_hidden_layers=30, layer_types=PATTERN[:30], num_attention_heads=16,
+                    num_key_value_heads=8, num_global_key_value_heads=2, intermediate_size=2112,
+                    enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704)
 
 
 def _released(**text_overrides) -> Gemma4Config:
@@ -43,16 +49,19 @@ def test_released_31b_layout_per_layer_attention_and_kv_pool():
             sliding.sliding_window) == (256, 16, False, 10000.0, 1.0, 1024)
     assert (full.head_dim, full.num_kv_heads, full.k_eq_v, full.rope_theta, full.rotary_fraction,
             full.sliding_window) == (512, 4, True, 1000000.0, 0.25, None)
-    assert (text.kv_pool_num_heads, text.kv_pool_head_dim) == (16, 512)
+    assert (text.kv_shape(SLIDING), text.kv_shape(FULL)) == ((16, 256), (4, 512))
+    assert (len(text.layer_ids(SLIDING)), text.layer_ids(FULL)[:2]) == (50, [5, 11])
+    # bf16 K+V per token: 50 x 16 x 256 x 4 B + 10 x 4 x 512 x 4 B; one 16 x 512 pool for all 60 layers
+    # (the layout before per-layer-type pools) took 60 x 16 x 512 x 4 B = 1966080 B, 2.18x as much
+    assert text.kv_bytes_per_token(2) == 819200 + 81920
     check_servable(text, tp_size=1)
 
 
 def test_released_26b_a4b_moe_layout():
-    text = _released(hidden_size=2816, num_hidden_layers=30, layer_types=PATTERN[:30], num_attention_heads=16,
-                     num_key_value_heads=8, num_global_key_value_heads=2, intermediate_size=2112,
-                     enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704).text_config
-    assert (text.kv_pool_num_heads, text.kv_pool_head_dim) == (8, 512)
+    text = _released(**RELEASED_26B).text_config
+    assert (text.kv_shape(SLIDING), text.kv_shape(FULL)) == ((8, 256), (2, 512))
     assert text.layer_attention(29).num_kv_heads == 2
+    assert text.kv_bytes_per_token(2) == 25 * 8 * 256 * 4 + 5 * 2 * 512 * 4  # 225280; 30 x 8 x 512 x 4 = 491520
     check_servable(text, tp_size=1)
 
 
@@ -84,7 +93,12 @@ def test_moe_without_expert_counts_is_a_config_error():
         check_servable(_released(enable_moe_block=True).text_config, tp_size=1)
 
 
-def test_sglang_model_config_sees_text_only_gemma4_with_a_wide_kv_pool(tmp_path):
+def test_kv_heads_must_divide_the_query_heads():
+    with pytest.raises(ValueError, match="full_attention layers have 3 KV heads"):
+        check_servable(_released(num_global_key_value_heads=3).text_config, tp_size=1)
+
+
+def test_sglang_model_config_sees_text_only_gemma4_with_kv_shapes_per_layer_type(tmp_path):
     """SGLang's own config path (AutoConfig under transformers 5.3 + ModelConfig), through plugin.py."""
     from sglang.srt.configs.model_config import ModelConfig
 
@@ -96,6 +110,10 @@ def test_sglang_model_config_sees_text_only_gemma4_with_a_wide_kv_pool(tmp_path)
     assert model_config.hf_config.architectures == ["Gemma4ForConditionalGeneration"]
     assert isinstance(model_config.hf_text_config, Gemma4TextConfig)
     assert not model_config.is_multimodal and not model_config.is_image_understandable_model
-    assert model_config.head_dim == raw["global_head_dim"]
-    assert model_config.get_num_kv_heads(1) == raw["num_key_value_heads"]  # 2 sliding, 1 global (k_eq_v)
+    assert model_config.head_dim == model_config.v_head_dim == raw["global_head_dim"]
+    assert model_config.get_num_kv_heads(1) == raw["num_global_key_value_heads"]  # k_eq_v full layers: 1
+    assert model_config.swa_head_dim == model_config.swa_v_head_dim == raw["head_dim"]
+    assert model_config.get_swa_num_kv_heads(1) == raw["num_key_value_heads"]
+    assert not model_config.is_hybrid_swa  # one slot space: SGLang's plain allocator and radix cache
     assert model_config.num_hidden_layers == raw["num_hidden_layers"]
+

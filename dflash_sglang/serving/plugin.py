@@ -26,8 +26,13 @@ SGLang version first):
 * ``sglang.srt.utils.hf_transformers_utils`` -- adds the Gemma 4 configs (``models/gemma4_config.py``) to
   ``_CONFIG_REGISTRY`` and transformers' ``AutoConfig``: SGLang's pinned transformers 5.3.0 has no ``gemma4``.
 * ``sglang.srt.configs.model_config`` -- wraps ``ModelConfig._derive_model_shapes`` and
-  ``ModelConfig.get_total_num_kv_heads`` so a Gemma 4 target is served text-only with a KV pool as wide as
-  its widest layer (``gemma4_config.adapt_model_config``); other models are left as they are.
+  ``ModelConfig.get_total_num_kv_heads`` so a Gemma 4 target is served text-only and states its KV shapes
+  per layer type (``gemma4_config.adapt_model_config``); other models are left as they are.
+* ``sglang.srt.model_executor.model_runner_kv_cache_mixin`` -- wraps
+  ``ModelRunnerKVCacheMixin.get_cell_size_per_token`` and ``_init_pools`` so a Gemma 4 target's KV pool
+  keeps each layer at its own shape (``models/gemma4_kv_pool.Gemma4KVPool``) and is sized by that.
+* ``sglang.srt.layers.attention.attention_registry`` -- wraps the ``triton`` entry of
+  ``ATTENTION_BACKENDS`` so over a ``Gemma4KVPool`` the backend's decode buffers fit its widest layer.
 * ``sglang.srt.model_executor.cuda_graph_runner`` -- wraps ``CudaGraphRunner.__init__`` and
   ``CudaGraphRunner.get_spec_info`` so a DFLASH server captures both of its block passes (the target's
   verify, with the drafter's features, and the drafter's pass) at decode batch sizes.
@@ -63,6 +68,8 @@ PATCHES: dict[str, str] = {
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",
     "sglang.srt.utils.hf_transformers_utils": "gemma4:patch_hf_transformers_utils",
     "sglang.srt.configs.model_config": "gemma4:patch_model_config",
+    "sglang.srt.model_executor.model_runner_kv_cache_mixin": "gemma4:patch_kv_cache_mixin",
+    "sglang.srt.layers.attention.attention_registry": "gemma4:patch_attention_registry",
     "sglang.srt.model_executor.cuda_graph_runner": "cuda_graphs:patch_cuda_graph_runner",
     "sglang.srt.layers.attention.triton_backend": "cuda_graphs:patch_triton_backend",
     "sglang.srt.layers.attention.flashinfer_backend": "cuda_graphs:patch_flashinfer_backend",

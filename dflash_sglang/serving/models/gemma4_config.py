@@ -128,15 +128,28 @@ class Gemma4TextConfig(PretrainedConfig):
             sliding_window=None if is_full else self.sliding_window,
         )
 
-    @property
-    def kv_pool_head_dim(self) -> int:
-        """Head size of SGLang's one KV pool for all layers: the widest layer's (narrower heads are padded)."""
-        return max(self.layer_attention(i).head_dim for i in range(self.num_hidden_layers))
+    # ----------------------------------------------------------------------------------------------
+    # The KV cache by layer type (``gemma4_kv_pool.Gemma4KVPool`` keeps one buffer shape per type)
+    def layer_ids(self, layer_type: str) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types[:self.num_hidden_layers]) if t == layer_type]
+
+    def kv_shape(self, layer_type: str) -> tuple[int, int]:
+        """(KV heads, head size) of every ``layer_type`` layer: both depend on the layer type only."""
+        spec = self.layer_attention(self.layer_types.index(layer_type))
+        return spec.num_kv_heads, spec.head_dim
 
     @property
-    def kv_pool_num_heads(self) -> int:
-        """KV heads per layer in SGLang's one KV pool: the most any layer has (layers with fewer repeat theirs)."""
-        return max(self.layer_attention(i).num_kv_heads for i in range(self.num_hidden_layers))
+    def swa_num_key_value_heads(self) -> int:
+        """SGLang's name (``ModelConfig.get_swa_num_kv_heads``) for the sliding layers' KV heads."""
+        return self.kv_shape(SLIDING)[0] if SLIDING in self.layer_types else self.kv_shape(FULL)[0]
+
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        """K + V bytes one token takes over all layers, each layer at its own shape (no padding)."""
+        total = 0
+        for layer_type in set(self.layer_types[:self.num_hidden_layers]):
+            heads, dim = self.kv_shape(layer_type)
+            total += 2 * heads * dim * element_size * len(self.layer_ids(layer_type))
+        return total
 
 
 class Gemma4VisionConfig(PretrainedConfig):
@@ -199,19 +212,19 @@ def check_servable(config: Gemma4TextConfig, tp_size: int) -> None:
                                       f"types: {SUPPORTED_ROPE_TYPES}")
     if config.enable_moe_block and not (config.num_experts and config.top_k_experts and config.moe_intermediate_size):
         raise ValueError("Gemma 4 config: enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size")
-    pool_heads = config.kv_pool_num_heads
-    for i in range(config.num_hidden_layers):
-        heads = config.layer_attention(i).num_kv_heads
-        if pool_heads % heads or config.num_attention_heads % pool_heads:
-            raise NotImplementedError(
-                f"Gemma 4 layer {i} has {heads} KV heads; the shared KV pool holds {pool_heads} per layer, which "
-                f"must be a multiple of every layer's and divide num_attention_heads ({config.num_attention_heads})")
+    for layer_type in sorted(set(config.layer_types)):
+        heads = config.kv_shape(layer_type)[0]
+        if config.num_attention_heads % heads:
+            raise ValueError(f"Gemma 4 config: {layer_type} layers have {heads} KV heads, which must divide "
+                             f"num_attention_heads ({config.num_attention_heads})")
 
 
 def adapt_model_config(model_config: Any) -> None:
     """Called by ``patches/gemma4.py`` at the end of SGLang's ``ModelConfig._derive_model_shapes``: for a Gemma 4
-    target, turns the multimodal flags off (vision/audio are not served) and sizes the KV pool's heads to
-    the widest layer (see ``gemma4_layers``); any other model is left untouched."""
+    target, turns the multimodal flags off (vision/audio are not served) and states the KV shapes per layer
+    type in SGLang's hybrid-SWA vocabulary: ``head_dim`` / ``v_head_dim`` and ``get_num_kv_heads`` are the
+    full-attention layers', ``swa_head_dim`` / ``swa_v_head_dim`` and ``get_swa_num_kv_heads`` the sliding
+    layers' (the KV pool: ``gemma4_kv_pool``). Any other model is left untouched."""
     text = model_config.hf_text_config
     if not isinstance(text, Gemma4TextConfig):
         return
@@ -220,5 +233,6 @@ def adapt_model_config(model_config: Any) -> None:
     for flag in ("is_multimodal", "is_audio_model", "is_image_understandable_model",
                  "is_audio_understandable_model", "is_multimodal_chunked_prefill_supported"):
         setattr(model_config, flag, False)
-    model_config.head_dim = model_config.v_head_dim = text.kv_pool_head_dim
-    model_config.swa_head_dim = model_config.swa_v_head_dim = text.kv_pool_head_dim
+    model_config.head_dim = model_config.v_head_dim = text.kv_shape(FULL)[1]
+    swa_type = SLIDING if SLIDING in text.layer_types else FULL
+    model_config.swa_head_dim = model_config.swa_v_head_dim = text.kv_shape(swa_type)[1]

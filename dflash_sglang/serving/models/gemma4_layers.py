@@ -12,13 +12,11 @@ Numerics follow transformers' ``models/gemma4/modeling_gemma4.py`` (>= 5.17):
 * MoE (26B-A4B): a router (weight-free RMSNorm, times ``scale * hidden^-0.5``, linear, softmax, top-k,
   renormalized, times ``per_expert_scale`` of the chosen experts) and GELU-gated experts.
 
-KV cache layout. SGLang 0.5.10.post1 keeps one KV pool for all layers with one head count and head size,
-but Gemma 4's sliding and full layers differ in both (31B: 16 x 256 vs 4 x 512). Every layer therefore
-writes ``kv_pool_num_heads x kv_pool_head_dim``: narrower heads are zero-padded (q too, so q.k and the
-attention output's leading ``head_dim`` channels are exact) and layers with fewer KV heads repeat each head
-(grouped-query attention maps query heads to the same original KV head). This costs memory (about 2x for
-31B) but runs on every attention backend.
-TODO(gemma4): per-layer-type KV pools (SGLang's SWAKVPool) to drop the padding.
+KV cache layout. Each layer attends with its own shape -- RadixAttention gets the layer's head size and KV
+heads (31B: sliding 16 x 256, full 4 x 512 with 32 query heads, so grouped-query ratios 2 and 8) -- and its
+K/V go to buffers of exactly that shape: the target's KV pool is ``gemma4_kv_pool.Gemma4KVPool`` (SGLang's
+``SWAKVPool``, one sub-pool per layer type, one slot space), sized by what each layer type takes.
+Sliding layers still keep every token's K/V (not only their window's).
 """
 
 from __future__ import annotations
@@ -91,11 +89,9 @@ class Gemma4Attention(nn.Module):
         else:
             self.rotary_emb = get_rope(self.head_dim, rotary_dim=self.head_dim, max_position=max_position,
                                        base=spec.rope_theta, is_neox_style=True)
-        self.pool_head_dim = config.kv_pool_head_dim
-        self.kv_repeat = config.kv_pool_num_heads // self.num_kv_heads
         # SGLang's window counts the keys before the query; transformers' counts the query too.
         window = -1 if spec.sliding_window is None else spec.sliding_window - 1
-        self.attn = RadixAttention(self.num_heads, self.pool_head_dim, 1.0, num_kv_heads=config.kv_pool_num_heads,
+        self.attn = RadixAttention(self.num_heads, self.head_dim, 1.0, num_kv_heads=self.num_kv_heads,
                                    layer_id=layer_id, sliding_window_size=window, prefix=add_prefix("attn", prefix))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
@@ -107,22 +103,10 @@ class Gemma4Attention(nn.Module):
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
-        v = rms_norm_no_scale(v.reshape(-1, self.num_kv_heads, self.head_dim), self.eps)
+        v = rms_norm_no_scale(v.reshape(-1, self.num_kv_heads, self.head_dim), self.eps).view(-1, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(self._to_pool(q, self.num_heads, 1), self._to_pool(k, self.num_kv_heads, self.kv_repeat),
-                        self._to_pool(v, self.num_kv_heads, self.kv_repeat), forward_batch)
-        out = out.view(-1, self.num_heads, self.pool_head_dim)[..., :self.head_dim].reshape(-1, self.q_size)
-        out, _ = self.o_proj(out)
+        out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
         return out
-
-    def _to_pool(self, x: torch.Tensor, num_heads: int, repeat: int) -> torch.Tensor:
-        """[tokens, num_heads * head_dim] -> [tokens, num_heads * repeat, pool_head_dim] (see the module doc)."""
-        x = x.reshape(-1, num_heads, self.head_dim)
-        if repeat > 1:
-            x = x.repeat_interleave(repeat, dim=1)
-        if self.pool_head_dim > self.head_dim:
-            x = F.pad(x, (0, self.pool_head_dim - self.head_dim))
-        return x.contiguous()
 
 
 class Gemma4MLP(nn.Module):

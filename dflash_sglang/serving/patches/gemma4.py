@@ -1,11 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """Gemma 4 targets under SGLang's pinned transformers 5.3.0: the configs registered with SGLang and
-transformers, and ``ModelConfig`` serving a Gemma 4 text-only with a KV pool as wide as its widest layer
-(``models/gemma4_config.py``). Other models are left as they are."""
+transformers, ``ModelConfig`` serving a Gemma 4 text-only with its KV shapes per layer type
+(``models/gemma4_config.py``), the model runner building ``models/gemma4_kv_pool.Gemma4KVPool`` (each
+layer at its own shape) and sizing it by what each layer type really takes, and the triton backend's
+decode buffers sized for the widest layer. Other models are left as they are."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 from dflash_sglang.serving.patches import patches
+
+# Target attention backends that read each layer's shape from the layer and the pool (checked on CPU / GPU).
+LAYER_TYPE_POOL_BACKENDS = ("triton", "torch_native")
 
 
 @patches(lambda module: module)
@@ -25,7 +33,8 @@ def patch_hf_transformers_utils(module) -> None:
 
 @patches(lambda module: module.ModelConfig)
 def patch_model_config(model_config_cls) -> None:
-    """Wraps ``ModelConfig._derive_model_shapes`` and ``ModelConfig.get_total_num_kv_heads``."""
+    """Wraps ``ModelConfig._derive_model_shapes`` and ``ModelConfig.get_total_num_kv_heads`` (a Gemma 4's
+    full-attention layers' KV heads; the sliding layers' are ``get_swa_num_kv_heads``)."""
     original_derive_shapes = model_config_cls._derive_model_shapes
     original_num_kv_heads = model_config_cls.get_total_num_kv_heads
 
@@ -36,8 +45,126 @@ def patch_model_config(model_config_cls) -> None:
         adapt_model_config(self)
 
     def get_total_num_kv_heads(self) -> int:
-        pool_heads = getattr(self.hf_text_config, "kv_pool_num_heads", None)  # Gemma4TextConfig only
-        return pool_heads if pool_heads is not None else original_num_kv_heads(self)
+        from dflash_sglang.serving.models.gemma4_config import FULL, Gemma4TextConfig
+
+        if isinstance(self.hf_text_config, Gemma4TextConfig):
+            return self.hf_text_config.kv_shape(FULL)[0]
+        return original_num_kv_heads(self)
 
     model_config_cls._derive_model_shapes = derive_model_shapes
     model_config_cls.get_total_num_kv_heads = get_total_num_kv_heads
+
+
+@patches(lambda module: module)
+def patch_kv_cache_mixin(module) -> None:
+    """Wraps ``ModelRunnerKVCacheMixin.get_cell_size_per_token`` (the KV bytes per token that
+    ``profile_max_num_token`` divides the free memory by: for Gemma 4 the sum over layers at each layer's
+    shape, upstream's uniform ``heads x (head_dim + v_head_dim) x layers`` would count every layer at the
+    full layers' shape) and ``ModelRunnerKVCacheMixin._init_pools`` (for Gemma 4 the token pool it builds
+    through ``MHATokenToKVPool`` is a ``Gemma4KVPool``; allocator, radix cache and everything else as upstream)."""
+    mixin = module.ModelRunnerKVCacheMixin
+    original_cell_size = mixin.get_cell_size_per_token
+    original_init_pools = mixin._init_pools
+
+    def get_cell_size_per_token(self, num_layers: int) -> int:
+        from dflash_sglang.serving.models.gemma4_kv_pool import uses_layer_type_pool
+
+        config = self.model_config.hf_text_config
+        if self.use_mla_backend or not uses_layer_type_pool(config):
+            return original_cell_size(self, num_layers)
+        import torch
+
+        return config.kv_bytes_per_token(torch._utils._element_size(self.kv_cache_dtype))
+
+    def init_pools(self) -> None:
+        from dflash_sglang.serving.models.gemma4_kv_pool import Gemma4KVPool, build_pool, uses_layer_type_pool
+
+        config = self.model_config.hf_text_config
+        if not uses_layer_type_pool(config):
+            return original_init_pools(self)
+        _check_layer_type_pool_options(self)
+        with _replaced(module, "MHATokenToKVPool", functools.partial(build_pool, config)):
+            original_init_pools(self)
+        if not isinstance(self.token_to_kv_pool, Gemma4KVPool):
+            raise NotImplementedError(f"Gemma 4 needs its per-layer-type KV pool, but these server options built a "
+                                      f"{type(self.token_to_kv_pool).__name__} (fp4 KV cache, double sparsity "
+                                      "and NPU pools are not supported for Gemma 4)")
+
+    mixin.get_cell_size_per_token = get_cell_size_per_token
+    mixin._init_pools = init_pools
+
+
+def _check_layer_type_pool_options(runner) -> None:
+    server_args = runner.server_args
+    for option, used in (("--enable-hierarchical-cache", server_args.enable_hierarchical_cache),
+                         ("--disaggregation-mode", server_args.disaggregation_mode != "null")):
+        if used:
+            raise NotImplementedError(f"Gemma 4 with {option}: its host / transfer KV buffers assume one KV shape "
+                                      "for all layers, and Gemma 4 keeps one per layer type")
+    if runner.is_draft_worker and server_args.speculative_draft_attention_backend:
+        backends = {server_args.speculative_draft_attention_backend}
+    else:
+        backends = set(server_args.get_attention_backends())
+    unsupported = sorted(backends - set(LAYER_TYPE_POOL_BACKENDS))
+    if unsupported:
+        raise NotImplementedError(
+            f"Gemma 4 with attention backend {', '.join(unsupported)}: its sliding and full-attention layers have "
+            f"their own KV head counts and head sizes (up to 512), which the {'/'.join(LAYER_TYPE_POOL_BACKENDS)} "
+            "backends read per layer; pass --attention-backend triton (GPU) or torch_native (CPU)")
+
+
+@contextlib.contextmanager
+def _replaced(module, name: str, value):
+    """``module.<name> = value`` for the duration (the scheduler process builds its pools on one thread)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@patches(lambda module: module)
+def patch_attention_registry(module) -> None:
+    """Wraps the ``"triton"`` entry of ``ATTENTION_BACKENDS``: for a ``Gemma4KVPool`` it builds a
+    ``TritonAttnBackend`` whose decode partials fit every layer. Upstream sizes them
+    ``[tokens, heads, kv_splits, v_head_dim]`` with layer 0's ``v_head_dim`` (a sliding layer, 256: too
+    small for the 512 of full layers), and its decode kernels locate a split's log-sum-exp by dividing the
+    partials' strides by the layer's ``v_head_dim``, so each layer gets a contiguous view of exactly its
+    width over a buffer sized for the widest."""
+    original_create = module.ATTENTION_BACKENDS["triton"]
+
+    def create_triton_backend(runner):
+        from dflash_sglang.serving.models.gemma4_kv_pool import Gemma4KVPool
+
+        if isinstance(runner.token_to_kv_pool, Gemma4KVPool) and not runner.server_args.enable_double_sparsity:
+            return _layer_type_triton_backend()(runner)
+        return original_create(runner)
+
+    module.ATTENTION_BACKENDS["triton"] = create_triton_backend
+
+
+@functools.cache
+def _layer_type_triton_backend():
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    class LayerTypeTritonAttnBackend(TritonAttnBackend):
+        """``TritonAttnBackend`` over a ``Gemma4KVPool`` (see ``patch_attention_registry``)."""
+
+        def __init__(self, model_runner, *args, **kwargs) -> None:
+            super().__init__(model_runner, *args, **kwargs)
+            self.v_head_dim = model_runner.token_to_kv_pool.max_v_head_dim  # sizes the decode partials
+
+        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+            metadata = self.forward_metadata
+            partials = metadata.attn_logits  # [tokens, heads, kv_splits, max v_head_dim] fp32, contiguous
+            if partials.shape[-1] == layer.v_head_dim:
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
+            rows = partials.numel() // partials.shape[-1]
+            metadata.attn_logits = partials.view(-1)[:rows * layer.v_head_dim].view(*partials.shape[:-1], -1)
+            try:
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks)
+            finally:
+                metadata.attn_logits = partials
+
+    return LayerTypeTritonAttnBackend
