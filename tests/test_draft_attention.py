@@ -167,8 +167,7 @@ def test_startup_line_names_the_block_kernel_on_triton(triton_args, monkeypatch)
     monkeypatch.delenv("DFLASH_BLOCK_ATTENTION", raising=False)
     line = describe_draft_attention(triton_args, _runner("TritonAttnBackend", _layers(-1, -1, 1024)))
     assert line == ("DFLASH: drafter attention triton (SGLang TritonAttnBackend); mask-free block passes run the "
-                    "split-KV block-attention kernel (dflash_sglang/ops/block_attention.py) in 2 of 3 layers, "
-                    "SGLang's extend kernel in layers [2] (sliding window, soft cap, head size or KV dtype)")
+                    "split-KV block-attention kernel (dflash_sglang/ops/block_attention.py) in 3 of 3 layers")
     line = describe_draft_attention(triton_args, _runner("TritonAttnBackend", _layers(-1, -1)))
     assert line.endswith("block_attention.py) in 2 of 2 layers")
     fp8_cache = _runner("TritonAttnBackend", _layers(-1), kv_dtype=torch.float8_e4m3fn)

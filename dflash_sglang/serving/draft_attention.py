@@ -84,7 +84,7 @@ def describe_draft_attention(server_args, draft_runner) -> str:
     line += (f"; mask-free block passes run the split-KV block-attention kernel (dflash_sglang/ops/"
              f"block_attention.py) in {len(covered)} of {len(covered) + len(others)} layers")
     if others:
-        line += f", SGLang's extend kernel in layers {others} (sliding window, soft cap, head size or KV dtype)"
+        line += f", SGLang's extend kernel in layers {others} (soft cap, head size or KV dtype)"
     return line
 
 
