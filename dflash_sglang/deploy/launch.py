@@ -2,8 +2,10 @@
 """Starting, health-checking and stopping an SGLang server process (tests, benchmarks, scripts).
 
 ``ServerProcess`` runs ``python -m sglang.launch_server ARGS`` (or ``sglang serve ARGS``) in its own process
-group with its log in a file, waits until ``/health_generate`` answers, and stops the whole group. On a CPU
-device it adds the libcuda stand-in and SGLang's CPU engine to the environment (``cpu_stub.cpu_server_env``).
+group with its log in a file, waits until ``/health_generate`` answers, and stops the whole group, also when
+the launching program is stopped by SIGTERM (``timeout``, a job runner): the server's own process group
+would otherwise outlive it and hold the GPU. On a CPU device it adds the libcuda stand-in and SGLang's CPU
+engine to the environment (``cpu_stub.cpu_server_env``).
 """
 
 from __future__ import annotations
@@ -56,18 +58,26 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 600.0) -> "ServerProcess":
+        _exit_on_sigterm()
         with open(self.log_path, "w", encoding="utf-8") as log:
             self.process = subprocess.Popen([*self.launcher, *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        try:
+            self._wait_healthy(timeout_s)
+        except BaseException:  # not started in time, or interrupted (SIGTERM, Ctrl-C): __exit__ will not run
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerStartError(f"SGLang server exited with code {self.process.returncode}; log tail:\n"
                                        f"{self.log_tail()}")
             if self.healthy():
-                return self
+                return
             time.sleep(1.0)
-        self.stop()
         raise ServerStartError(f"SGLang server not healthy after {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
@@ -130,6 +140,19 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _exit_on_sigterm() -> None:
+    """Makes SIGTERM raise SystemExit in this process (where it still has the default, killing handler), so
+    ``with ServerProcess(...)`` blocks unwind and stop their servers. Only the main thread can set handlers."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _device_of(args: Sequence[str]) -> str | None:
