@@ -3,7 +3,11 @@
 outputs over a batch of concurrent prompts, for each requested draft attention backend and drafter.
 
     python scripts/gpu_e2e.py --out results.json [--draft-backends triton flashinfer] [--cuda-graph]
-                              [--dtype float32|bfloat16] [--commit SHA]
+                              [--dtype float32|bfloat16] [--target qwen3|gemma4-dense|gemma4-moe] [--commit SHA]
+
+``--target gemma4-*``: a tiny Gemma 4 (dense, or with the 26B-A4B MoE block) with sliding layers of head size
+64 and a 32-token window (shorter than prompt + output, so both passes' windows act) and full layers of 128
+(GQA 4:1), and a random drafter.
 
 Writes a JSON report (provenance, settings; per case: identical, mismatches with both outputs' token ids,
 acceptance length, wall time of both servers).
@@ -36,6 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dflash_sglang.deploy.launch import ServerProcess  # noqa: E402
 from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
 from dflash_sglang.testing.tiny import write_tiny_checkpoints  # noqa: E402
+from dflash_sglang.testing.tiny_gemma4 import write_tiny_gemma4  # noqa: E402
+
+TARGETS = ("qwen3", "gemma4-dense", "gemma4-moe")
+GEMMA4_SHAPES = {"head_dim": 64, "global_head_dim": 128, "sliding_window": 32}
 
 # Four rounding steps of a logit in [16, 32) (the tiny target's top logits): float16 4 x 2^-6, bfloat16 4 x 2^-3.
 TIE_TOLERANCE = {"float16": 2 ** -4, "bfloat16": 2 ** -1}
@@ -119,7 +127,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--draft-backends", nargs="+", default=["triton"])
-    parser.add_argument("--drafters", nargs="+", default=["drafter", "drafter-agree"])
+    parser.add_argument("--target", default="qwen3", choices=TARGETS)
+    parser.add_argument("--drafters", nargs="+", default=None,
+                        help="default: drafter and drafter-agree for qwen3, drafter for Gemma 4")
     parser.add_argument("--target-backend", default="triton")
     parser.add_argument("--cuda-graph", action="store_true", help="leave SGLang's CUDA graphs on")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -136,9 +146,18 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="dflash-gpu-e2e-")
     logs = args.logs or work
     os.makedirs(logs, exist_ok=True)
-    checkpoints = write_tiny_checkpoints(os.path.join(work, "tiny"), block_size=8, head_dim=args.head_dim)
+    if args.target == "qwen3":
+        checkpoints = write_tiny_checkpoints(os.path.join(work, "tiny"), block_size=8, head_dim=args.head_dim)
+        target_class = AutoModelForCausalLM
+        args.drafters = args.drafters or ["drafter", "drafter-agree"]
+    else:
+        from transformers import Gemma4ForConditionalGeneration
+
+        checkpoints = write_tiny_gemma4(os.path.join(work, "tiny"), args.target.split("-")[1], **GEMMA4_SHAPES)
+        target_class = Gemma4ForConditionalGeneration
+        args.drafters = args.drafters or ["drafter"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoints["target"])
-    target_fp32 = AutoModelForCausalLM.from_pretrained(checkpoints["target"], dtype=torch.float32).eval()
+    target_fp32 = target_class.from_pretrained(checkpoints["target"], dtype=torch.float32).eval()
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     common = ["--model-path", checkpoints["target"], "--device", "cuda", "--attention-backend", args.target_backend,
               "--dtype", args.dtype, "--mem-fraction-static", "0.15", "--max-total-tokens", "32768",

@@ -11,6 +11,8 @@
   Gemma-4-style chat template (below).
 * :func:`write_gemma4_drafter` -- a random 2-layer DFlash drafter for such a target, with the Gemma keys of
   ``dflash_config`` (``input_embedding_scale`` = sqrt(hidden), ``final_logit_softcapping``).
+* :func:`write_tiny_gemma4` -- a servable target folder (config, bf16 weights, tokenizer) and its drafter,
+  with head sizes of choice: GPU kernels need 64+ (``scripts/gpu_e2e.py --target gemma4-*``).
 
 ``scripts/make_gemma4_golden.py`` builds the committed golden fixtures (weights + transformers' reference
 logits) from these; the tests add the tokenizer and the drafter at run time.
@@ -69,17 +71,19 @@ def write_gemma4_tokenizer(out: str, seed: int = 0) -> tuple[dict[str, int], int
     return write_tokenizer(out, GEMMA4_TOKENIZER, seed)
 
 
-def gemma4_config(variant: str, vocab_size: int, ids: dict[str, int]) -> dict:
-    """``config.json`` of a tiny Gemma 4 target (``variant``: ``dense`` or ``moe``)."""
+def gemma4_config(variant: str, vocab_size: int, ids: dict[str, int], *, head_dim: int = 8,
+                  global_head_dim: int = 16, sliding_window: int = 512) -> dict:
+    """``config.json`` of a tiny Gemma 4 target (``variant``: ``dense`` or ``moe``); ``head_dim`` is the sliding
+    layers' head size, ``global_head_dim`` the full layers'."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny Gemma 4 variant {variant!r}; choose one of {VARIANTS}")
     text = {
         "model_type": "gemma4_text", "vocab_size": vocab_size, "vocab_size_per_layer_input": vocab_size,
         "hidden_size": HIDDEN_SIZE, "intermediate_size": 64, "num_hidden_layers": NUM_LAYERS,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "global_head_dim": 16,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": head_dim, "global_head_dim": global_head_dim,
         "num_global_key_value_heads": 1, "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "attention_bias": False, "attention_dropout": 0.0,
-        "layer_types": LAYER_TYPES, "sliding_window": 512, "final_logit_softcapping": SOFTCAP,
+        "layer_types": LAYER_TYPES, "sliding_window": sliding_window, "final_logit_softcapping": SOFTCAP,
         "rope_parameters": {
             "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
             "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
@@ -167,3 +171,24 @@ def write_gemma4_drafter(out: str, target_config: dict, ids: dict[str, int], *, 
     generator = torch.Generator().manual_seed(seed)
     save_drafter(random_drafter(config, generator).to(torch.bfloat16), out)
     return out
+
+
+def write_tiny_gemma4(out_dir: str, variant: str, *, head_dim: int, global_head_dim: int, sliding_window: int,
+                      seed: int = 0, block_size: int = 8) -> dict[str, str]:
+    """Writes ``target/`` (config.json, model.safetensors with the text decoder in bf16, tokenizer) and
+    ``drafter/`` under ``out_dir``; returns ``{"target": path, "drafter": path}``. SGLang serves the target
+    text-only (the vision tower's weights are not written: it skips them)."""
+    from safetensors.torch import save_file
+
+    from dflash_sglang.testing.tiny import write_json
+
+    target = os.path.join(out_dir, "target")
+    ids, vocab_size = write_gemma4_tokenizer(target, seed)
+    config = gemma4_config(variant, vocab_size, ids, head_dim=head_dim, global_head_dim=global_head_dim,
+                           sliding_window=sliding_window)
+    write_json(os.path.join(target, "config.json"), config)
+    weights = gemma4_text_weights(config, torch.Generator().manual_seed(seed))
+    save_file({name: t.to(torch.bfloat16).contiguous() for name, t in weights.items()},
+              os.path.join(target, "model.safetensors"))
+    drafter = write_gemma4_drafter(os.path.join(out_dir, "drafter"), config, ids, block_size=block_size, seed=seed)
+    return {"target": target, "drafter": drafter}
