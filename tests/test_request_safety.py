@@ -10,6 +10,9 @@ temperature, a ``top_k`` beyond int32, a fractional ``max_new_tokens`` (and on a
 ``stop_token_ids`` entry beyond int64) each killed the server, as they kill SGLang 0.5.10 without the
 package; ``n = 10**9`` made it build a list of 10**9 prompts. The same checks guard a plain server
 (``test_checks_run_on_servers_without_dflash``; ``test_server_e2e`` sends one to a real plain server).
+
+The server also runs with ``--enable-metrics``: SGLang's own tools must see DFLASH's acceptance
+(``/server_info``'s ``avg_spec_accept_length``, read by ``sglang.bench_serving``, and the Prometheus gauges).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ CONTEXT_LENGTH = 256
 VOCAB_SIZE = 448  # the tiny target's (dflash_sglang.testing.tiny)
 ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--skip-server-warmup",
         "--mem-fraction-static", "0.1", "--max-total-tokens", "8192", "--dtype", "float32", "--random-seed", "0",
-        "--chunked-prefill-size", "32", "--context-length", str(CONTEXT_LENGTH), "--sleep-on-idle"]
+        "--chunked-prefill-size", "32", "--context-length", str(CONTEXT_LENGTH), "--sleep-on-idle",
+        "--enable-metrics"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,19 @@ def _assert_refused(status: int, answer: dict, *fragments: str) -> None:
 def _assert_serving(server: ServerProcess) -> None:
     status, answer = _generate(server, {"max_new_tokens": 4, "temperature": 0})
     assert status == 200 and len(answer["output_ids"]) == 4, f"{answer}\n{server.log_tail()}"
+
+
+def test_server_info_reports_the_acceptance_length_from_the_first_steps(server):
+    """First in this module, so the server has printed no decode log line yet: SGLang folds its acceptance
+    counters into ``avg_spec_accept_length`` only there (every 40 decode batches), so a short
+    ``sglang.bench_serving`` run printed no acceptance length for DFLASH."""
+    status, answer = _generate(server, {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True})
+    assert status == 200 and answer["meta_info"]["spec_verify_ct"] < 40
+    with urllib.request.urlopen(f"{server.base_url}/server_info", timeout=30) as response:
+        state = json.load(response)["internal_states"][0]
+    # Tokens per verify step, as SGLang counts them (the overlap loop may count a finished request's last step).
+    assert 1.0 <= state["avg_spec_accept_length"] <= 8.0, state.get("avg_spec_accept_length")
+    assert state["avg_spec_accept_length"] > 3, "the agreeing drafter's blocks are accepted"
 
 
 def test_out_of_vocabulary_and_negative_token_ids_are_refused(server):
@@ -291,6 +308,29 @@ def _wait_idle(server: ServerProcess, timeout_s: float) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"requests still running after {timeout_s} s:\n{server.log_tail()}")
+
+
+def test_metrics_export_the_speculative_gauges(server):
+    """``--enable-metrics``: SGLang's ``sglang:spec_accept_length`` / ``spec_accept_rate`` gauges, set at each
+    decode log line (every 40 decode batches), carry DFLASH's acceptance."""
+    for _ in range(20):
+        gauges = _spec_gauges(server)
+        if gauges.get("sglang:spec_accept_length", 0) > 0:
+            break
+        _generate(server, {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True})
+    assert 1 < gauges["sglang:spec_accept_length"] <= 8, gauges
+    assert 0 < gauges["sglang:spec_accept_rate"] <= 1, gauges
+
+
+def _spec_gauges(server: ServerProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    gauges = {}
+    for line in text.splitlines():
+        if line.startswith("sglang:spec_accept_"):
+            name, value = line.split("{")[0], line.rsplit(" ", 1)[1]
+            gauges[name] = float(value)
+    return gauges
 
 
 def test_kv_pools_return_to_idle(server):

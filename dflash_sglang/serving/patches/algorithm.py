@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DFLASH as an SGLang speculative algorithm: the enum member and its worker, the command-line choice and
-server defaults, the model registry entries, the refusal of requests DFLASH does not serve, and the request
-checks that keep one request from taking any server down (``request_safety``)."""
+server defaults, the model registry entries, the refusal of requests DFLASH does not serve, the request
+checks that keep one request from taking any server down (``request_safety``), and DFLASH's acceptance
+length in ``/server_info``."""
 
 from __future__ import annotations
 
@@ -116,3 +117,22 @@ def patch_generate_req_input(request_cls) -> None:
 
     request_cls._handle_parallel_sampling = handle_parallel_sampling
 
+
+@patches(lambda module: module.Scheduler)
+def patch_scheduler(scheduler_cls) -> None:
+    """Wraps ``Scheduler.get_internal_state`` so a DFLASH server's ``avg_spec_accept_length`` (``/server_info``,
+    read by ``sglang.bench_serving``) counts every verify step: SGLang folds the steps into its lifetime totals
+    only when it prints a decode log line (every ``--decode-log-interval`` = 40 decode batches), so a short
+    run reported none and a long one missed its last steps."""
+    original_get_internal_state = scheduler_cls.get_internal_state
+
+    def get_internal_state(self, recv_req):
+        output = original_get_internal_state(self, recv_req)
+        if is_dflash_server(self.server_args):
+            steps = self.spec_total_num_forward_ct + self.spec_num_forward_ct
+            if steps > 0:
+                tokens = self.spec_total_num_accepted_tokens + self.spec_num_accepted_tokens
+                output.internal_state["avg_spec_accept_length"] = tokens / steps
+        return output
+
+    scheduler_cls.get_internal_state = get_internal_state
