@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 
 import openai
 import pytest
@@ -200,6 +201,25 @@ def test_unsupported_request_gets_clear_http_error_and_server_keeps_serving(base
         _client(dflash).completions.create(model="default", prompt="hi", max_tokens=4, logprobs=2)
     assert "DFLASH" in str(error.value)
     assert _complete(dflash, PROMPTS[0], 8) == _complete(baseline, PROMPTS[0], 8)
+
+
+def test_requests_that_killed_sglang_get_http_400_without_dflash_too(baseline):
+    """The package's hook guards a plain server as well (tests/test_request_safety.py probes a DFLASH one):
+    each of these requests killed SGLang 0.5.10's scheduler, and with it the server."""
+    client = _client(baseline)
+    for prompt, token in (([1, 2, 99999999], 99999999), ([1, 2, -1], -1)):
+        with pytest.raises(openai.BadRequestError, match=f"token id {token} at prompt position 2"):
+            client.completions.create(model="default", prompt=prompt, max_tokens=4)
+    with pytest.raises(urllib.error.HTTPError) as error:  # the openai client cannot send a NaN
+        baseline.generate({"text": "hi", "sampling_params": {"max_new_tokens": 4, "temperature": float("nan")}})
+    assert error.value.code == 400 and b"temperature must be a finite number" in error.value.read()
+    with pytest.raises(openai.BadRequestError, match="top_logprobs_num"):
+        client.completions.create(model="default", prompt="hi", max_tokens=4, logprobs=10**6)
+    response = client.completions.create(model="default", prompt="hi", max_tokens=4, temperature=1.0,
+                                         extra_body={"top_k": 10**20})  # the whole vocabulary, as -1
+    assert response.usage.completion_tokens == 4
+    assert _complete(baseline, PROMPTS[0], 8)[2] == 8
+    _assert_no_leak(baseline)
 
 
 def test_chunked_prefill_of_a_long_prompt(baseline, dflash):

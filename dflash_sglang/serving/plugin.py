@@ -21,8 +21,14 @@ SGLang version first):
   so the CPU backend can run mask-free TARGET_VERIFY passes (upstream supports them on GPU backends only).
 * ``sglang.srt.mem_cache.memory_pool`` -- skips ``MHATokenToKVPool._init_kv_copy_and_warmup`` (a Triton
   warm-up for paged KV moves) on CPU devices, where Triton cannot launch.
-* ``sglang.srt.managers.tokenizer_manager`` -- wraps ``TokenizerManager._validate_one_request`` so a
-  DFLASH server answers requests for options it does not serve (``request_rules.py``) with HTTP 400.
+* ``sglang.srt.managers.tokenizer_manager`` -- wraps ``TokenizerManager._validate_one_request`` so every
+  server (DFLASH or not) answers with HTTP 400 the requests that would kill SGLang's scheduler (prompt token
+  ids outside the vocabulary, NaN temperatures...: ``request_safety.py``), and a DFLASH server the requests
+  for options it does not serve (``request_rules.py``).
+* ``sglang.srt.managers.io_struct`` -- wraps ``GenerateReqInput._handle_parallel_sampling`` to refuse an
+  ``n`` below 1 or above ``request_safety.MAX_PARALLEL_SAMPLES`` before SGLang copies the request n times.
+* ``sglang.srt.managers.scheduler`` -- wraps ``Scheduler.get_internal_state`` so a DFLASH server's
+  ``/server_info`` ``avg_spec_accept_length`` counts the steps since SGLang's last decode log line too.
 * ``sglang.srt.utils.hf_transformers_utils`` -- adds the Gemma 4 configs (``models/gemma4_config.py``) to
   ``_CONFIG_REGISTRY`` and transformers' ``AutoConfig``: SGLang's pinned transformers 5.3.0 has no ``gemma4``.
 * ``sglang.srt.configs.model_config`` -- wraps ``ModelConfig._derive_model_shapes`` and
@@ -64,6 +70,8 @@ PATCHES: dict[str, str] = {
     "sglang.srt.server_args": "algorithm:patch_server_args",
     "sglang.srt.models.registry": "algorithm:patch_model_registry",
     "sglang.srt.managers.tokenizer_manager": "algorithm:patch_tokenizer_manager",
+    "sglang.srt.managers.io_struct": "algorithm:patch_generate_req_input",
+    "sglang.srt.managers.scheduler": "algorithm:patch_scheduler",
     "sglang.srt.layers.attention.torch_native_backend": "cpu:patch_torch_native_backend",
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",
     "sglang.srt.utils.hf_transformers_utils": "gemma4:patch_hf_transformers_utils",

@@ -261,7 +261,7 @@ class DFlashWorker(TpModelWorker):
         cached_reqs, cached = self._stop_ids_cache
         if len(cached_reqs) == len(reqs) and all(a is b for a, b in zip(cached_reqs, reqs)):
             return cached
-        rows = [_stop_token_ids(req) for req in reqs]
+        rows = [_stop_token_ids(req, self.vocab_size) for req in reqs]
         width = max(1, max(len(row) for row in rows))
         stop_ids = self._upload(torch.tensor([row + (-1,) * (width - len(row)) for row in rows], dtype=torch.int64))
         self._stop_ids_cache = (list(reqs), stop_ids)
@@ -311,8 +311,10 @@ def _row_sampling(sampling_info, rows_per_request: int):
             sampling_info.top_ks.view(-1).repeat_interleave(rows_per_request))
 
 
-def _stop_token_ids(req) -> tuple[int, ...]:
-    """The token ids that end ``req`` (mirrors ``Req._check_token_based_finish``), computed once per request."""
+def _stop_token_ids(req, vocab_size: int) -> tuple[int, ...]:
+    """The token ids that end ``req`` (mirrors ``Req._check_token_based_finish``), computed once per request.
+    Ids outside ``[0, vocab_size)`` can never be emitted and are left out (a client's ``stop_token_ids`` of
+    2**64 would not fit the verifier's int64 table)."""
     cached = getattr(req, "_dflash_stop_ids", None)
     if cached is None:
         params, stops = req.sampling_params, set()
@@ -321,7 +323,7 @@ def _stop_token_ids(req) -> tuple[int, ...]:
             if req.tokenizer is not None:
                 stops |= {req.tokenizer.eos_token_id} | set(req.tokenizer.additional_stop_token_ids or ())
             stops.discard(None)
-        cached = req._dflash_stop_ids = tuple(sorted(stops))
+        cached = req._dflash_stop_ids = tuple(sorted(stop for stop in stops if 0 <= stop < vocab_size))
     return cached
 
 

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DFLASH as an SGLang speculative algorithm: the enum member and its worker, the command-line choice and
-server defaults, the model registry entries, and the refusal of requests DFLASH does not serve."""
+server defaults, the model registry entries, the refusal of requests DFLASH does not serve, the request
+checks that keep one request from taking any server down (``request_safety``), and DFLASH's acceptance
+length in ``/server_info``."""
 
 from __future__ import annotations
 
@@ -76,10 +78,22 @@ def patch_model_registry(registry) -> None:
 
 @patches(lambda module: module.TokenizerManager)
 def patch_tokenizer_manager(manager) -> None:
-    """Wraps ``TokenizerManager._validate_one_request`` to refuse options DFLASH does not serve (HTTP 400)."""
+    """Wraps ``TokenizerManager._validate_one_request`` to answer with HTTP 400, on every server, requests
+    that would fail inside SGLang's scheduler and take the server down (prompt token ids outside the
+    vocabulary, NaN temperatures...: ``request_safety.py``), and on a DFLASH server the options DFLASH does
+    not serve (``request_rules.py``)."""
     original_validate = manager._validate_one_request
 
     def validate_one_request(self, obj, input_ids):
+        from dflash_sglang.serving import request_safety
+
+        vocab_size = self.model_config.vocab_size
+        if getattr(obj, "input_embeds", None) is None:
+            request_safety.check_token_ids(input_ids, vocab_size)
+        request_safety.check_sampling_values(obj.sampling_params)
+        if hasattr(obj, "return_logprob"):
+            request_safety.check_logprob_options(obj.return_logprob, obj.logprob_start_len, obj.top_logprobs_num,
+                                                 obj.token_ids_logprob, vocab_size)
         original_validate(self, obj, input_ids)
         if is_dflash_server(self.server_args) and hasattr(obj, "return_logprob"):
             from dflash_sglang.serving.request_rules import check_request
@@ -87,3 +101,38 @@ def patch_tokenizer_manager(manager) -> None:
             check_request(obj.sampling_params, obj.return_logprob, getattr(obj, "custom_logit_processor", None))
 
     manager._validate_one_request = validate_one_request
+
+
+@patches(lambda module: module.GenerateReqInput)
+def patch_generate_req_input(request_cls) -> None:
+    """Wraps ``GenerateReqInput._handle_parallel_sampling`` to refuse an ``n`` outside
+    ``[1, request_safety.MAX_PARALLEL_SAMPLES]`` (HTTP 400) before SGLang copies the request n times."""
+    original_handle = request_cls._handle_parallel_sampling
+
+    def handle_parallel_sampling(self) -> None:
+        from dflash_sglang.serving.request_safety import check_parallel_samples
+
+        check_parallel_samples(self.sampling_params)
+        original_handle(self)
+
+    request_cls._handle_parallel_sampling = handle_parallel_sampling
+
+
+@patches(lambda module: module.Scheduler)
+def patch_scheduler(scheduler_cls) -> None:
+    """Wraps ``Scheduler.get_internal_state`` so a DFLASH server's ``avg_spec_accept_length`` (``/server_info``,
+    read by ``sglang.bench_serving``) counts every verify step: SGLang folds the steps into its lifetime totals
+    only when it prints a decode log line (every ``--decode-log-interval`` = 40 decode batches), so a short
+    run reported none and a long one missed its last steps."""
+    original_get_internal_state = scheduler_cls.get_internal_state
+
+    def get_internal_state(self, recv_req):
+        output = original_get_internal_state(self, recv_req)
+        if is_dflash_server(self.server_args):
+            steps = self.spec_total_num_forward_ct + self.spec_num_forward_ct
+            if steps > 0:
+                tokens = self.spec_total_num_accepted_tokens + self.spec_num_accepted_tokens
+                output.internal_state["avg_spec_accept_length"] = tokens / steps
+        return output
+
+    scheduler_cls.get_internal_state = get_internal_state
