@@ -88,7 +88,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dflash_sglang", "dflash_sglang.*"]),
-    package_data={"dflash_sglang": ["py.typed"]},
+    package_data={"dflash_sglang": ["py.typed", "serving/moe_configs/*/*.json"]},
     install_requires=[
         "sglang==0.5.10.post1",
         "transformers>=4.57",

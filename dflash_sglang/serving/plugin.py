@@ -39,6 +39,8 @@ SGLang version first):
   keeps each layer at its own shape (``models/gemma4_kv_pool.Gemma4KVPool``) and is sized by that.
 * ``sglang.srt.layers.attention.attention_registry`` -- wraps the ``triton`` entry of
   ``ATTENTION_BACKENDS`` so over a ``Gemma4KVPool`` the backend's decode buffers fit its widest layer.
+* ``sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config`` -- wraps ``get_moe_configs`` so fused-MoE
+  kernel configs tuned by ``scripts/tune_moe.py`` and shipped in ``serving/moe_configs/`` are found first.
 * ``sglang.srt.model_executor.cuda_graph_runner`` -- wraps ``CudaGraphRunner.__init__`` and
   ``CudaGraphRunner.get_spec_info`` so a DFLASH server captures both of its block passes (the target's
   verify, with the drafter's features, and the drafter's pass) at decode batch sizes.
@@ -78,6 +80,7 @@ PATCHES: dict[str, str] = {
     "sglang.srt.configs.model_config": "gemma4:patch_model_config",
     "sglang.srt.model_executor.model_runner_kv_cache_mixin": "gemma4:patch_kv_cache_mixin",
     "sglang.srt.layers.attention.attention_registry": "gemma4:patch_attention_registry",
+    "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config": "moe:patch_fused_moe_config",
     "sglang.srt.model_executor.cuda_graph_runner": "cuda_graphs:patch_cuda_graph_runner",
     "sglang.srt.layers.attention.triton_backend": "cuda_graphs:patch_triton_backend",
     "sglang.srt.layers.attention.flashinfer_backend": "cuda_graphs:patch_flashinfer_backend",

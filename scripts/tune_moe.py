@@ -1,0 +1,129 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tunes SGLang's Triton fused-MoE kernel for one expert shape at the token counts DFLASH runs, on this GPU, and
+writes the result where ``serving/patches/moe.py`` finds it (``dflash_sglang/serving/moe_configs/``).
+
+    python scripts/tune_moe.py [--experts 128 --intermediate 704 --hidden 2816 --top-k 8]  # Gemma-4-26B-A4B
+                               [--tokens 1 2 4 8 16 32 64 128 256 512] [--report tune.json] [--commit SHA]
+
+Token counts: a decode step of ``b`` requests runs ``b`` tokens, a DFLASH verify pass ``16 b`` (the block).
+For each count the script times SGLang's own ``fused_experts`` (bf16, the model's GELU-gated experts, random
+weights and routing; ``triton.testing.do_bench`` medians) under every config of a pruned search space
+(``override_config``), keeps the fastest, and reports it against SGLang's default config for the shape,
+measured in the same run. The output file has SGLang's name for the shape and device
+(``E=128,N=704,device_name=NVIDIA_H200.json``) under ``triton_<version>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
+from dflash_sglang.serving.patches.moe import PACKAGED_MOE_CONFIGS, triton_version_folder  # noqa: E402
+
+DEFAULT_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512]
+
+
+def search_space(tokens: int) -> list[dict]:
+    """Kernel configs worth timing at ``tokens`` tokens: block rows up to what the routed rows per expert fill."""
+    rows = [m for m in (16, 32, 64, 128) if m <= max(16, tokens * 2)]
+    space = []
+    for block_m, block_n, block_k, warps, stages in itertools.product(rows, (32, 64, 128, 256), (64, 128), (4, 8),
+                                                                      (2, 3, 4)):
+        space.append({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n, "BLOCK_SIZE_K": block_k,
+                      "GROUP_SIZE_M": 1 if tokens < 256 else 16, "num_warps": warps, "num_stages": stages})
+    return space
+
+
+def use_default_server_args() -> None:
+    """SGLang's MoE code reads the server's arguments (deterministic inference, ...): outside a server, the
+    defaults of ``ServerArgs``."""
+    import dataclasses
+    import types
+
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    defaults = {field.name: field.default for field in dataclasses.fields(ServerArgs)
+                if field.default is not dataclasses.MISSING}
+    set_global_server_args_for_scheduler(types.SimpleNamespace(**defaults))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--intermediate", type=int, default=704, help="per-expert intermediate size (N)")
+    parser.add_argument("--hidden", type=int, default=2816)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--activation", default="gelu")
+    parser.add_argument("--tokens", type=int, nargs="+", default=DEFAULT_TOKENS)
+    parser.add_argument("--out-dir", default=PACKAGED_MOE_CONFIGS)
+    parser.add_argument("--report", default=None, help="JSON with every count's best and default times")
+    parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
+    args = parser.parse_args()
+
+    import torch
+    import triton
+    from sglang.srt.layers.moe.fused_moe_triton import override_config
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import fused_experts
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config import (get_config_file_name,
+                                                                                get_default_config)
+    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    if not torch.cuda.is_available():
+        print("tune_moe.py tunes a GPU kernel; no CUDA device here")
+        return 0
+    use_default_server_args()
+    e, n, hidden, top_k = args.experts, args.intermediate, args.hidden, args.top_k
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    w1 = torch.randn(e, 2 * n, hidden, device="cuda", dtype=torch.bfloat16, generator=generator) * hidden ** -0.5
+    w2 = torch.randn(e, hidden, n, device="cuda", dtype=torch.bfloat16, generator=generator) * n ** -0.5
+    runner = MoeRunnerConfig(num_experts=e, num_local_experts=e, hidden_size=hidden,
+                             intermediate_size_per_partition=n, top_k=top_k, activation=args.activation,
+                             inplace=False)
+    best: dict[str, dict] = {}
+    report = {**provenance(args.commit), "settings": vars(args), "tokens": {}}
+    for tokens in args.tokens:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
+        logits = torch.randn(tokens, e, device="cuda", dtype=torch.float32, generator=generator)
+        weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+        routing = StandardTopKOutput(weights / weights.sum(-1, keepdim=True), ids.to(torch.int32), logits)
+
+        def time_config(config: dict) -> float:
+            with override_config(config):
+                return triton.testing.do_bench(lambda: fused_experts(x, w1, w2, routing, runner), warmup=5,
+                                               rep=20, return_mode="median")
+
+        default = get_default_config(tokens, e, n, hidden, top_k, None, False, None)
+        default_ms = time_config(default)
+        timings = []
+        for config in search_space(tokens):
+            try:
+                timings.append((time_config(config), config))
+            except (triton.runtime.errors.OutOfResources, RuntimeError):  # too much shared memory or registers
+                continue
+        best_ms, best_config = min(timings, key=lambda pair: pair[0])
+        best[str(tokens)] = best_config
+        report["tokens"][str(tokens)] = {"best_us": 1e3 * best_ms, "default_us": 1e3 * default_ms,
+                                         "speedup_over_default": default_ms / best_ms, "best": best_config,
+                                         "default": default, "configs_timed": len(timings)}
+        print(f"tokens {tokens:4d}: best {1e3 * best_ms:8.1f} us, default {1e3 * default_ms:8.1f} us "
+              f"({default_ms / best_ms:.2f}x) {best_config}", flush=True)
+    folder = os.path.join(args.out_dir, triton_version_folder(triton.__version__))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, get_config_file_name(e, n, None))
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(best, handle, indent=2)
+    print(f"wrote {path}")
+    if args.report:
+        write_report(report, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
