@@ -67,6 +67,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+
+    if not torch.cuda.is_available():
+        print("tune_moe.py tunes a GPU kernel; no CUDA device here")
+        return 0
     import triton
     from sglang.srt.layers.moe.fused_moe_triton import override_config
     from sglang.srt.layers.moe.fused_moe_triton.fused_moe import fused_experts
@@ -75,9 +79,6 @@ def main() -> int:
     from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
-    if not torch.cuda.is_available():
-        print("tune_moe.py tunes a GPU kernel; no CUDA device here")
-        return 0
     use_default_server_args()
     e, n, hidden, top_k = args.experts, args.intermediate, args.hidden, args.top_k
     generator = torch.Generator(device="cuda").manual_seed(0)
