@@ -192,10 +192,15 @@ class DFlashDrafter(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """Logits through the target's LM head, then ``output_multiplier`` and soft-capping if configured."""
-        logits = F.linear(hidden, lm_head_weight).float()
-        if self.config.output_multiplier is not None:
-            logits = logits * self.config.output_multiplier
-        cap = self.config.final_logit_softcapping
-        if cap is not None and cap > 0:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return finish_draft_logits(F.linear(hidden, lm_head_weight).float(), self.config)
+
+
+def finish_draft_logits(logits: torch.Tensor, config: DFlashDraftConfig) -> torch.Tensor:
+    """The drafter's LM-head logits [n, vocab] fp32 times ``output_multiplier``, then soft-capped by
+    ``final_logit_softcapping``, where the config gives them (Gemma drafters)."""
+    if config.output_multiplier is not None:
+        logits = logits * config.output_multiplier
+    cap = config.final_logit_softcapping
+    if cap is not None and cap > 0:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -49,6 +49,7 @@ from sglang.srt.models.utils import apply_qk_norm
 from dflash_sglang import ops
 from dflash_sglang.core.checkpoint import canonical_name, check_state_dict
 from dflash_sglang.core.config import DFlashDraftConfig
+from dflash_sglang.core.model import finish_draft_logits
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +179,8 @@ class DFlashDraftModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits through the target's LM head (+ output_multiplier, soft-capping): [n, vocab] fp32."""
-        logits = F.linear(hidden, self.lm_head_weight)[:, :self.vocab_size].float()
-        if self.draft_config.output_multiplier is not None:
-            logits = logits * self.draft_config.output_multiplier
-        cap = self.draft_config.final_logit_softcapping
-        if cap is not None and cap > 0:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return finish_draft_logits(F.linear(hidden, self.lm_head_weight)[:, :self.vocab_size].float(),
+                                   self.draft_config)
 
     @torch.no_grad()
     def inject_context(self, target_features: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
