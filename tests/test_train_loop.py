@@ -100,3 +100,24 @@ def test_resume_continues_exactly(run, tmp_path):
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
     for (name, a), (_, b) in zip(straight.drafter.named_parameters(), resumed.drafter.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_trained_drafter_serves_losslessly_in_sglang(run, tmp_path):
+    """The written drafter loads in an SGLang DFLASH server (CPU) and its greedy output is the target's own."""
+    from transformers import AutoTokenizer
+
+    from dflash_sglang.core.reference import target_generate
+    from dflash_sglang.deploy.launch import ServerProcess
+
+    prompt = "The cat walks to the market"
+    args = ["--model-path", run["target"], "--device", "cpu", "--attention-backend", "torch_native",
+            "--disable-cuda-graph", "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens",
+            "4096", "--dtype", "float32", "--context-length", "512", "--speculative-algorithm", "DFLASH",
+            "--speculative-draft-model-path", run["out"]]
+    with ServerProcess(args, log_path=str(tmp_path / "dflash.log"), env=dict(os.environ)) as server:
+        ids, meta = server.generate_greedy(prompt, 24)
+    prompt_ids = AutoTokenizer.from_pretrained(run["target"])(prompt)["input_ids"]
+    expected = target_generate(_target(run["target"]), [prompt_ids], max_new_tokens=24)[0]
+    assert ids == expected
+    assert meta["spec_verify_ct"] >= 1

@@ -65,8 +65,9 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> t
 
 
 def pick_mask_token_id(tokenizer, vocab_size: int) -> int:
-    """The tokenizer's mask token, else the first embedding row past the tokenizer's tokens (padding rows),
-    else the pad token. The drafter only needs a fixed row of the target's frozen embedding."""
+    """The tokenizer's mask token, else the first embedding row past the tokenizer's tokens (padding rows), else
+    the highest special token that is not bos/eos/pad/unk, else the pad token. The drafter only needs a fixed
+    row of the target's frozen embedding that real text rarely holds."""
     if getattr(tokenizer, "mask_token_id", None) is not None:
         return int(tokenizer.mask_token_id)
     for name in ("<|mask|>", "<|MASK|>", "<mask>"):
@@ -75,6 +76,15 @@ def pick_mask_token_id(tokenizer, vocab_size: int) -> int:
             return token_id
     if len(tokenizer) < vocab_size:
         return len(tokenizer)
+    # NOTE: a special token the chat never uses (SmolLM2's <empty_output>), not bos/eos/pad/unk.
+    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    added = {i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    special = {i: tokenizer.convert_ids_to_tokens(i) for i in tokenizer.all_special_ids}
+    spare = [i for i, text in {**added, **special}.items()
+             if i not in reserved and i < vocab_size and text not in template]
+    if spare:
+        return max(spare)
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     raise ValueError("no mask token: the tokenizer has no mask or pad token and no unused vocabulary row; "
