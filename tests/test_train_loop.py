@@ -121,3 +121,16 @@ def test_trained_drafter_serves_losslessly_in_sglang(run, tmp_path):
     expected = target_generate(_target(run["target"]), [prompt_ids], max_new_tokens=24)[0]
     assert ids == expected
     assert meta["spec_verify_ct"] >= 1
+
+
+def test_time_limit_checkpoints_and_stops(run, tmp_path):
+    import time
+
+    target = _target(run["target"])
+    sequences = [s for _, s in load_sequences(os.path.join(run["out"], "data.jsonl"))][:4]
+    train = TrainConfig(num_draft_layers=2, block_size=8, num_anchors=4, batch_size=2, max_steps=10, save_every=100)
+    trainer = Trainer(target, new_drafter(load_drafter(run["out"]).config, seed=1), sequences, train, str(tmp_path),
+                      device=torch.device("cpu"), progress=False)
+    trainer.run(deadline=time.monotonic() - 1)
+    assert trainer.step == 1
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-0000001"]

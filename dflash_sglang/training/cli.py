@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import fields
 
 import torch
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--gen-batch-size", type=int, default=32)
     data.add_argument("--gen-temperature", type=float, default=0.0, help="0 = greedy responses")
     data.add_argument("--max-prompt-tokens", type=int, default=1024)
+    data.add_argument("--regenerate-only", action="store_true", help="stop once the token cache is written")
     model = p.add_argument_group("drafter")
     model.add_argument("--num-draft-layers", type=int, default=TrainConfig.num_draft_layers)
     model.add_argument("--block-size", type=int, default=TrainConfig.block_size)
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = int if name in ("max_steps",) else type(default)
         train.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <out>")
+    train.add_argument("--time-limit-min", type=float,
+                       help="checkpoint and stop after this many minutes of training (continue with --resume)")
     train.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     train.add_argument("--no-progress", action="store_true")
     ev = p.add_argument_group("evaluation")
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         regenerate(target, tokenizer, prompts, data_path, max_new_tokens=args.max_new_tokens,
                    batch_size=args.gen_batch_size, temperature=args.gen_temperature,
                    max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, progress=progress)
+    if args.regenerate_only:
+        return 0
     rows = load_sequences(data_path, args.max_seq_len)
     holdout = min(args.eval_holdout, len(rows) - 1)
     train_rows, held = rows[:len(rows) - holdout], rows[len(rows) - holdout:]
@@ -128,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_every and record["step"] % args.eval_every == 0:
             evals.append(measure("eval"))
 
-    trainer.run(on_step=on_step)
+    deadline = time.monotonic() + 60 * args.time_limit_min if args.time_limit_min else None
+    trainer.run(on_step=on_step, deadline=deadline)
     path = trainer.export()
+    if trainer.step < trainer.total_steps:
+        print(f"dflash-train: stopped at step {trainer.step} of {trainer.total_steps} (time limit); drafter so far "
+              f"in {path}; continue with --resume", file=sys.stderr)
+        return 0
     evals.append(measure("final"))
     with open(os.path.join(args.out, "eval.json"), "w", encoding="utf-8") as handle:
         json.dump(evals, handle, indent=1)

@@ -218,8 +218,10 @@ class Trainer:
                 "lr": self.scheduler.get_last_lr()[0], "acc": totals["correct"] / max(totals["scored"], 1),
                 "acc_first": totals["first"] / max(totals["blocks"], 1), "tokens": totals["tokens"]}
 
-    def run(self, until: int | None = None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-        """Trains to step ``until`` (default: the end), checkpointing every ``save_every`` steps and at the end."""
+    def run(self, until: int | None = None, on_step: Callable[[dict], None] | None = None,
+            deadline: float | None = None) -> list[dict]:
+        """Trains to step ``until`` (default: the end), checkpointing every ``save_every`` steps and at the end;
+        stops early, with a checkpoint, once ``time.monotonic()`` passes ``deadline``."""
         from tqdm.auto import tqdm
 
         until = min(until or self.total_steps, self.total_steps)
@@ -236,8 +238,11 @@ class Trainer:
             bar.update(1)
             if on_step:
                 on_step(record)
-            if self.step % self.train.save_every == 0 or self.step == until:
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if self.step % self.train.save_every == 0 or self.step == until or out_of_time:
                 self.checkpoint()
+            if out_of_time:
+                break
         bar.close()
         return self.history
 
