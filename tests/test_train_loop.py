@@ -13,7 +13,8 @@ from dflash_sglang.core.checkpoint import load_drafter
 from dflash_sglang.core.config import DFlashDraftConfig
 from dflash_sglang.training.cli import main
 from dflash_sglang.training.data import load_sequences
-from dflash_sglang.training.loop import TrainConfig, Trainer, list_checkpoints, new_drafter, target_features
+from dflash_sglang.training.loop import (TrainConfig, Trainer, evaluate_acceptance, list_checkpoints, new_drafter,
+                                         target_features)
 from dflash_sglang.training.objective import build_blocks, sample_anchors, sequence_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,11 +74,16 @@ def test_cli_writes_data_checkpoints_and_a_loadable_drafter(run):
 
 def test_training_lowers_the_loss_and_raises_acceptance(run):
     target = _target(run["target"])
-    sequences = [s for _, s in load_sequences(os.path.join(run["out"], "data.jsonl"))]
+    rows = load_sequences(os.path.join(run["out"], "data.jsonl"))
+    sequences = [s for _, s in rows]
     trained = load_drafter(run["out"]).float()
     untrained = new_drafter(trained.config, seed=0)
     before, after = _fixed_loss(untrained, target, sequences), _fixed_loss(trained, target, sequences)
     assert after < 0.5 * before, (before, after)
+    held_out = [row["prompt_ids"] for row, _ in rows[-2:]]
+    accepted = [evaluate_acceptance(target, d, held_out, max_new_tokens=24)["acceptance_length"]
+                for d in (untrained, trained)]
+    assert accepted[1] > accepted[0] + 1.0, accepted
 
 
 def test_resume_continues_exactly(run, tmp_path):
