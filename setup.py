@@ -99,7 +99,8 @@ setup(
         "pydantic>=2",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", *BENCH], "bench": BENCH},
-    entry_points={"console_scripts": ["dflash-serve=dflash_sglang.deploy.serve:main"]},
+    entry_points={"console_scripts": ["dflash-serve=dflash_sglang.deploy.serve:main",
+                                     "dflash-train=dflash_sglang.training.cli:main"]},
     cmdclass=cmdclass,
     **extension_kwargs,
 )

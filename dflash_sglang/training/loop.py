@@ -1,0 +1,306 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The training loop: a new drafter shaped after its target, AdamW with warmup + cosine decay, checkpoints that
+resume bit-for-bit, and the acceptance length measured with the project's reference decoder.
+
+Determinism: the order of sequences in epoch ``e`` comes from a generator seeded with ``(seed, e)`` and the
+anchors of step ``t`` from one seeded with ``(seed, t)``, so a run resumed from a checkpoint (weights, AdamW
+moments, scheduler, step) takes exactly the steps the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from dflash_sglang.core.checkpoint import load_drafter, save_drafter
+from dflash_sglang.core.config import DFlashDraftConfig
+from dflash_sglang.core.model import DFlashDrafter
+from dflash_sglang.training.data import TrainingSequence
+from dflash_sglang.training.objective import build_blocks, sample_anchors, sequence_loss
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters (defaults: SpecForge's DFlash recipe, ``scripts/train_dflash.py``)."""
+
+    num_draft_layers: int = 5
+    block_size: int = 16
+    target_layer_ids: tuple[int, ...] | None = None  # None: spread over [1, L - 3] like z-lab's drafters
+    mask_token_id: int | None = None  # None: the tokenizer's mask token, else an unused vocabulary row
+    num_anchors: int = 512
+    gamma: float = 7.0
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    epochs: float = 6.0
+    max_steps: int | None = None
+    batch_size: int = 4  # sequences per optimizer step
+    grad_clip: float = 1.0
+    max_seq_len: int = 2048
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
+    """``num_draft_layers`` layer ids evenly spaced over [1, L - 3] (z-lab's drafters read as many target layers
+    as they have layers), deduplicated for very shallow targets."""
+    if num_draft_layers == 1:
+        return (num_target_layers // 2,)
+    start, end = 1, max(num_target_layers - 3, 1)
+    ids = [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+    return tuple(sorted(set(ids)))
+
+
+def pick_mask_token_id(tokenizer, vocab_size: int) -> int:
+    """The tokenizer's mask token, else the first embedding row past the tokenizer's tokens (padding rows), else
+    the highest special token that is not bos/eos/pad/unk, else the pad token. The drafter only needs a fixed
+    row of the target's frozen embedding that real text rarely holds."""
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return int(tokenizer.mask_token_id)
+    for name in ("<|mask|>", "<|MASK|>", "<mask>"):
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            return token_id
+    if len(tokenizer) < vocab_size:
+        return len(tokenizer)
+    # NOTE: a special token the chat never uses (SmolLM2's <empty_output>), not bos/eos/pad/unk.
+    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    added = {i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    special = {i: tokenizer.convert_ids_to_tokens(i) for i in tokenizer.all_special_ids}
+    spare = [i for i, text in {**added, **special}.items()
+             if i not in reserved and i < vocab_size and text not in template]
+    if spare:
+        return max(spare)
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    raise ValueError("no mask token: the tokenizer has no mask or pad token and no unused vocabulary row; "
+                     "pass --mask-token-id")
+
+
+def drafter_config_for(target_config, train: TrainConfig, mask_token_id: int) -> DFlashDraftConfig:
+    """A released-format drafter config for ``target_config`` (a transformers config)."""
+    text = getattr(target_config, "text_config", None) or target_config
+    num_layers = text.num_hidden_layers
+    layer_ids = tuple(train.target_layer_ids or default_target_layer_ids(num_layers, train.num_draft_layers))
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    dflash = {"block_size": train.block_size, "mask_token_id": mask_token_id, "target_layer_ids": list(layer_ids)}
+    softcap = getattr(text, "final_logit_softcapping", None)
+    if softcap:
+        dflash["final_logit_softcapping"] = float(softcap)
+    if str(getattr(text, "model_type", "")).startswith("gemma"):
+        dflash["input_embedding_scale"] = float(text.hidden_size) ** 0.5
+    rope = getattr(text, "rope_parameters", None) or {}
+    raw = {
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "block_size": train.block_size,
+        "dflash_config": dflash, "dtype": "bfloat16", "hidden_act": "silu", "hidden_size": text.hidden_size,
+        "head_dim": head_dim, "num_attention_heads": heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "intermediate_size": text.intermediate_size, "num_hidden_layers": train.num_draft_layers,
+        "layer_types": ["full_attention"] * train.num_draft_layers, "num_target_layers": num_layers,
+        "rms_norm_eps": float(getattr(text, "rms_norm_eps", 1e-6)),
+        "rope_theta": float(rope.get("rope_theta") or getattr(text, "rope_theta", None) or 10000.0),
+        "max_position_embeddings": getattr(text, "max_position_embeddings", 40960), "attention_bias": False,
+        "tie_word_embeddings": False, "vocab_size": text.vocab_size,
+        "bos_token_id": getattr(text, "bos_token_id", None), "eos_token_id": getattr(text, "eos_token_id", None),
+    }
+    return DFlashDraftConfig.from_dict(raw)
+
+
+def new_drafter(config: DFlashDraftConfig, seed: int) -> DFlashDrafter:
+    """Fresh fp32 weights: linear layers N(0, 0.02) (transformers' Qwen3 ``initializer_range``), norms one."""
+    torch.manual_seed(seed)
+    drafter = DFlashDrafter(config)
+    with torch.no_grad():
+        for name, param in drafter.named_parameters():
+            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+    return drafter
+
+
+def target_features(target, tokens: torch.Tensor, layer_ids: Sequence[int]) -> torch.Tensor:
+    """[S] int64 -> [S, len(layer_ids) * H]: the target's ``hidden_states[i + 1]``, concatenated."""
+    with torch.no_grad():
+        out = target(input_ids=tokens[None], output_hidden_states=True, use_cache=False,
+                     logits_to_keep=1)
+    return torch.cat([out.hidden_states[i + 1][0] for i in layer_ids], dim=-1)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, round(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return scale
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    digest = hashlib.sha256(repr(seeds).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class Trainer:
+    """Owns the drafter, optimizer and scheduler of one run. Invariant: ``step`` optimizer steps are done and
+    ``drafter``'s weights are the result; ``checkpoint()`` + ``Trainer(..., resume=True)`` restores exactly that."""
+
+    def __init__(self, target, drafter: DFlashDrafter, sequences: list[TrainingSequence], train: TrainConfig,
+                 out_dir: str, *, device: torch.device, resume: bool = False, progress: bool = True) -> None:
+        self.target, self.drafter, self.sequences, self.train = target, drafter.to(device), sequences, train
+        self.out_dir, self.device, self.progress = out_dir, device, progress
+        self.embedding = target.get_input_embeddings().weight.detach()
+        self.lm_head = target.get_output_embeddings().weight.detach()
+        self.steps_per_epoch = math.ceil(len(sequences) / train.batch_size)
+        self.total_steps = train.max_steps or max(1, round(train.epochs * self.steps_per_epoch))
+        self.optimizer = torch.optim.AdamW(drafter.parameters(), lr=train.lr, betas=(0.9, 0.95),
+                                           weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(self.total_steps, train.warmup_ratio))
+        self.step = 0
+        self.history: list[dict] = []
+        if resume:
+            self._restore()
+
+    # ----------------------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> list[int]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.sequences), generator=_generator(self.train.seed, epoch)).tolist()
+        return order[offset * self.train.batch_size:(offset + 1) * self.train.batch_size]
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``batch_size`` sequences; the loss is the batch's weighted mean."""
+        anchors_gen = _generator(self.train.seed, 1_000_003, self.step)
+        config = self.drafter.config
+        work = []
+        for index in self.batch_indices(self.step):
+            seq = self.sequences[index]
+            anchors = sample_anchors(len(seq.tokens), seq.prompt_len, self.train.num_anchors, anchors_gen)
+            if anchors.numel():
+                tokens = seq.tokens.to(self.device)
+                work.append((tokens, build_blocks(tokens, anchors, config.block_size, config.mask_token_id,
+                                                  self.train.gamma)))
+        total_weight = sum(float(b.weights.sum()) for _, b in work) or 1.0
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"ce": 0.0, "correct": 0, "scored": 0, "first": 0, "blocks": 0, "tokens": 0}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        for tokens, blocks in work:
+            features = target_features(self.target, tokens, config.target_layer_ids)
+            with autocast:
+                parts = sequence_loss(self.drafter, self.embedding, self.lm_head, tokens, features, blocks)
+            (parts.weighted_ce / total_weight).backward()
+            totals["ce"] += float(parts.weighted_ce.detach())
+            totals["correct"] += parts.num_correct
+            totals["scored"] += parts.num_scored
+            totals["first"] += parts.num_first_correct
+            totals["blocks"] += parts.num_blocks
+            totals["tokens"] += len(tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": totals["ce"] / total_weight, "grad_norm": float(grad_norm),
+                "lr": self.scheduler.get_last_lr()[0], "acc": totals["correct"] / max(totals["scored"], 1),
+                "acc_first": totals["first"] / max(totals["blocks"], 1), "tokens": totals["tokens"]}
+
+    def run(self, until: int | None = None, on_step: Callable[[dict], None] | None = None,
+            deadline: float | None = None) -> list[dict]:
+        """Trains to step ``until`` (default: the end), checkpointing every ``save_every`` steps and at the end;
+        stops early, with a checkpoint, once ``time.monotonic()`` passes ``deadline``."""
+        from tqdm.auto import tqdm
+
+        until = min(until or self.total_steps, self.total_steps)
+        self.drafter.train()
+        bar = tqdm(total=until, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        start, tokens = time.perf_counter(), 0
+        while self.step < until:
+            record = self.train_step()
+            tokens += record["tokens"]
+            record["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+            self.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.1e}")
+            bar.update(1)
+            if on_step:
+                on_step(record)
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if self.step % self.train.save_every == 0 or self.step == until or out_of_time:
+                self.checkpoint()
+            if out_of_time:
+                break
+        bar.close()
+        return self.history
+
+    # ----------------------------------------------------------------------------------------------
+    def checkpoint(self) -> str:
+        """Writes ``<out>/checkpoints/step-<n>/`` (the drafter in the released format + trainer state)."""
+        path = os.path.join(self.out_dir, CHECKPOINTS, f"step-{self.step:07d}")
+        save_drafter(self.drafter, path)
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "train": asdict(self.train),
+                    "history": self.history}, os.path.join(path, STATE_FILE))
+        old = sorted(list_checkpoints(self.out_dir))[:-self.train.keep_checkpoints]
+        for stale in old:
+            for name in os.listdir(stale):
+                os.remove(os.path.join(stale, name))
+            os.rmdir(stale)
+        return path
+
+    def _restore(self) -> None:
+        found = list_checkpoints(self.out_dir)
+        if not found:
+            return
+        path = found[-1]
+        state = torch.load(os.path.join(path, STATE_FILE), map_location=self.device, weights_only=False)
+        weights = load_drafter(path, device=self.device)
+        self.drafter.load_state_dict(weights.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["history"]
+
+    def export(self, path: str | None = None) -> str:
+        """The final drafter (bf16) in the released format at ``path`` (default: the run's folder)."""
+        path = path or self.out_dir
+        save_drafter(copy.deepcopy(self.drafter).to(torch.bfloat16), path)
+        with open(os.path.join(path, "training_log.json"), "w", encoding="utf-8") as handle:
+            json.dump({"train": asdict(self.train), "steps": self.step, "history": self.history}, handle, indent=1)
+        return path
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    root = os.path.join(out_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, name) for name in os.listdir(root)
+                  if os.path.exists(os.path.join(root, name, STATE_FILE)))
+
+
+def evaluate_acceptance(target, drafter: DFlashDrafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                        stop_token_ids: Sequence[int] = ()) -> dict:
+    """Greedy DFlash decoding with the reference decoder (``core/reference.py``): mean acceptance length
+    (tokens per verify step, bonus included) over held-out prompts, and whether every output equals the target's."""
+    from dflash_sglang.core.reference import generate
+
+    was_training = drafter.training
+    drafter.eval()
+    results = generate(target, drafter, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids)
+    drafter.train(was_training)
+    lengths = [n for r in results for n in r.acceptance_lengths]
+    return {"num_prompts": len(prompts), "num_steps": len(lengths),
+            "acceptance_length": sum(lengths) / max(len(lengths), 1),
+            "tokens": sum(len(r.output_ids) for r in results)}

@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`dflash-train` on the tiny checkpoints (CPU): regenerated data, a short run that lowers the loss, a resume
+that continues exactly, and a written drafter that the checkpoint loader and the reference decoder accept."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dflash_sglang.core.checkpoint import load_drafter
+from dflash_sglang.core.config import DFlashDraftConfig
+from dflash_sglang.training.cli import main
+from dflash_sglang.training.data import load_sequences
+from dflash_sglang.training.loop import (TrainConfig, Trainer, evaluate_acceptance, list_checkpoints, new_drafter,
+                                         target_features)
+from dflash_sglang.training.objective import build_blocks, sample_anchors, sequence_loss
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ARGS = ["--max-new-tokens", "40", "--gen-batch-size", "8", "--num-draft-layers", "2", "--block-size", "8",
+        "--target-layer-ids", "1", "2", "--num-anchors", "16", "--batch-size", "2", "--eval-holdout", "2",
+        "--eval-max-new-tokens", "24", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"The cat walks to the market {i} times."})
+                                 for i in range(12)))
+    out = root / "run"
+    assert main(["--target", tiny_checkpoints["target"], "--out", str(out), "--prompts", str(prompts),
+                 "--epochs", "4", "--save-every", "5", *ARGS]) == 0
+    return {"out": str(out), "target": tiny_checkpoints["target"]}
+
+
+def _target(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def _fixed_loss(drafter, target, sequences):
+    """The weighted loss of every sequence at all its anchors (no sampling)."""
+    embedding, lm_head = target.get_input_embeddings().weight, target.get_output_embeddings().weight
+    total, weight = 0.0, 0.0
+    with torch.no_grad():
+        for seq in sequences:
+            anchors = sample_anchors(len(seq.tokens), seq.prompt_len, 10_000, torch.Generator().manual_seed(0))
+            blocks = build_blocks(seq.tokens, anchors, drafter.config.block_size, drafter.config.mask_token_id, 7.0)
+            features = target_features(target, seq.tokens, drafter.config.target_layer_ids)
+            parts = sequence_loss(drafter, embedding, lm_head, seq.tokens, features, blocks)
+            total, weight = total + float(parts.weighted_ce), weight + parts.weight
+    return total / weight
+
+
+def test_cli_writes_data_checkpoints_and_a_loadable_drafter(run):
+    out = run["out"]
+    rows = [json.loads(line) for line in open(os.path.join(out, "data.jsonl"))]
+    assert len(rows) == 12 and all(len(r["response_ids"]) >= 2 for r in rows)
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step-0000015", "step-0000020"]
+    config = DFlashDraftConfig.from_pretrained(out)
+    assert (config.block_size, config.target_layer_ids, config.num_hidden_layers) == (8, (1, 2), 2)
+    target = _target(run["target"])
+    config.check_target(target.config)
+    load_drafter(out)
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("fc.weight").dtype == torch.bfloat16
+    evals = json.load(open(os.path.join(out, "eval.json")))
+    assert evals[-1]["step"] == 20 and evals[-1]["acceptance_length"] >= 1.0
+
+
+def test_training_lowers_the_loss_and_raises_acceptance(run):
+    target = _target(run["target"])
+    rows = load_sequences(os.path.join(run["out"], "data.jsonl"))
+    sequences = [s for _, s in rows]
+    trained = load_drafter(run["out"]).float()
+    untrained = new_drafter(trained.config, seed=0)
+    before, after = _fixed_loss(untrained, target, sequences), _fixed_loss(trained, target, sequences)
+    assert after < 0.5 * before, (before, after)
+    held_out = [row["prompt_ids"] for row, _ in rows[-2:]]
+    accepted = [evaluate_acceptance(target, d, held_out, max_new_tokens=24)["acceptance_length"]
+                for d in (untrained, trained)]
+    assert accepted[1] > accepted[0] + 1.0, accepted
+
+
+def test_resume_continues_exactly(run, tmp_path):
+    target = _target(run["target"])
+    sequences = [s for _, s in load_sequences(os.path.join(run["out"], "data.jsonl"))][:6]
+    config = load_drafter(run["out"]).config
+    train = TrainConfig(num_draft_layers=2, block_size=8, num_anchors=8, batch_size=2, max_steps=4, save_every=2)
+
+    def trainer(out, resume=False):
+        return Trainer(target, new_drafter(config, seed=1), sequences, train, str(out), device=torch.device("cpu"),
+                       resume=resume, progress=False)
+
+    straight = trainer(tmp_path / "a")
+    straight.run()
+    first = trainer(tmp_path / "b")
+    first.run(until=2)
+    resumed = trainer(tmp_path / "b", resume=True)
+    assert resumed.step == 2
+    resumed.run()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    for (name, a), (_, b) in zip(straight.drafter.named_parameters(), resumed.drafter.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_trained_drafter_serves_losslessly_in_sglang(run, tmp_path):
+    """The written drafter loads in an SGLang DFLASH server (CPU) and its greedy output is the target's own."""
+    from transformers import AutoTokenizer
+
+    from dflash_sglang.core.reference import target_generate
+    from dflash_sglang.deploy.launch import ServerProcess
+
+    prompt = "The cat walks to the market"
+    args = ["--model-path", run["target"], "--device", "cpu", "--attention-backend", "torch_native",
+            "--disable-cuda-graph", "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens",
+            "4096", "--dtype", "float32", "--context-length", "512", "--speculative-algorithm", "DFLASH",
+            "--speculative-draft-model-path", run["out"]]
+    with ServerProcess(args, log_path=str(tmp_path / "dflash.log"), env=dict(os.environ)) as server:
+        ids, meta = server.generate_greedy(prompt, 24)
+    prompt_ids = AutoTokenizer.from_pretrained(run["target"])(prompt)["input_ids"]
+    expected = target_generate(_target(run["target"]), [prompt_ids], max_new_tokens=24)[0]
+    assert ids == expected
+    assert meta["spec_verify_ct"] >= 1
+
+
+def test_time_limit_checkpoints_and_stops(run, tmp_path):
+    import time
+
+    target = _target(run["target"])
+    sequences = [s for _, s in load_sequences(os.path.join(run["out"], "data.jsonl"))][:4]
+    train = TrainConfig(num_draft_layers=2, block_size=8, num_anchors=4, batch_size=2, max_steps=10, save_every=100)
+    trainer = Trainer(target, new_drafter(load_drafter(run["out"]).config, seed=1), sequences, train, str(tmp_path),
+                      device=torch.device("cpu"), progress=False)
+    trainer.run(deadline=time.monotonic() - 1)
+    assert trainer.step == 1
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-0000001"]
