@@ -3,7 +3,8 @@
 outputs over a batch of concurrent prompts, for each requested draft attention backend and drafter.
 
     python scripts/gpu_e2e.py --out results.json [--draft-backends triton flashinfer] [--cuda-graph]
-                              [--dtype float32|bfloat16] [--commit SHA]
+                              [--dtype float32|bfloat16] [--page-size 16] [--disable-overlap-schedule]
+                              [--commit SHA]
 
 Writes a JSON report (provenance, settings; per case: identical, mismatches with both outputs' token ids,
 acceptance length, wall time of both servers).
@@ -126,6 +127,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TIE_TOLERANCE))
     parser.add_argument("--head-dim", type=int, default=64,
                         help="tiny checkpoints' head size (FlashInfer's prefill and the fused KV injection need 64+)")
+    parser.add_argument("--page-size", type=int, default=1, help="SGLang's --page-size, for both servers")
+    parser.add_argument("--disable-overlap-schedule", action="store_true",
+                        help="DFLASH's host-committed loop instead of the overlap scheduler (both servers)")
     parser.add_argument("--logs", default=None, help="folder for server logs (default: a temp folder)")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
     args = parser.parse_args()
@@ -146,6 +150,10 @@ def main() -> int:
               "--cuda-graph-max-bs", "16", "--random-seed", "0"]
     if not args.cuda_graph:
         common.append("--disable-cuda-graph")
+    if args.page_size > 1:
+        common += ["--page-size", str(args.page_size)]
+    if args.disable_overlap_schedule:
+        common.append("--disable-overlap-schedule")
     report = {**provenance(args.commit), "settings": vars(args), "cases": []}
     failed = False
     with ServerProcess(common, log_path=os.path.join(logs, "baseline.log")) as baseline:
