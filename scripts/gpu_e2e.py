@@ -3,7 +3,8 @@
 outputs over a batch of concurrent prompts, for each requested draft attention backend and drafter.
 
     python scripts/gpu_e2e.py --out results.json [--draft-backends triton flashinfer] [--cuda-graph]
-                              [--dtype float32|bfloat16] [--target qwen3|gemma4-dense|gemma4-moe] [--commit SHA]
+                              [--dtype float32|bfloat16] [--target qwen3|gemma4-dense|gemma4-moe]
+                              [--page-size 16] [--disable-overlap-schedule] [--commit SHA]
 
 ``--target gemma4-*``: a tiny Gemma 4 (dense, or with the 26B-A4B MoE block) with sliding layers of head size
 64 and a 32-token window (shorter than prompt + output, so both passes' windows act) and full layers of 128
@@ -136,6 +137,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TIE_TOLERANCE))
     parser.add_argument("--head-dim", type=int, default=64,
                         help="tiny checkpoints' head size (FlashInfer's prefill and the fused KV injection need 64+)")
+    parser.add_argument("--page-size", type=int, default=1, help="SGLang's --page-size, for both servers")
+    parser.add_argument("--disable-overlap-schedule", action="store_true",
+                        help="DFLASH's host-committed loop instead of the overlap scheduler (both servers)")
     parser.add_argument("--logs", default=None, help="folder for server logs (default: a temp folder)")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
     args = parser.parse_args()
@@ -165,6 +169,10 @@ def main() -> int:
               "--cuda-graph-max-bs", "16", "--random-seed", "0"]
     if not args.cuda_graph:
         common.append("--disable-cuda-graph")
+    if args.page_size > 1:
+        common += ["--page-size", str(args.page_size)]
+    if args.disable_overlap_schedule:
+        common.append("--disable-overlap-schedule")
     report = {**provenance(args.commit), "settings": vars(args), "cases": []}
     failed = False
     with ServerProcess(common, log_path=os.path.join(logs, "baseline.log")) as baseline:

@@ -15,7 +15,10 @@ Per-step KV slots (``prepare_for_decode``, on the host, before the step is launc
 every request keeps ``kv_committed_len + 2B`` slots assigned in its ``req_to_token`` row (the host's
 committed length lags one step, and a step adds at most B), clamped to the row's width; the block's slots
 are then a device-side gather at ``seq_lens .. seq_lens + B - 1``. Rejected block slots are not freed: the
-next block overwrites them, and SGLang frees the tail past ``kv_committed_len`` when the request ends.
+next block overwrites them, and SGLang frees the tail past ``kv_committed_len`` when the request ends. With
+``--page-size`` > 1 the slots come page-aligned (``kv_slots.assign_row_slots``: each row grows from its
+``kv_allocated_len`` and continues its last page); at the end ``cache_finished_req`` frees the partial page
+holding ``kv_committed_len`` and ``release_kv_cache`` the whole pages after it, as for EAGLE v2.
 
 Host sequence lengths. SGLang's EAGLE v2 blocks the host on the previous verify to read exact
 ``seq_lens_cpu`` every step, which leaves the GPU idle while the next step is prepared. The triton
@@ -34,11 +37,10 @@ from typing import Optional
 
 import torch
 
-from sglang.srt.mem_cache.common import alloc_token_slots
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
-from dflash_sglang.serving.worker import upload
+from dflash_sglang.serving.kv_slots import assign_row_slots
 
 EXACT_LENS_BACKEND = "triton"  # the attention backend whose block passes need no host sequence lengths
 
@@ -133,26 +135,17 @@ class DFlashDraftInput(SpecInput):
         batch.maybe_wait_verify_done()
         req_to_token = batch.req_to_token_pool.req_to_token
         width = req_to_token.shape[1]
-        rows, starts, counts = [], [], []
+        rows, starts, ends = [], [], []
         for req in batch.reqs:
             wanted = min(req.kv_committed_len + 2 * self.block_size, width)
             if wanted > req.kv_allocated_len:
                 rows.append(req.req_pool_idx)
                 starts.append(req.kv_allocated_len)
-                counts.append(wanted - req.kv_allocated_len)
+                ends.append(wanted)
                 req.kv_allocated_len = wanted
             req.decode_batch_idx += 1
         if rows:
-            # Run r covers row rows[r], columns starts[r] .. +counts[r]-1: flat index i maps to column
-            # i - (where run r begins in the flat list) + starts[r].
-            counts_cpu = torch.tensor(counts, dtype=torch.int64)
-            shift = torch.tensor(starts, dtype=torch.int64) - (torch.cumsum(counts_cpu, 0) - counts_cpu)
-            total = int(counts_cpu.sum())
-            row_of = torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts_cpu)
-            column = torch.arange(total, dtype=torch.int64) + shift.repeat_interleave(counts_cpu)
-            slots = alloc_token_slots(batch.tree_cache, total)
-            req_to_token[upload(row_of, slots.device.type, slots.device),
-                         upload(column, slots.device.type, slots.device)] = slots.to(req_to_token.dtype)
+            assign_row_slots(batch.tree_cache, req_to_token, rows, starts, ends)
         if self.exact_host_lens:
             if self.verify_done is not None:
                 self.verify_done.wait_host()

@@ -66,7 +66,6 @@ def apply_dflash_server_defaults(server_args) -> None:
     unsupported = {
         "--enable-dp-attention": server_args.enable_dp_attention,
         "--pp-size > 1": server_args.pp_size > 1,
-        "--page-size > 1": server_args.page_size not in (None, 1),
         "--speculative-eagle-topk > 1": (server_args.speculative_eagle_topk or 1) > 1,
         "--enable-multi-layer-eagle": getattr(server_args, "enable_multi_layer_eagle", False),
     }

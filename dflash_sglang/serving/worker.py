@@ -12,15 +12,17 @@ context already there.
 One decode step, for a batch whose requests have ``seq_lens`` committed tokens and a last token ``t0``
 (``req.output_ids[-1]``, no KV yet):
 
-1. allocate ``block_size`` slots per request for positions ``seq_len .. seq_len + B - 1``;
+1. allocate ``block_size`` slots per request for positions ``seq_len .. seq_len + B - 1`` (page-aligned
+   with ``--page-size`` > 1: ``kv_slots.assign_row_slots``);
 2. draft: one pass of the drafter over [t0, mask, ...] (non-causal, prefix = injected context), writing
    the block's drafter K/V into those slots; drafts = argmax (or samples) of positions 1..B-1;
 3. verify: one pass of the target over [t0, d1, ...] into the same slots (a causal chain), capturing
    hidden states at the drafter's ``target_layer_ids``;
 4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
    ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block;
-5. commit: free the rejected slots, keep t0 + accepted drafts, and inject their context K/V (this
-   overwrites the draft pass's block K/V in the kept slots).
+5. commit: free the rejected slots (with ``--page-size`` > 1 only the pages past the last kept token;
+   ``kv_slots``), keep t0 + accepted drafts, and inject their context K/V (this overwrites the draft
+   pass's block K/V in the kept slots).
 
 Both block passes are ``ForwardMode.TARGET_VERIFY`` batches of the same shape (B tokens per request after
 its committed prefix), so SGLang's CudaGraphRunner replays captured graphs for both at decode batch sizes
@@ -38,7 +40,6 @@ import torch
 from sglang.srt.managers.schedule_batch import ModelWorkerBatch, ScheduleBatch
 from sglang.srt.managers.scheduler import GenerationBatchResult
 from sglang.srt.managers.tp_worker import TpModelWorker
-from sglang.srt.mem_cache.common import alloc_token_slots
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 from sglang.srt.server_args import ServerArgs
 
@@ -46,6 +47,7 @@ from dflash_sglang import ops
 from dflash_sglang.serving.info import DFlashVerifyInput
 from dflash_sglang.core.sampling import processed_probs, sample_from
 from dflash_sglang.serving.draft_attention import describe_draft_attention
+from dflash_sglang.serving.kv_slots import assign_row_slots, first_freeable_offsets, upload
 from dflash_sglang.serving.server_defaults import load_draft_config
 from dflash_sglang.serving.step_profile import make_profiler
 
@@ -142,9 +144,10 @@ class DFlashWorker(TpModelWorker):
         block_input[:, 0] = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
         positions = prefix_lens[:, None] + self.block_offsets[None, :]  # [bs, B]
-        block_slots = alloc_token_slots(batch.tree_cache, bs * block).view(bs, block).to(torch.int64)
-        self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions] = block_slots.to(
-            self.req_to_token_pool.req_to_token.dtype)
+        prefix_lens_cpu = batch.seq_lens_cpu.to(torch.int64)
+        block_slots = assign_row_slots(batch.tree_cache, self.req_to_token_pool.req_to_token,
+                                       [req.req_pool_idx for req in batch.reqs], prefix_lens_cpu.tolist(),
+                                       (prefix_lens_cpu + block).tolist()).view(bs, block)
         step = self._block_step(batch.get_model_worker_batch(), self._upload(block_input), prefix_lens, positions,
                                 block_slots, stop_ids, budgets)
         verdict_cpu = torch.cat([step.num_emitted.to(torch.int64)[:, None], step.emitted], dim=1).cpu()  # the wait
@@ -153,7 +156,8 @@ class DFlashWorker(TpModelWorker):
         counts = self._append_outputs(batch, verdict_cpu[:, 1:], verdict_cpu[:, 0].tolist())
         counts_cpu = torch.tensor(counts, dtype=torch.int64)
         kept = counts_cpu.clamp(min=1)  # t0 always keeps its KV
-        rejected = (self.block_offsets_cpu[None, :] >= kept[:, None]).view(-1).nonzero().view(-1)
+        freeable = first_freeable_offsets(prefix_lens_cpu, kept, self.token_to_kv_pool_allocator.page_size)
+        rejected = (self.block_offsets_cpu[None, :] >= freeable[:, None]).view(-1).nonzero().view(-1)
         if rejected.numel():
             self.token_to_kv_pool_allocator.free(block_slots.view(-1)[self._upload(rejected)])
         for req, n in zip(batch.reqs, kept.tolist()):
@@ -284,13 +288,6 @@ class DFlashWorker(TpModelWorker):
             req.spec_accepted_tokens += count - 1
             req.update_spec_acceptance_histogram(count - 1)
         return final
-
-
-def upload(host: torch.Tensor, device_type: str, device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the GPU (pinned, non-blocking copy)."""
-    if device_type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclasses.dataclass

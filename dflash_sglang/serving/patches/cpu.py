@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """What SGLang's CPU path lacks for DFLASH: mask-free TARGET_VERIFY passes in the torch_native attention
-backend, and a KV pool that does not warm up a Triton kernel on a CPU device."""
+backend, a KV pool that does not warm up a Triton kernel on a CPU device, and a paged KV allocator
+(``--page-size > 1``) that does not launch Triton kernels there."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def patch_memory_pool(pool) -> None:
     """Skips ``MHATokenToKVPool._init_kv_copy_and_warmup`` on CPU devices.
 
     SGLang turns the pool's KV-copy kernel on whenever speculative decoding is on and warms it up with a
-    Triton launch, which cannot run without a GPU. The copy only moves KV between pages for page sizes > 1,
-    which DFLASH does not use; on the GPU nothing changes.
+    Triton launch, which cannot run without a GPU. The copy only moves KV between pages for EAGLE's tree drafts
+    (top-k > 1) with page sizes > 1; DFLASH never moves KV. On the GPU nothing changes.
     """
     original_init_kv_copy = pool._init_kv_copy_and_warmup
 
@@ -54,3 +55,54 @@ def patch_memory_pool(pool) -> None:
         original_init_kv_copy(self)
 
     pool._init_kv_copy_and_warmup = init_kv_copy_and_warmup
+
+
+@patches(lambda module: module.PagedTokenToKVPoolAllocator)
+def patch_paged_allocator(allocator) -> None:
+    """Gives ``PagedTokenToKVPoolAllocator.alloc_extend`` and ``alloc_decode`` a PyTorch path on CPU devices.
+
+    Upstream launches the Triton kernels ``alloc_extend_kernel`` / ``alloc_decode_kernel`` on every device, so
+    ``--page-size > 1`` cannot serve on a CPU (with or without DFLASH). Off the GPU this computes the same slots
+    with SGLang's own ``alloc_extend_naive`` (as its NPU allocator does) and the NPU allocator's decode formula:
+    the tail of each request's last page first (``last_loc + 1 ..``), then whole new pages from ``free_pages``.
+    On the GPU nothing changes.
+    """
+    import torch
+
+    from sglang.srt.mem_cache.allocator import alloc_extend_naive
+    from sglang.srt.utils import get_num_new_pages
+
+    original_alloc_extend, original_alloc_decode = allocator.alloc_extend, allocator.alloc_decode
+
+    def alloc_extend(self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens):
+        if not str(self.device).startswith("cpu"):
+            return original_alloc_extend(self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc,
+                                         extend_num_tokens)
+        num_new_pages = get_num_new_pages(seq_lens=seq_lens_cpu, page_size=self.page_size,
+                                          prefix_lens=prefix_lens_cpu)
+        if self.need_sort and num_new_pages > len(self.free_pages):
+            self.merge_and_sort_free()
+        if num_new_pages > len(self.free_pages):
+            return None
+        out_indices = torch.empty((extend_num_tokens,), dtype=torch.int64, device=self.device)
+        alloc_extend_naive(prefix_lens.to(torch.int64), seq_lens.to(torch.int64), last_loc.to(torch.int64),
+                           self.free_pages, out_indices, self.page_size, self.device)
+        self.free_pages = self.free_pages[num_new_pages:]
+        return out_indices
+
+    def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc):
+        if not str(self.device).startswith("cpu"):
+            return original_alloc_decode(self, seq_lens, seq_lens_cpu, last_loc)
+        num_new_pages = get_num_new_pages(seq_lens=seq_lens_cpu, page_size=self.page_size, decode=True)
+        if self.need_sort and num_new_pages > len(self.free_pages):
+            self.merge_and_sort_free()
+        if num_new_pages > len(self.free_pages):
+            return None
+        out_indices = last_loc.to(torch.int64) + 1  # the next slot of the request's last page ...
+        starts_page = seq_lens % self.page_size == 1  # ... or the first of a new page
+        out_indices[starts_page] = self.free_pages[:num_new_pages].to(torch.int64) * self.page_size
+        self.free_pages = self.free_pages[num_new_pages:]
+        return out_indices
+
+    allocator.alloc_extend = alloc_extend
+    allocator.alloc_decode = alloc_decode
