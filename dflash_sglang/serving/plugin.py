@@ -23,6 +23,8 @@ SGLang version first):
   warm-up for paged KV moves) on CPU devices, where Triton cannot launch.
 * ``sglang.srt.managers.tokenizer_manager`` -- wraps ``TokenizerManager._validate_one_request`` so a
   DFLASH server answers requests for options it does not serve (``request_rules.py``) with HTTP 400.
+* ``sglang.srt.entrypoints.openai.serving_chat`` -- wraps ``OpenAIServingChat._process_logprobs_tokens`` so
+  a streamed chat chunk of several tokens (one DFLASH step) gives each token its own top logprobs.
 * ``sglang.srt.utils.hf_transformers_utils`` -- adds the Gemma 4 configs (``models/gemma4_config.py``) to
   ``_CONFIG_REGISTRY`` and transformers' ``AutoConfig``: SGLang's pinned transformers 5.3.0 has no ``gemma4``.
 * ``sglang.srt.configs.model_config`` -- wraps ``ModelConfig._derive_model_shapes`` and
@@ -64,6 +66,7 @@ PATCHES: dict[str, str] = {
     "sglang.srt.server_args": "algorithm:patch_server_args",
     "sglang.srt.models.registry": "algorithm:patch_model_registry",
     "sglang.srt.managers.tokenizer_manager": "algorithm:patch_tokenizer_manager",
+    "sglang.srt.entrypoints.openai.serving_chat": "algorithm:patch_serving_chat",
     "sglang.srt.layers.attention.torch_native_backend": "cpu:patch_torch_native_backend",
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",
     "sglang.srt.utils.hf_transformers_utils": "gemma4:patch_hf_transformers_utils",

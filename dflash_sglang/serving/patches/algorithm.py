@@ -87,3 +87,19 @@ def patch_tokenizer_manager(manager) -> None:
             check_request(obj.sampling_params, getattr(obj, "custom_logit_processor", None))
 
     manager._validate_one_request = validate_one_request
+
+
+@patches(lambda module: module.OpenAIServingChat)
+def patch_serving_chat(serving_chat) -> None:
+    """Wraps ``OpenAIServingChat._process_logprobs_tokens`` so, on a DFLASH server, a streamed chunk's tokens
+    each get their own top logprobs. Upstream streams with ``use_token_index=False``, which gives every token
+    of a chunk the first one's list: right when a chunk holds one token (plain decoding), wrong for the several
+    tokens a speculative step emits."""
+    original_process = serving_chat._process_logprobs_tokens
+
+    def process_logprobs_tokens(self, logprobs, use_token_index: bool = False):
+        if is_dflash_server(self.tokenizer_manager.server_args):
+            use_token_index = True
+        return original_process(self, logprobs, use_token_index=use_token_index)
+
+    serving_chat._process_logprobs_tokens = process_logprobs_tokens
