@@ -63,9 +63,12 @@ def attach_block_logprobs(logits_output, batch, target_logits: torch.Tensor, emi
             logprobs, [k for k in top_nums for _ in range(block_size)], no_copy_to_cpu=not on_host)
     token_ids = batch.token_ids_logprobs or []
     if any(ids is not None for ids in token_ids):
-        (logits_output.next_token_token_ids_logprobs_val,
-         logits_output.next_token_token_ids_logprobs_idx) = get_token_ids_logprobs(
+        values, indices = get_token_ids_logprobs(
             logprobs, [ids for ids in token_ids for _ in range(block_size)], no_copy_to_cpu=not on_host)
+        if not on_host:  # NOTE: SGLang's output path calls .tolist() on every row: [] (a request without ids) fails
+            values = [torch.empty(0, device=logprobs.device) if isinstance(v, list) else v for v in values]
+        logits_output.next_token_token_ids_logprobs_val = values
+        logits_output.next_token_token_ids_logprobs_idx = indices
 
 
 def append_request_logprobs(reqs: list, counts: list[int], emitted: list[list[int]], logits_output,

@@ -18,7 +18,8 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
 3. verify: one pass of the target over [t0, d1, ...] into the same slots (a causal chain), capturing
    hidden states at the drafter's ``target_layer_ids``;
 4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
-   ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block;
+   ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block; when a request asks for
+   logprobs, every block row's target logprobs are read from the verify logits (``logprobs.py``);
 5. commit: free the rejected slots, keep t0 + accepted drafts, and inject their context K/V (this
    overwrites the draft pass's block K/V in the kept slots).
 
