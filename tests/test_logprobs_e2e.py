@@ -201,3 +201,17 @@ def test_concurrent_requests_with_and_without_logprobs(baseline, dflash):
             _assert_same_generate_meta(result["meta_info"], base["meta_info"], body["text"])
         else:
             assert not result["meta_info"].get("output_token_logprobs")
+
+
+def test_sampled_request_gets_a_logprob_per_token(dflash):
+    """Sampling (temperature 0.7): one logprob per emitted token, for that token, from the temperature-scaled
+    distribution (SGLang's convention). The values themselves are not compared: the plain server samples
+    other tokens."""
+    body = _generate_body(PROMPTS[0], top=3, token_ids_logprob=None)
+    body["sampling_params"] = {"max_new_tokens": MAX_TOKENS, "temperature": 0.7, "top_p": 0.9}
+    result = dflash.generate(body)
+    entries = result["meta_info"]["output_token_logprobs"]
+    assert [e[1] for e in entries] == result["output_ids"]
+    assert all(e[0] <= 0 for e in entries)
+    tops = result["meta_info"]["output_top_logprobs"]
+    assert len(tops) == len(entries) and all(len(t) == 3 and t[0][0] >= e[0] for t, e in zip(tops, entries))
