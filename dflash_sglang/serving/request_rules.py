@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Which per-request options a DFLASH server serves, checked when a request arrives (HTTP 400 otherwise).
 
-Speculative verification here is exact for greedy decoding and for temperature / top-p / top-k sampling.
-Options that change the target's distribution token by token inside a block (penalties, min-p, logit
-bias, grammars, custom logit processors) or that need per-token logprobs of the verify pass are refused
-with a message naming them, rather than served approximately.
+Speculative verification here is exact for greedy decoding and for temperature / top-p / top-k sampling,
+and output logprobs come from the target's verify pass (``logprobs.py``). Options that change the target's
+distribution token by token inside a block (penalties, min-p, logit bias, grammars, custom logit
+processors) are refused with a message naming them, rather than served approximately.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 
-def unsupported_features(sampling_params: Mapping[str, Any] | None, return_logprob: Any,
-                         custom_logit_processor: Any = None) -> list[str]:
+def unsupported_features(sampling_params: Mapping[str, Any] | None, custom_logit_processor: Any = None) -> list[str]:
     params = dict(sampling_params or {})
     found = []
-    if any(bool(x) for x in (return_logprob if isinstance(return_logprob, list) else [return_logprob])):
-        found.append("logprobs")
     for key in ("json_schema", "regex", "ebnf", "structural_tag"):
         if params.get(key):
             found.append(f"structured output ({key})")
@@ -33,10 +30,9 @@ def unsupported_features(sampling_params: Mapping[str, Any] | None, return_logpr
     return found
 
 
-def check_request(sampling_params: Mapping[str, Any] | None, return_logprob: Any,
-                  custom_logit_processor: Any = None) -> None:
+def check_request(sampling_params: Mapping[str, Any] | None, custom_logit_processor: Any = None) -> None:
     """Raises ValueError naming every option of this request that DFLASH does not serve yet."""
-    found = unsupported_features(sampling_params, return_logprob, custom_logit_processor)
+    found = unsupported_features(sampling_params, custom_logit_processor)
     if found:
         raise ValueError(f"this DFLASH server does not support {', '.join(found)} yet; drop "
                          f"{'it' if len(found) == 1 else 'them'} from the request, or serve the model without "

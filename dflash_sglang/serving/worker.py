@@ -19,7 +19,8 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
 3. verify: one pass of the target over [t0, d1, ...] into the same slots (a causal chain), capturing
    hidden states at the drafter's ``target_layer_ids``;
 4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
-   ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block;
+   ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block; when a request asks for
+   logprobs, every block row's target logprobs are read from the verify logits (``logprobs.py``);
 5. commit: free the rejected slots (with ``--page-size`` > 1 only the pages past the last kept token;
    ``kv_slots``), keep t0 + accepted drafts, and inject their context K/V (this overwrites the draft
    pass's block K/V in the kept slots).
@@ -48,6 +49,7 @@ from dflash_sglang.serving.info import DFlashVerifyInput
 from dflash_sglang.core.sampling import processed_probs, sample_from
 from dflash_sglang.serving.draft_attention import describe_draft_attention
 from dflash_sglang.serving.kv_slots import assign_row_slots, first_freeable_offsets, upload
+from dflash_sglang.serving.logprobs import append_request_logprobs, attach_block_logprobs
 from dflash_sglang.serving.server_defaults import load_draft_config
 from dflash_sglang.serving.step_profile import make_profiler
 
@@ -56,6 +58,8 @@ NO_BUDGET_LIMIT = 1 << 40
 
 
 class DFlashWorker(TpModelWorker):
+    logprobs_on_host = True  # this loop appends output logprobs to the requests itself (``logprobs.py``)
+
     def __init__(self, server_args: ServerArgs, gpu_id: int, tp_rank: int, dp_rank: Optional[int],
                  moe_ep_rank: int, attn_cp_rank: int, moe_dp_rank: int, nccl_port: int,
                  target_worker: TpModelWorker) -> None:
@@ -154,6 +158,8 @@ class DFlashWorker(TpModelWorker):
         self.profiler.mark("accept")
 
         counts = self._append_outputs(batch, verdict_cpu[:, 1:], verdict_cpu[:, 0].tolist())
+        if batch.return_logprob:
+            append_request_logprobs(batch.reqs, counts, verdict_cpu[:, 1:].tolist(), step.logits_output, block)
         counts_cpu = torch.tensor(counts, dtype=torch.int64)
         kept = counts_cpu.clamp(min=1)  # t0 always keeps its KV
         freeable = first_freeable_offsets(prefix_lens_cpu, kept, self.token_to_kv_pool_allocator.page_size)
@@ -219,6 +225,8 @@ class DFlashWorker(TpModelWorker):
                 draft_probs=draft_probs.view(bs, block_size - 1, -1),
                 uniforms=torch.rand(bs, block_size, dtype=torch.float32, device=self.device))
         num_emitted, emitted, keep_slots = verdict[1], verdict[2], verdict[3]
+        if decode_batch.return_logprob:  # only then: a softmax over the vocabulary for every block row
+            attach_block_logprobs(logits_output, decode_batch, target_logits, emitted, self.logprobs_on_host)
         # Context K/V of the kept block tokens (t0 + emitted drafts); -1 slots write nothing. A request
         # that SGLang later cuts shorter (a stop string) frees those slots; nothing reads them unwritten.
         self.draft_model.inject_context(logits_output.hidden_states.view(bs * block_size, -1), positions.view(-1),

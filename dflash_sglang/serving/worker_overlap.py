@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 class DFlashOverlapWorker(DFlashWorker):
+    logprobs_on_host = False  # SGLang's output processor reads them from logits_output (spec v2 layout)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.speculative_num_draft_tokens = self.block_size  # the stride of next_token_ids, read by SGLang

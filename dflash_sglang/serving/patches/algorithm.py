@@ -98,7 +98,7 @@ def patch_tokenizer_manager(manager) -> None:
         if is_dflash_server(self.server_args) and hasattr(obj, "return_logprob"):
             from dflash_sglang.serving.request_rules import check_request
 
-            check_request(obj.sampling_params, obj.return_logprob, getattr(obj, "custom_logit_processor", None))
+            check_request(obj.sampling_params, getattr(obj, "custom_logit_processor", None))
 
     manager._validate_one_request = validate_one_request
 
@@ -136,3 +136,19 @@ def patch_scheduler(scheduler_cls) -> None:
         return output
 
     scheduler_cls.get_internal_state = get_internal_state
+
+
+@patches(lambda module: module.OpenAIServingChat)
+def patch_serving_chat(serving_chat) -> None:
+    """Wraps ``OpenAIServingChat._process_logprobs_tokens`` so, on a DFLASH server, a streamed chunk's tokens
+    each get their own top logprobs. Upstream streams with ``use_token_index=False``, which gives every token
+    of a chunk the first one's list: right when a chunk holds one token (plain decoding), wrong for the several
+    tokens a speculative step emits."""
+    original_process = serving_chat._process_logprobs_tokens
+
+    def process_logprobs_tokens(self, logprobs, use_token_index: bool = False):
+        if is_dflash_server(self.tokenizer_manager.server_args):
+            use_token_index = True
+        return original_process(self, logprobs, use_token_index=use_token_index)
+
+    serving_chat._process_logprobs_tokens = process_logprobs_tokens
