@@ -30,7 +30,9 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = ("smollm", "qwen2")
-CONTROL_TOKEN = 3  # tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
+# tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control (special), 4 user-defined (added, not special),
+# 5 unused (llama.cpp's [PADn] rows past the tokenizer), 6 byte
+CONTROL_TOKEN, USER_DEFINED_TOKEN = 3, 4
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")  # also end generation where the vocabulary has them
 
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
@@ -200,6 +202,8 @@ def build_tokenizer(meta: dict[str, Any]):
     types = meta["tokenizer.ggml.token_type"]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, kind in zip(tokens, types) if kind == CONTROL_TOKEN])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, types) if kind == USER_DEFINED_TOKEN])
     return tokenizer
 
 
@@ -218,8 +222,9 @@ def write_tokenizer(meta: dict[str, Any], out_dir: str) -> None:
     tokens = list(meta["tokenizer.ggml.tokens"])
     specials = {key: _special_name(tokens, meta, key) for key in ("bos", "eos", "unknown", "padding")}
     added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                      "special": True}
-             for i, (t, kind) in enumerate(zip(tokens, meta["tokenizer.ggml.token_type"])) if kind == CONTROL_TOKEN}
+                      "special": kind == CONTROL_TOKEN}
+             for i, (t, kind) in enumerate(zip(tokens, meta["tokenizer.ggml.token_type"]))
+             if kind in (CONTROL_TOKEN, USER_DEFINED_TOKEN)}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as is (GPT2Tokenizer would re-split digits)
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),

