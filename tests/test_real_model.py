@@ -96,7 +96,8 @@ def test_converted_folder_equals_transformers_gguf_dequantization(smollm2_checkp
     gguf_dir, gguf_file = os.path.split(real_models.gguf_parts(SMOLLM2)[0])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     reference_tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    for text in ["Hello world 12345", "  def f(x):\n\treturn x**2  # ünïcode ✓", "<|im_start|>user\nhi<|im_end|>\n"]:
+    texts = ["Hello world 12345", "  def f(x):\n\treturn x**2  # ünïcode ✓", "<|im_start|>user\nhi<|im_end|>\n"]
+    for text in texts:
         ids = tokenizer(text)["input_ids"]
         assert ids == reference_tokenizer(text)["input_ids"][1:]  # theirs prepends <|im_start|>
         assert tokenizer.decode(ids) == text

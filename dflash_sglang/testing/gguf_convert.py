@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+# Part of a converted folder's identity (real_models' completion marker): bump it when the output changes.
+CONVERTER_VERSION = 2
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp) as Hugging Face tokenizers pipelines.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -132,6 +134,7 @@ def hf_config(model: GGUFModel) -> dict[str, Any]:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+    config.update(_transformers_version())
     if model.arch == "llama":
         config.update(mlp_bias=False, pretraining_tp=1)
     else:
@@ -139,6 +142,17 @@ def hf_config(model: GGUFModel) -> dict[str, Any]:
     if "tokenizer.ggml.padding_token_id" in meta:
         config["pad_token_id"] = int(meta["tokenizer.ggml.padding_token_id"])
     return config
+
+
+def _transformers_version() -> dict[str, str]:
+    """``{"transformers_version": ...}`` where transformers is installed: without the key, transformers 5
+    takes a local tokenizer for a possibly broken Mistral one and warns."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"transformers_version": version("transformers")}
+    except PackageNotFoundError:
+        return {}
 
 
 def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -267,7 +281,8 @@ def convert_gguf(gguf_path: str, out_dir: str) -> dict[str, Any]:
     weights = hf_weights(model)
     write_tokenizer(model.metadata, out_dir)
     _write_json(os.path.join(out_dir, "config.json"), config)
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_token_ids(model.metadata)}
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_token_ids(model.metadata),
+                  **_transformers_version()}
     if "pad_token_id" in config:
         generation["pad_token_id"] = config["pad_token_id"]
     _write_json(os.path.join(out_dir, "generation_config.json"), generation)

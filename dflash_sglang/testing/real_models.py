@@ -38,7 +38,7 @@ import torch
 
 from dflash_sglang.core.checkpoint import save_drafter
 from dflash_sglang.core.config import DFlashDraftConfig
-from dflash_sglang.testing.gguf_convert import GGUFConvertError, convert_gguf, require_gguf
+from dflash_sglang.testing.gguf_convert import CONVERTER_VERSION, GGUFConvertError, convert_gguf, require_gguf
 from dflash_sglang.testing.tiny import random_drafter
 
 MARKER = "dflash-fetch.json"
@@ -222,8 +222,8 @@ def fetch(name: str, out_dir: str, *, block_size: int = 16, num_draft_layers: in
     model = MODELS[name]
     out_dir = os.path.abspath(out_dir)
     paths = {"target": os.path.join(out_dir, "target"), "drafter": os.path.join(out_dir, "drafter")}
-    settings = {"model": name, "hub_id": model.hub_id, "sha256": model.sha256, "block_size": block_size,
-                "num_draft_layers": num_draft_layers, "seed": seed}
+    settings = {"model": name, "hub_id": model.hub_id, "sha256": model.sha256, "converter": CONVERTER_VERSION,
+                "block_size": block_size, "num_draft_layers": num_draft_layers, "seed": seed}
     with _locked(out_dir):
         if _read_marker(out_dir) == settings and all(os.path.isdir(p) for p in paths.values()):
             print(f"{out_dir}: complete ({name}, sha256 {model.sha256[:12]}...), nothing to do", flush=True)
