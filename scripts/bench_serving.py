@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the --launch config (as dflash-serve --set)")
     parser.add_argument("--datasets", nargs="*", default=["humaneval"], metavar="NAME",
-                        help="built-in prompt sets: humaneval, mt-bench, aime (default: humaneval)")
+                        help="built-in prompt sets: humaneval, mt-bench, aime, sharegpt (default: humaneval)")
     parser.add_argument("--prompts-jsonl", action="append", default=[], metavar="PATH",
                         help="a prompt set from a JSONL file, one {\"prompt\": ...} per line; repeatable")
     parser.add_argument("--num-prompts", type=int, help="the first N prompts of each set (default: all)")

