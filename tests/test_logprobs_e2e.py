@@ -17,8 +17,9 @@ import json
 import os
 import urllib.request
 
-import openai
 import pytest
+
+from openai_client import client as _client
 
 from dflash_sglang.deploy.launch import ServerProcess
 
@@ -120,9 +121,6 @@ def _cached(baseline: ServerProcess, key, compute):
         _BASELINE_CACHE[key] = compute()
     return _BASELINE_CACHE[key]
 
-
-def _client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=600, max_retries=0)
 
 
 def _openai_logprobs(server: ServerProcess, kind: str, prompt: str, stream: bool) -> tuple[str, list]:

@@ -24,8 +24,9 @@ import json
 import os
 import sys
 
-import openai
 import pytest
+
+from openai_client import client as _client, greedy_completion as _complete
 
 from dflash_sglang.deploy.deployment import launch_env, load_deploy_config, to_launch_args
 from dflash_sglang.deploy.launch import ServerProcess, free_port
@@ -145,14 +146,6 @@ def dflash(smollm2_checkpoints, tmp_path_factory):
         yield server
 
 
-def _client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=600, max_retries=0)
-
-
-def _complete(server: ServerProcess, prompt: str, max_tokens: int, **kwargs) -> tuple[str, str, int]:
-    response = _client(server).completions.create(model="default", prompt=prompt, max_tokens=max_tokens,
-                                                  temperature=0, **kwargs)
-    return response.choices[0].text, response.choices[0].finish_reason, response.usage.completion_tokens
 
 
 _baseline_completions: dict = {}

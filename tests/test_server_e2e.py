@@ -27,6 +27,8 @@ import openai
 import pytest
 from scipy import stats
 
+from openai_client import client as _client, greedy_completion as _complete
+
 from dflash_sglang.deploy.cpu_stub import cpu_server_env
 from dflash_sglang.deploy.launch import SGLANG_SERVE, ServerProcess
 
@@ -95,15 +97,6 @@ def dflash_agree(checkpoints, tmp_path_factory):
         yield server
 
 
-def _client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=600, max_retries=0)
-
-
-def _complete(server: ServerProcess, prompt: str, max_tokens: int, **kwargs) -> tuple[str, str, int]:
-    """(text, finish reason, completion tokens) of a greedy completion."""
-    response = _client(server).completions.create(model="default", prompt=prompt, max_tokens=max_tokens,
-                                                  temperature=0, **kwargs)
-    return response.choices[0].text, response.choices[0].finish_reason, response.usage.completion_tokens
 
 
 def _chat(server: ServerProcess, content: str, max_tokens: int, stream: bool) -> str:
