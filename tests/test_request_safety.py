@@ -233,15 +233,18 @@ def _stream_text(server: ServerProcess, body: dict) -> str:
     return "".join(pieces)
 
 
-def test_logprob_options_are_refused(server):
-    """DFLASH does not serve logprobs yet (request_rules); absurd values are refused the same way."""
+def test_logprob_options_are_served_and_absurd_values_refused(server):
+    """DFLASH serves logprobs (serving/logprobs.py); values SGLang's scheduler would die on get a 400."""
     for path, body in [("/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 4, "logprobs": 5}),
-                       ("/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 4, "logprobs": 10**6,
-                                            "echo": True}),
                        ("/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": "hi"}],
-                                                 "max_tokens": 4, "logprobs": True, "top_logprobs": 20}),
-                       ("/generate", {"text": "hi", "return_logprob": True, "top_logprobs_num": 10**6,
-                                      "token_ids_logprob": [10**9], "logprob_start_len": -100})]:
+                                                 "max_tokens": 4, "logprobs": True, "top_logprobs": 20})]:
+        status, answer = _post(server, path, body)
+        assert status == 200, answer
+    for path, body in [("/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 4, "logprobs": 10**6,
+                                            "echo": True}),
+                       ("/generate", {"text": "hi", "return_logprob": True, "top_logprobs_num": 10**6}),
+                       ("/generate", {"text": "hi", "return_logprob": True, "token_ids_logprob": [10**9]}),
+                       ("/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": -100})]:
         status, answer = _post(server, path, body)
         assert status == 400, answer
     _assert_serving(server)
