@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dflash_sglang.core.config import default_target_layer_ids  # noqa: E402
 from dflash_sglang.bench.trace import load_events, summarize_trace  # noqa: E402
 from dflash_sglang.deploy.launch import ServerProcess  # noqa: E402
 from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
@@ -78,12 +79,6 @@ class Pair:
 BLOCK_SIZE = 16
 TAUS = (4.0, 6.5, 8.0)
 NOISY_SPREAD = 0.1  # (max - min) / median of a concurrency's samples above which the run says so
-
-
-def default_target_layer_ids(num_target_layers: int, num_ids: int) -> list[int]:
-    """The reference's default: ids evenly spaced (rounded) over [1, num_target_layers - 3]."""
-    low, high = 1, num_target_layers - 3
-    return [round(low + i * (high - low) / (num_ids - 1)) for i in range(num_ids)]
 
 
 def qwen3_config(hidden: int, layers: int, intermediate: int, tie: bool) -> dict:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from dflash_sglang.core.config import DFlashDraftConfig, DraftConfigError
+from dflash_sglang.core.config import DFlashDraftConfig, DraftConfigError, default_target_layer_ids
 
 # Laid out like z-lab/Qwen3-8B-DFlash-b16 (classic: block_size at the top level).
 CLASSIC = {
@@ -229,3 +229,10 @@ def test_check_target_without_num_target_layers():
     config.check_target({**QWEN3_8B, "num_hidden_layers": 40})
     with pytest.raises(DraftConfigError, match="target_layer_ids"):
         config.check_target({**QWEN3_8B, "num_hidden_layers": 30})
+
+
+def test_default_target_layer_ids_are_the_references():
+    assert default_target_layer_ids(30, 5) == [1, 8, 14, 20, 27]  # SmolLM2
+    assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # z-lab/Qwen3-8B-DFlash-b16's
+    assert default_target_layer_ids(30, 1) == [15]
+    assert default_target_layer_ids(60, 6) == [1, 12, 23, 35, 46, 57]  # z-lab's Gemma-4-31B drafter (bench_step)

@@ -41,12 +41,6 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea."]
 
 # --------------------------------------------------------------------------------------------------
 # The fetch
-def test_default_target_layer_ids_are_the_references():
-    assert real_models.build_target_layer_ids(30, 5) == [1, 8, 14, 20, 27]  # SmolLM2
-    assert real_models.build_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # z-lab/Qwen3-8B-DFlash-b16's
-    assert real_models.build_target_layer_ids(30, 1) == [15]
-
-
 def test_fetch_checks_the_sha256_and_a_second_run_does_nothing(smollm2_checkpoints, capsys):
     assert real_models.sha256_of(real_models.gguf_parts(SMOLLM2)) == SMOLLM2.sha256
     out_dir = os.path.dirname(smollm2_checkpoints["target"])

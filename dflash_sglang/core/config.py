@@ -252,6 +252,15 @@ class DFlashDraftConfig:
                 f"{self.block_size}: drop --speculative-num-draft-tokens or set it to {self.block_size}")
 
 
+def default_target_layer_ids(num_target_layers: int, num_ids: int) -> list[int]:
+    """The reference's default target layers for a new drafter: ``num_ids`` ids evenly spaced (rounded) over
+    [1, num_target_layers - 3], the middle layer for one id, deduplicated for very shallow targets."""
+    if num_ids == 1:
+        return [num_target_layers // 2]
+    start, end = 1, max(num_target_layers - 3, 1)
+    return sorted({round(start + i * (end - start) / (num_ids - 1)) for i in range(num_ids)})
+
+
 def _architecture(raw: Mapping[str, Any]) -> str:
     architectures = raw.get("architectures") or ["DFlashDraftModel"]
     if not isinstance(architectures, Sequence) or isinstance(architectures, str) or not architectures:

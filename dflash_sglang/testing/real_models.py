@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from dflash_sglang.core.checkpoint import save_drafter
-from dflash_sglang.core.config import DFlashDraftConfig
+from dflash_sglang.core.config import DFlashDraftConfig, default_target_layer_ids
 from dflash_sglang.testing.gguf_convert import CONVERTER_VERSION, GGUFConvertError, convert_gguf, require_gguf
 from dflash_sglang.testing.tiny import random_drafter
 
@@ -76,15 +76,6 @@ MODELS = {model.name: model for model in (SMOLLM2, QWEN25_CODER)}
 
 class RealModelError(RuntimeError):
     """A model cannot be fetched or checked; the message says what to do."""
-
-
-def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
-    """The reference's default: ``num_draft_layers`` ids evenly spaced over [1, num_target_layers - 3]
-    (the middle layer for a one-layer drafter)."""
-    if num_draft_layers == 1:
-        return [num_target_layers // 2]
-    start, end = 1, num_target_layers - 3
-    return [int(round(start + i * (end - start) / (num_draft_layers - 1))) for i in range(num_draft_layers)]
 
 
 def _package_file(module: str, relative: str) -> str | None:
@@ -146,7 +137,7 @@ def drafter_config(target: dict, mask_token_id: int, *, num_layers: int, block_s
         "attention_dropout": 0.0,
         "block_size": block_size,
         "dflash_config": {"block_size": block_size, "mask_token_id": mask_token_id,
-                          "target_layer_ids": build_target_layer_ids(target["num_hidden_layers"], num_layers)},
+                          "target_layer_ids": default_target_layer_ids(target["num_hidden_layers"], num_layers)},
         "bos_token_id": target["bos_token_id"],
         "eos_token_id": target["eos_token_id"],
         "dtype": "float32",

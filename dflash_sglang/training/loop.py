@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from dflash_sglang.core.checkpoint import load_drafter, save_drafter
-from dflash_sglang.core.config import DFlashDraftConfig
+from dflash_sglang.core.config import DFlashDraftConfig, default_target_layer_ids
 from dflash_sglang.core.model import DFlashDrafter
 from dflash_sglang.training.data import TrainingSequence
 from dflash_sglang.training.objective import build_blocks, sample_anchors, sequence_loss
@@ -52,16 +52,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     extra: dict = field(default_factory=dict)
-
-
-def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
-    """``num_draft_layers`` layer ids evenly spaced over [1, L - 3] (z-lab's drafters read as many target layers
-    as they have layers), deduplicated for very shallow targets."""
-    if num_draft_layers == 1:
-        return (num_target_layers // 2,)
-    start, end = 1, max(num_target_layers - 3, 1)
-    ids = [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
-    return tuple(sorted(set(ids)))
 
 
 def pick_mask_token_id(tokenizer, vocab_size: int) -> int:
