@@ -42,9 +42,10 @@ hidden 5376, 64 query / 8 KV heads of 128, intermediate 10752 (2 x hidden), rope
 2048, final_logit_softcapping 30, target_layer_ids [1, 12, 23, 35, 46, 57] (the reference rule with 6 ids),
 block 16, mask token 4; 1.63 GB at Q8_0, which those shapes give to the MB. Layer types: 4 sliding + 1 full,
 from a conversion of the 26B-A4B drafter
-(https://huggingface.co/ji-farthing/gemma-4-26B-A4B-it-DFlash-SWA-ik-llama-GGUF), ASSUMED the same for 31B. The 26B-A4B drafter: hidden 2816 and the same layout scaled (32 query / 8 KV heads
-of 128, intermediate 5632, 6 target layer ids by the reference rule): ASSUMED, consistent with that
-conversion's 450.5 MB at Q8_0 (these shapes give 0.43 B parameters, ~456 MB).
+(https://huggingface.co/ji-farthing/gemma-4-26B-A4B-it-DFlash-SWA-ik-llama-GGUF), ASSUMED the same for 31B.
+The 26B-A4B drafter: hidden 2816 and the same layout scaled (32 query / 8 KV heads of 128, intermediate 5632,
+6 target layer ids by the reference rule): ASSUMED, consistent with that conversion's 450.5 MB at Q8_0 (these
+shapes give 0.43 B parameters, ~456 MB).
 """
 
 from __future__ import annotations
