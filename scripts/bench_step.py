@@ -274,6 +274,9 @@ def serve_and_measure(name: str, args_list: list[str], env: dict, concurrencies:
     env = {**env, "DFLASH_STEP_PROFILE": profile} if speculative else env
     results: dict = {}
     with ServerProcess(args_list, log_path=os.path.join(args.logs, f"{name}.log"), env=env) as server:
+        info = server.server_info()
+        results["kv_pool_tokens"] = info.get("max_total_num_tokens")  # at --mem-fraction-static 0.7
+        print(f"{name:>16} KV pool {results['kv_pool_tokens']} tokens", flush=True)
         for c in concurrencies:
             results[str(c)] = measure_step_ms(server, c, args, speculative, random.Random(c))
             print(f"{name:>16} c={c:<3} step {results[str(c)]['step_ms']:.3f} ms", flush=True)
@@ -356,7 +359,8 @@ def main() -> int:
 
 def summarize(results: dict, pair: Pair) -> dict:
     summary = {}
-    for c, ar in results.get("ar", {}).items():
+    measured = {c: ar for c, ar in results.get("ar", {}).items() if c.isdigit()}
+    for c, ar in measured.items():
         row = {"step_ar_ms": ar["step_ms"], "ar_tok_s_per_request": 1e3 / ar["step_ms"]}
         for mode in results:
             if mode != "ar":
@@ -372,7 +376,8 @@ def summarize(results: dict, pair: Pair) -> dict:
                 if busy and ar_busy:
                     row[f"gpu_busy_ratio_{mode}_over_ar"] = busy / ar_busy
         summary[c] = row
-    return {"by_concurrency": summary, "published_speedups": pair.published_speedups}
+    return {"by_concurrency": summary, "published_speedups": pair.published_speedups,
+            "kv_pool_tokens": {mode: runs.get("kv_pool_tokens") for mode, runs in results.items()}}
 
 
 if __name__ == "__main__":

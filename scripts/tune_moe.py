@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,8 +34,8 @@ def search_space(tokens: int) -> list[dict]:
     """Kernel configs worth timing at ``tokens`` tokens: block rows up to what the routed rows per expert fill."""
     rows = [m for m in (16, 32, 64, 128) if m <= max(16, tokens * 2)]
     space = []
-    for block_m, block_n, block_k, warps, stages in itertools.product(rows, (32, 64, 128, 256), (64, 128), (4, 8),
-                                                                      (2, 3, 4)):
+    for block_m, block_n, block_k, warps, stages in itertools.product(rows, (64, 128, 256), (64, 128, 256), (4, 8),
+                                                                      (3, 4)):
         space.append({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n, "BLOCK_SIZE_K": block_k,
                       "GROUP_SIZE_M": 1 if tokens < 256 else 16, "num_warps": warps, "num_stages": stages})
     return space
@@ -64,6 +65,8 @@ def main() -> int:
     parser.add_argument("--out-dir", default=PACKAGED_MOE_CONFIGS)
     parser.add_argument("--report", default=None, help="JSON with every count's best and default times")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
+    parser.add_argument("--time-limit-s", type=float,
+                        help="stop starting new token counts after this long (the file keeps the counts done)")
     args = parser.parse_args()
 
     import torch
@@ -89,7 +92,14 @@ def main() -> int:
                              inplace=False)
     best: dict[str, dict] = {}
     report = {**provenance(args.commit), "settings": vars(args), "tokens": {}}
+    folder = os.path.join(args.out_dir, triton_version_folder(triton.__version__))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, get_config_file_name(e, n, None))
+    deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
     for tokens in args.tokens:
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"time limit: token counts from {tokens} on are not tuned", flush=True)
+            break
         x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
         logits = torch.randn(tokens, e, device="cuda", dtype=torch.float32, generator=generator)
         weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
@@ -115,14 +125,11 @@ def main() -> int:
                                          "default": default, "configs_timed": len(timings)}
         print(f"tokens {tokens:4d}: best {1e3 * best_ms:8.1f} us, default {1e3 * default_ms:8.1f} us "
               f"({default_ms / best_ms:.2f}x) {best_config}", flush=True)
-    folder = os.path.join(args.out_dir, triton_version_folder(triton.__version__))
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, get_config_file_name(e, n, None))
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(best, handle, indent=2)
+        with open(path, "w", encoding="utf-8") as handle:  # after every count: a cut run keeps what it tuned
+            json.dump(best, handle, indent=2)
+        if args.report:
+            write_report(report, args.report)
     print(f"wrote {path}")
-    if args.report:
-        write_report(report, args.report)
     return 0
 
 
