@@ -87,7 +87,10 @@ def test_non_causal_sliding_layers_are_refused_where_the_window_would_be_wrong(b
 
 
 @in_sglang
-def test_non_causal_sliding_layers_on_triton_need_a_window_of_at_least_a_block():
+def test_non_causal_windows_shorter_than_a_block_need_the_block_kernel_on_triton(monkeypatch):
+    check_windows_on_backends(_config(is_causal=False), {"triton"})
+    check_windows_on_backends(_config(is_causal=False, sliding_window=3), {"triton"})  # the block kernel: both sides
+    monkeypatch.setenv("DFLASH_BLOCK_ATTENTION", "off")  # SGLang's extend kernel bounds only the left side
     check_windows_on_backends(_config(is_causal=False), {"triton"})
     with pytest.raises(NotImplementedError, match="block_size"):
         check_windows_on_backends(_config(is_causal=False, sliding_window=3), {"triton"})

@@ -21,8 +21,10 @@ Two entry points, both used by ``dflash_sglang.serving.worker``:
 Sliding windows on SGLang's attention backends: triton, fa3/fa4 and flashinfer bound causal sliding layers as
 the reference does (triton only because :meth:`DFlashDraftModel.get_attention_sliding_window_size` makes it
 build its window KV indices). Non-causal sliding layers (an explicit ``is_causal: false``) run on triton only:
-fa3/fa4 apply a window as ``(window, 0)``, i.e. causally, and triton bounds only the left side, which matches
-the reference while ``sliding_window >= block_size``; other combinations are refused at load. torch_native
+fa3/fa4 apply a window as ``(window, 0)``, i.e. causally (``draft_attention`` swaps them for triton); on triton
+the block-attention kernel bounds both sides of the window, and SGLang's extend kernel
+(``DFLASH_BLOCK_ATTENTION=off``) only the left side, which matches the reference while ``sliding_window >=
+block_size``; other combinations are refused at load. torch_native
 (the CPU backend) ignores windows, so it is exact only while the context is shorter than the window (logged).
 
 Embedding and LM head are the target's tensors (:meth:`set_embed_and_head`), shared, not copied.
@@ -48,7 +50,7 @@ from sglang.srt.models.utils import apply_qk_norm
 
 from dflash_sglang import ops
 from dflash_sglang.core.checkpoint import canonical_name, check_state_dict
-from dflash_sglang.core.config import DFlashDraftConfig
+from dflash_sglang.core.config import DFlashDraftConfig, block_attention_mode
 from dflash_sglang.core.model import finish_draft_logits
 
 logger = logging.getLogger(__name__)
@@ -272,16 +274,17 @@ def check_windows_on_backends(draft: DFlashDraftConfig, backends: set[str]) -> N
     if not non_causal:
         return
     unsupported = sorted(backends - {"triton", "torch_native"})
-    if unsupported:
+    if unsupported:  # a server never gets here with fa3/fa4: draft_attention.choose_draft_attention_backend swaps them
         raise NotImplementedError(
-            f"drafter layers {non_causal} are non-causal (config `is_causal: false`) with a sliding window; the "
-            f"{unsupported} attention backend(s) would not apply it as the reference does (fa3/fa4 apply a "
-            "window as (window, 0), i.e. causally): pass --speculative-draft-attention-backend triton")
-    if "triton" in backends and draft.sliding_window < draft.block_size:
+            f"drafter layers {non_causal} are non-causal (config `is_causal: false`) with a sliding window, which "
+            f"the {unsupported} attention backend(s) would bound causally: pass "
+            "--speculative-draft-attention-backend triton")
+    if "triton" in backends and draft.sliding_window < draft.block_size and block_attention_mode() != "on":
         raise NotImplementedError(
             f"drafter layers {non_causal} are non-causal with sliding_window {draft.sliding_window} < block_size "
             f"{draft.block_size}: the reference then also hides block keys more than the window AFTER a query, "
-            "which SGLang's triton backend (left bound only) cannot do")
+            "which SGLang's triton extend kernel (left bound only) cannot do; DFLASH's block-attention kernel "
+            "bounds both sides: unset DFLASH_BLOCK_ATTENTION=off")
 
 
 def _draft_attention_backends() -> set[str]:
