@@ -5,6 +5,7 @@
 #   bash scripts/gpu_train_smollm2.sh stage            # copy the carried .device/smollm2 files to /tmp/dflash-stage
 #   bash scripts/gpu_train_smollm2.sh smoke            # time regeneration + training on a random SmolLM2-shaped target
 #   bash scripts/gpu_train_smollm2.sh train [ARGS...]  # join + convert the GGUF, dflash-train ARGS, drafter -> $OUT
+# Regeneration with transformers' generate is the slow part (~1024 prompts x 256 tokens took ~100 s of a call).
 set -uo pipefail
 out="${OUT:-gpu-out}"; mkdir -p "$out"
 stage=/tmp/dflash-stage
@@ -58,9 +59,14 @@ EOF
     python3 -c "from dflash_sglang.testing.gguf_convert import convert_gguf; convert_gguf('$gguf', '/tmp/smollm2/target')" \
       || exit 1
     train --target /tmp/smollm2/target --out /tmp/smollm2/run --no-progress "$@" 2>&1 | tee "$out/train.log" | tail -30
+    # The device returns at most 8 files of 16 MiB: the drafter (39 MB in bf16) comes back in parts
+    # (`cat drafter/model.safetensors.part-* > model.safetensors`; sha256 in drafter/model.safetensors.sha256).
     mkdir -p "$out/drafter"
-    cp /tmp/smollm2/run/config.json /tmp/smollm2/run/model.safetensors /tmp/smollm2/run/training_log.json "$out/drafter/"
-    cp /tmp/smollm2/run/eval.json "$out/drafter/" 2>/dev/null
+    (cd /tmp/smollm2/run && split -b 15M -d model.safetensors "$out/drafter/model.safetensors.part-" &&
+     sha256sum model.safetensors > "$out/drafter/model.safetensors.sha256")
+    cp /tmp/smollm2/run/config.json "$out/drafter/"
+    cp /tmp/smollm2/run/eval.json "$out/" 2>/dev/null
+    gzip -c /tmp/smollm2/run/training_log.json > "$out/training_log.json.gz"
     ;;
   *) echo "usage: $0 stage|smoke|train [dflash-train arguments]"; exit 2 ;;
 esac
