@@ -111,17 +111,17 @@ def test_a_step_ends_at_the_draft_that_terminates_the_grammar(backend):
 def test_sampled_drafts_come_from_the_masked_distribution(backend):
     grammar = backend.dispatch_regex(r"(yes|no)(, (yes|no)){12}\.")  # longer than a block
     vocab = backend.vocab_size
-    draft_logits = torch.randn(1, BLOCK_SIZE - 1, vocab, generator=torch.Generator().manual_seed(1))
+    draft_logits = torch.randn(1, BLOCK_SIZE - 1, vocab + 3, generator=torch.Generator().manual_seed(1))
     block = torch.zeros(1, BLOCK_SIZE, dtype=torch.int64)
-    draft_probs = torch.full((BLOCK_SIZE - 1, vocab), 1.0 / vocab)
+    draft_probs = torch.full((BLOCK_SIZE - 1, vocab + 3), 1.0 / vocab)  # a padded head: 3 more columns
     step = constrain_drafts(_batch(backend, [grammar], temperature=0.7), draft_logits, block, draft_probs)
     drafts = block[0, 1:].tolist()
     assert step.token_caps is None, "the grammar does not terminate within the block"
     _replay(backend, grammar, drafts)
     for j, draft in enumerate(drafts):
         allowed = torch.tensor([_allowed(step.masks[0, j], t) for t in range(vocab)])
-        expected = torch.softmax(draft_logits[0, j].masked_fill(~allowed, float("-inf")) / 0.7, dim=-1)
-        torch.testing.assert_close(draft_probs[j], expected)
+        expected = torch.softmax(draft_logits[0, j, :vocab].masked_fill(~allowed, float("-inf")) / 0.7, dim=-1)
+        torch.testing.assert_close(draft_probs[j], torch.cat([expected, torch.zeros(3)]))
         assert draft_probs[j, draft] > 0
 
 

@@ -54,10 +54,10 @@ from dflash_sglang.serving.kv_slots import upload
 class BlockGrammar:
     """One decode step's grammar constraints on the device, for the requests with an active grammar.
 
-    ``masks`` [G, B, ceil(V / 32)] int32: the token bitmask of each grammar request's verify rows (request
-    ``batch_indices[g]``, rows ``b * B .. b * B + B - 1`` of the verify logits); ``token_caps`` [bs] int64:
-    the most tokens each request may emit this step (where its grammar terminates; a large number elsewhere),
-    or None when no grammar terminates within the step.
+    ``masks`` [G, B, W] int32 (W = ceil(V / 32) words for xgrammar): the token bitmask of each grammar
+    request's verify rows (request ``batch_indices[g]``, rows ``b * B .. b * B + B - 1`` of the verify
+    logits); ``token_caps`` [bs] int64: the most tokens each request may emit this step (where its grammar
+    terminates; a large number elsewhere), or None when no grammar terminates within the step.
     """
 
     masks: torch.Tensor
@@ -69,7 +69,7 @@ class BlockGrammar:
         token) and returns ``budgets`` ([bs] int64, tokens each request may emit) cut at ``token_caps``."""
         block_size = self.masks.shape[1]
         for masks, b in zip(self.masks.unbind(0), self.batch_indices):
-            apply_token_bitmask_inplace(target_logits[b * block_size:(b + 1) * block_size], masks)
+            apply_masks(target_logits[b * block_size:(b + 1) * block_size], masks)
         return budgets if self.token_caps is None else torch.minimum(budgets, self.token_caps)
 
 
@@ -82,7 +82,7 @@ def constrain_drafts(batch, draft_logits: torch.Tensor, block: torch.Tensor,
         batch: the step's ``ModelWorkerBatch`` (``reqs``, ``sampling_info``).
         draft_logits: [bs, B-1, >= V] the drafter's logits of block positions 1..B-1.
         block: [bs, B] int64 ``[t0, drafts]``, the verify pass's input; grammar requests' drafts are rewritten.
-        draft_probs: [bs * (B-1), V] fp32 the drafter distribution the drafts were sampled from (None for an
+        draft_probs: [bs * (B-1), >= V] fp32 the drafter distribution the drafts were sampled from (None for an
             all-greedy batch); grammar requests' rows are replaced by the masked distribution.
     """
     active = [b for b, req in enumerate(batch.reqs) if _is_active(req.grammar)]
@@ -94,7 +94,9 @@ def constrain_drafts(batch, draft_logits: torch.Tensor, block: torch.Tensor,
     logits_cpu = draft_logits[index, :, :vocab_size].float().cpu()  # the host wait
     params = None if draft_probs is None else [
         values[index].view(-1).tolist() for values in (sampling.temperatures, sampling.top_ps, sampling.top_ks)]
-    masks = torch.full((len(active), block_size, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    # The mask width is the grammar backend's (llguidance's follows its tokenizer, not the model's vocabulary).
+    width = batch.reqs[active[0]].grammar.allocate_vocab_mask(vocab_size, 1, "cpu").shape[-1]
+    masks = torch.full((len(active), block_size, width), -1, dtype=torch.int32)
     caps = torch.full((bs,), torch.iinfo(torch.int64).max, dtype=torch.int64)
     draft_at, drafts, probs = [], [], []  # flat positions in ``block``, their tokens, their rows' q
     for g, b in enumerate(active):
@@ -111,7 +113,9 @@ def constrain_drafts(batch, draft_logits: torch.Tensor, block: torch.Tensor,
                                                  block.device)
         if draft_probs is not None:  # block position p of request b is draft row b * (B-1) + p - 1
             rows = draft_at_device - draft_at_device // block_size - 1
-            draft_probs[rows] = upload(torch.stack(probs), block.device.type, block.device)
+            masked_probs = torch.zeros(len(probs), draft_probs.shape[-1])  # zero past V (a padded head)
+            masked_probs[:, :vocab_size] = torch.stack(probs)
+            draft_probs[rows] = upload(masked_probs, block.device.type, block.device)
     terminated = bool((caps < torch.iinfo(torch.int64).max).any())
     return BlockGrammar(upload(masks, block.device.type, block.device), active,
                         upload(caps, block.device.type, block.device) if terminated else None)
@@ -138,7 +142,7 @@ def _walk(grammar, logits: torch.Tensor, masks: torch.Tensor, row_params: Option
         if j == block_size - 1:
             break
         row = logits[j].clone()
-        apply_token_bitmask_inplace(row, masks[j])
+        apply_masks(row[None], masks[j:j + 1])
         if row_params is None:
             draft = int(row.argmax())
         else:
@@ -150,6 +154,13 @@ def _walk(grammar, logits: torch.Tensor, masks: torch.Tensor, row_params: Option
     if walk.drafts:
         grammar.rollback(len(walk.drafts))
     return walk
+
+
+def apply_masks(logits: torch.Tensor, masks: torch.Tensor) -> None:
+    """-inf in ``logits`` [R, V] wherever ``masks`` [R, W] int32 has a 0 bit, and past its 32 * W tokens (as
+    llguidance's ``apply_token_bitmask_inplace`` does when the mask is narrower than the logits)."""
+    apply_token_bitmask_inplace(logits, masks)
+    logits[:, 32 * masks.shape[-1]:] = float("-inf")
 
 
 def _is_active(grammar) -> bool:
