@@ -182,3 +182,20 @@ def test_drafts_accepted_inside_grammars_and_no_leak(baseline, dflash):
     if dflash.drafter == "drafter-agree":
         assert result["meta_info"]["spec_accept_length"] > 2, result["meta_info"]
     _assert_no_leak(dflash)
+
+
+def test_llguidance_backend(tiny_checkpoints, tmp_path_factory):
+    """The same greedy answers with ``--grammar-backend llguidance`` (its grammars roll back too; it compiles no
+    structural tags of the current format), the plain server first, then DFLASH's overlap loop with the
+    agreeing drafter (one server at a time)."""
+    cases = ["json_schema_strict", "regex", "ebnf"]
+    args = [*GRAMMAR_ARGS, "--grammar-backend", "llguidance"]
+    with _server(tiny_checkpoints, tmp_path_factory, "baseline-llguidance", args) as server:
+        expected = [_ask(server, case) for case in cases]
+    args += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", tiny_checkpoints["drafter-agree"]]
+    with _server(tiny_checkpoints, tmp_path_factory, "dflash-llguidance", args) as server:
+        assert [_ask(server, case) for case in cases] == expected
+        _assert_no_leak(server)
+    for case, (text, finish) in zip(cases, expected):
+        assert finish == "stop", (case, text)
+        _assert_valid(case, text)
