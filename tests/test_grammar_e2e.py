@@ -4,7 +4,7 @@ server's (xgrammar, SGLang's default grammar backend), both started from the sam
 in both DFLASH loops (overlap, the default, and the host-committed loop of ``--disable-overlap-schedule``),
 with a drafter that agrees with the target (the grammar acts inside accepted blocks) and a random one.
 
-Every kind of grammar a client reaches: response_format json_schema (strict and not), json_object and
+Every kind of grammar a client reaches (and their output logprobs): response_format json_schema (strict and not), json_object and
 structural_tag on chat, regex and ebnf on completions, tool calling with tool_choice "required" and a named
 function; streaming and not, alone and concurrently with an unconstrained request. Greedy answers must be
 identical; the JSON answers parse and validate against their schema; a sampled json_schema answer validates.
@@ -172,6 +172,16 @@ def test_sampled_answers_follow_the_grammar(dflash):
             _assert_valid(case, text)
 
 
+def test_logprobs_read_from_the_masked_rows(baseline, dflash):
+    """Output logprobs of a constrained request are the plain server's (SGLang reads them from the masked logits)."""
+    body = {"text": PROMPT, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0, "json_schema": json.dumps(SCHEMA)}}
+    result, base = dflash.generate(body), baseline.generate(body)
+    spec, plain = result["meta_info"]["output_token_logprobs"], base["meta_info"]["output_token_logprobs"]
+    assert [entry[1] for entry in spec] == [entry[1] for entry in plain]
+    assert all(abs(a[0] - b[0]) <= 1e-4 for a, b in zip(spec, plain)), (spec, plain)
+
+
 def test_drafts_accepted_inside_grammars_and_no_leak(baseline, dflash):
     """Native /generate with a regex: the same tokens as the plain server; with the agreeing drafter the
     grammar's rows accept several drafts per step. Then the pools return to idle."""
@@ -199,3 +209,4 @@ def test_llguidance_backend(tiny_checkpoints, tmp_path_factory):
     for case, (text, finish) in zip(cases, expected):
         assert finish == "stop", (case, text)
         _assert_valid(case, text)
+
