@@ -20,6 +20,7 @@ import json
 import re
 
 import jsonschema
+import openai
 import pytest
 
 from openai_client import client as _client
@@ -210,3 +211,14 @@ def test_llguidance_backend(tiny_checkpoints, tmp_path_factory):
         assert finish == "stop", (case, text)
         _assert_valid(case, text)
 
+
+
+def test_grammar_backend_without_rollback_is_refused(tiny_checkpoints, tmp_path_factory):
+    """outlines' grammars cannot roll back over rejected drafts: a DFLASH server answers its grammar requests
+    with HTTP 400 naming the backend, and keeps serving."""
+    args = ["--grammar-backend", "outlines", "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path",
+            tiny_checkpoints["drafter"]]
+    with _server(tiny_checkpoints, tmp_path_factory, "dflash-outlines", args) as server:
+        with pytest.raises(openai.BadRequestError, match="--grammar-backend outlines"):
+            _ask(server, "regex")
+        assert _ask(server, "unconstrained")[0]
