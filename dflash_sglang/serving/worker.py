@@ -20,7 +20,9 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
    hidden states at the drafter's ``target_layer_ids``;
 4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
    ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block; when a request asks for
-   logprobs, every block row's target logprobs are read from the verify logits (``logprobs.py``);
+   logprobs, every block row's target logprobs are read from the verify logits (``logprobs.py``); a request
+   with a grammar (structured output) has its drafts drawn under the grammar's masks and its verify rows
+   masked, and its step ends where the grammar terminates (``block_grammar.py``);
 5. commit: free the rejected slots (with ``--page-size`` > 1 only the pages past the last kept token;
    ``kv_slots``), keep t0 + accepted drafts, and inject their context K/V (this overwrites the draft
    pass's block K/V in the kept slots).
@@ -45,6 +47,7 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, Forw
 from sglang.srt.server_args import ServerArgs
 
 from dflash_sglang import ops
+from dflash_sglang.serving.block_grammar import constrain_drafts
 from dflash_sglang.serving.info import DFlashVerifyInput
 from dflash_sglang.core.sampling import processed_probs, sample_from
 from dflash_sglang.serving.draft_attention import describe_draft_attention
@@ -209,11 +212,14 @@ class DFlashWorker(TpModelWorker):
             draft_probs = processed_probs(draft_logits.reshape(bs * (block_size - 1), -1),
                                           *_row_sampling(sampling, block_size - 1))
             block[:, 1:] = sample_from(draft_probs).view(bs, block_size - 1)
+        grammar = constrain_drafts(decode_batch, draft_logits, block, draft_probs) if decode_batch.has_grammar else None
         self.profiler.mark("draft")
 
         logits_output, can_run_cuda_graph = self._verify(draft_batch, block, positions)
         self.profiler.mark("verify")
         target_logits = logits_output.next_token_logits[:, :self.vocab_size]
+        if grammar is not None:  # masks the rows in place (logprobs read them masked, as SGLang's sampler does)
+            budgets = grammar.constrain_verify(target_logits, budgets)
         if greedy:
             verdict = ops.verify_block(block, block_slots, prefix_lens, stop_ids, budgets,
                                        target_ids=ops.argmax(target_logits).view(bs, block_size))
@@ -281,7 +287,8 @@ class DFlashWorker(TpModelWorker):
 
     def _append_outputs(self, batch: ScheduleBatch, emitted: torch.Tensor, num_emitted: list[int]) -> list[int]:
         """Appends each request's emitted tokens ([bs, B] host tensor), letting SGLang's finish check cut
-        inside the block (stop strings included). Returns the number of tokens each request really emitted."""
+        inside the block (stop strings included), and advances the request's grammar by each (SGLang's spec
+        v1 output path leaves that to the worker). Returns the number of tokens each request really emitted."""
         final = []
         for req, tokens, n in zip(batch.reqs, emitted.tolist(), num_emitted):
             count = 0
@@ -289,6 +296,8 @@ class DFlashWorker(TpModelWorker):
                 req.output_ids.append(token)
                 count += 1
                 req.check_finished()
+                if req.grammar is not None:  # after the finish check, as SGLang's output processor orders them
+                    req.grammar.accept_token(token)
                 if req.finished():
                     break
             final.append(count)

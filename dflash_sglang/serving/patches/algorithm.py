@@ -98,7 +98,8 @@ def patch_tokenizer_manager(manager) -> None:
         if is_dflash_server(self.server_args) and hasattr(obj, "return_logprob"):
             from dflash_sglang.serving.request_rules import check_request
 
-            check_request(obj.sampling_params, getattr(obj, "custom_logit_processor", None))
+            check_request(obj.sampling_params, getattr(obj, "custom_logit_processor", None),
+                          self.server_args.grammar_backend)
 
     manager._validate_one_request = validate_one_request
 

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What SGLang's CPU path lacks for DFLASH: mask-free TARGET_VERIFY passes in the torch_native attention
-backend, a KV pool that does not warm up a Triton kernel on a CPU device, and a paged KV allocator
-(``--page-size > 1``) that does not launch Triton kernels there."""
+"""What SGLang's CPU path lacks, for DFLASH and for the plain server the tests compare it with: mask-free
+TARGET_VERIFY passes in the torch_native attention backend, a KV pool that does not warm up a Triton kernel
+on a CPU device, a paged KV allocator (``--page-size > 1``) that does not launch Triton kernels there, and
+xgrammar's token bitmask applied to CPU logits (structured output)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,26 @@ def patch_paged_allocator(allocator) -> None:
 
     allocator.alloc_extend = alloc_extend
     allocator.alloc_decode = alloc_decode
+
+
+@patches(lambda module: module.XGrammarGrammar)
+def patch_xgrammar_grammar(grammar_cls) -> None:
+    """Gives ``XGrammarGrammar.apply_vocab_mask`` a CPU path.
+
+    Upstream applies the token bitmask with a Triton kernel (sgl_kernel's CUDA kernel on ROCm) and raises
+    "Unsupported device: cpu" otherwise, inside the scheduler: the first structured-output request (json_schema,
+    regex, ebnf, structural_tag) takes a CPU server down. On CPU logits this calls xgrammar's own
+    ``apply_token_bitmask_inplace``, which dispatches CPU tensors to xgrammar's CPU kernel (the same packed
+    int32 bitmask, -inf where a bit is 0, the vocabulary clipped to ``min(logits width, 32 * mask words)`` as
+    the Triton kernel does). On the GPU nothing changes.
+    """
+    original_apply = grammar_cls.apply_vocab_mask
+
+    def apply_vocab_mask(self, logits, vocab_mask) -> None:
+        if logits.device.type != "cpu":
+            return original_apply(self, logits, vocab_mask)
+        from xgrammar import apply_token_bitmask_inplace
+
+        apply_token_bitmask_inplace(logits, vocab_mask.to(logits.device))
+
+    grammar_cls.apply_vocab_mask = apply_vocab_mask
