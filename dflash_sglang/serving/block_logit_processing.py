@@ -15,8 +15,10 @@ processed rows, so greedy output and the sampling distribution are the plain ser
 Per-step arithmetic follows SGLang's, so results are bit-identical: the frequency penalty is accumulated by
 adding the penalty once per occurrence (fp32), presence subtracts the penalty of seen tokens, repetition
 uses SGLang's own ``apply_scaling_penalties``. Within one request the order is frequency, presence,
-min_new_tokens, repetition, then ``logit_bias`` (SGLang's overlap-loop order: additive penalties, then
-scaling; its loop without overlap applies its penalizers in set-iteration order).
+min_new_tokens, repetition, then ``logit_bias``: SGLang's overlap-loop order (additive penalties, then
+scaling). Its loop without overlap applies the penalizers in the iteration order of a set of classes, which
+varies between processes, so a request combining repetition with frequency or presence (or frequency with
+presence, to the last bit) has no fixed reference there; every other combination is order-free.
 
 State (:class:`OutputTokenTable`): the output tokens of each request with a frequency / presence /
 repetition penalty live in device rows, so that the overlap loop, whose host ``output_ids`` lag a step,
@@ -35,6 +37,11 @@ from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_pena
 
 from dflash_sglang import ops
 from dflash_sglang.core.sampling import processed_probs, sample_from
+from dflash_sglang.serving.kv_slots import upload
+
+
+def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return upload(host, device.type, device)  # pinned and non-blocking: the overlap loop's host never waits
 
 
 def _penalized(params) -> bool:
@@ -75,14 +82,14 @@ class OutputTokenTable:
         tokens = torch.full((len(positions), width), self.vocab_size, dtype=torch.int64)
         for k, ids in enumerate(history):
             tokens[k, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        tokens = tokens.to(self.device)
-        positions_device = torch.tensor(positions, dtype=torch.int64).to(self.device)
+        tokens = _on_device(tokens, self.device)
+        positions_device = _on_device(torch.tensor(positions, dtype=torch.int64), self.device)
         tokens[:, -1] = sampled.to(torch.int64)[positions_device]
-        rows_device = torch.tensor(rows, dtype=torch.int64).to(self.device)
+        rows_device = _on_device(torch.tensor(rows, dtype=torch.int64), self.device)
         self.frequency[rows_device] = 0.0
         self.seen[rows_device] = False
-        penalties = torch.tensor([reqs[i].sampling_params.frequency_penalty for i in positions],
-                                 dtype=torch.float32).to(self.device)
+        penalties = _on_device(torch.tensor([reqs[i].sampling_params.frequency_penalty for i in positions],
+                                            dtype=torch.float32), self.device)
         self.add(rows_device, penalties, tokens)
 
     def add(self, rows: torch.Tensor, frequency_penalties: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -134,19 +141,19 @@ class BlockLogitRules:
         def column(values: list[float], neutral: float) -> Optional[torch.Tensor]:
             if all(v == neutral for v in values):
                 return None
-            return torch.tensor(values, dtype=torch.float32).view(-1, 1).to(device)
+            return _on_device(torch.tensor(values, dtype=torch.float32).view(-1, 1), device)
 
         self.table = table
         self.frequency = column([p.frequency_penalty for p in params], 0.0)
         self.presence = column([p.presence_penalty for p in params], 0.0)
         self.repetition = column([p.repetition_penalty for p in params], 1.0)
         owned = [(i, table.row_of(req)) for i, req in enumerate(reqs) if table.row_of(req) >= 0]
-        self.owned_positions = torch.tensor([i for i, _ in owned], dtype=torch.int64).to(device)
-        self.owned_rows = torch.tensor([r for _, r in owned], dtype=torch.int64).to(device)
+        self.owned_positions = _on_device(torch.tensor([i for i, _ in owned], dtype=torch.int64), device)
+        self.owned_rows = _on_device(torch.tensor([r for _, r in owned], dtype=torch.int64), device)
         self.min_new_tokens = self.origin_lens = self.stop_penalties = None
         if any(p.min_new_tokens > 0 for p in params):
-            self.min_new_tokens = torch.tensor([p.min_new_tokens for p in params], dtype=torch.int64).to(device)
-            self.origin_lens = torch.tensor([len(req.origin_input_ids) for req in reqs], dtype=torch.int64).to(device)
+            self.min_new_tokens = _on_device(torch.tensor([p.min_new_tokens for p in params]), device)
+            self.origin_lens = _on_device(torch.tensor([len(req.origin_input_ids) for req in reqs]), device)
             self.stop_penalties = _stop_penalties(reqs, vocab_size, device)
         self.frequency_penalties = (self.frequency if self.frequency is not None
                                     else torch.zeros(len(reqs), 1, device=device)).view(-1)
@@ -209,7 +216,7 @@ def _stop_penalties(reqs: list, vocab_size: int, device: torch.device) -> torch.
         ids.add(req.tokenizer.eos_token_id)
         ids = [t for t in ids if t is not None and 0 <= t < vocab_size]
         penalties[i, ids] = float("-inf")
-    return penalties.to(device)
+    return _on_device(penalties, device)
 
 
 class StepLogits:
@@ -217,7 +224,8 @@ class StepLogits:
     :meth:`verify` processes the target's verify rows in place, :meth:`commit` counts the emitted tokens."""
 
     def __init__(self, rules: BlockLogitRules, sampling_info, prefix_lens: torch.Tensor, vocab_size: int) -> None:
-        self.rules, self.sampling_info, self.prefix_lens, self.vocab_size = rules, sampling_info, prefix_lens, vocab_size
+        self.rules, self.sampling_info, self.prefix_lens = rules, sampling_info, prefix_lens
+        self.vocab_size = vocab_size
 
     def _cursor(self) -> _BlockCursor:
         return _BlockCursor(self.rules, self.sampling_info.logit_bias, self.prefix_lens)
