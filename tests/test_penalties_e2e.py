@@ -3,7 +3,8 @@
 min_tokens (min_new_tokens), logit_bias and min_p on a DFLASH server against the plain SGLang server started
 from the same tiny float32 checkpoint, in both DFLASH loops (overlap, the default, and the host-committed loop
 of ``--disable-overlap-schedule``), with a drafter that agrees with the target (the penalties act inside
-accepted blocks) and a random one; /generate, chat and completions, streaming and not, alone and 16 at once.
+accepted blocks) and a random one; /generate, chat and completions, streaming and not, alone and 16 at once;
+logprobs of the processed rows; and the sampling distribution under a penalty and min_p.
 
 The plain server runs with ``--disable-overlap-schedule``: SGLang 0.5.10's overlap scheduler counts a decode
 step's penalties one token late (``ScheduleBatch.prepare_for_decode`` feeds its penalizers the previous step's
@@ -100,6 +101,22 @@ def test_each_option_greedy_matches_the_plain_server(baseline, dflash, option):
         assert base["output_ids"][-1] == EOS and len(base["output_ids"]) == 13, "EOS right after min_new_tokens"
     if option in ("frequency_penalty", "repetition_penalty", "min_new_tokens") and dflash.drafter == "drafter-agree":
         assert spec["meta_info"]["spec_accept_length"] > 1.5, "penalized tokens were accepted inside blocks"
+
+
+def test_logprobs_are_those_of_the_processed_logits(baseline, dflash):
+    """With a penalty and a logit bias, each token's logprob and top alternatives come from the processed row, as
+    SGLang's sampler returns them (fp32 on the CPU: equal within 1e-4, as in test_logprobs_e2e)."""
+    body = _body(PROMPTS[0], {"frequency_penalty": 0.8, "logit_bias": {"132": 3.0}})
+    body.update(return_logprob=True, top_logprobs_num=3)
+    spec, base = dflash.generate(body), _cached(body, lambda: baseline.generate(body))
+    assert spec["output_ids"] == base["output_ids"]
+    spec_meta, base_meta = spec["meta_info"], base["meta_info"]
+    assert len(spec_meta["output_token_logprobs"]) == len(spec["output_ids"])
+    pairs = [(a[0], b[0]) for a, b in zip(spec_meta["output_token_logprobs"], base_meta["output_token_logprobs"])]
+    pairs += [(a[0], b[0]) for spec_row, base_row in zip(spec_meta["output_top_logprobs"],
+                                                         base_meta["output_top_logprobs"])
+              for a, b in zip(spec_row, base_row)]
+    assert all(abs(a - b) <= 1e-4 for a, b in pairs), pairs
 
 
 def _openai_text(server: ServerProcess, kind: str, prompt: str, stream: bool) -> str:
