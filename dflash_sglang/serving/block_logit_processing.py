@@ -24,7 +24,9 @@ State (:class:`OutputTokenTable`): the output tokens of each request with a freq
 repetition penalty live in device rows, so that the overlap loop, whose host ``output_ids`` lag a step,
 never reads them from the host: a row is seeded at prefill (the host's ``output_ids``, exact then, plus the
 sampled token) and every step adds its emitted tokens on the device. Batches using none of these options
-pay one cached host check per step.
+pay one cached host check per step. The prefill's own token is SGLang's sampler's: for a request prefilled
+again after a retraction it is chosen with fresh penalizers (SGLang's behaviour with or without speculation);
+the row, seeded from the whole output, is exact again for the tokens after it.
 """
 
 from __future__ import annotations
