@@ -107,3 +107,29 @@ def test_emitted_tokens_update_the_rows_as_sglang_cumulates():
             assert torch.equal(table.frequency[row, :VOCAB], expected)
             seen = set(HISTORY[i]) | {t for t in emitted[i].tolist() if t >= 0}
             assert table.seen[row, :VOCAB].nonzero().view(-1).tolist() == sorted(seen)
+
+
+def test_a_resumed_prefill_samples_with_the_requests_complete_penalties():
+    """A request prefilled again after a retraction (its output so far in ``output_ids``): SGLang's own
+    ``apply_logits_bias`` with the sampling_info handed to its sampler gives the penalizers' logits after that
+    whole output, for it and for a fresh request in the same prefill."""
+    from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+    reqs = [_request(options, history + [0], i) for i, (options, history) in enumerate(zip(OPTIONS, HISTORY))]
+    reqs.append(_request({"min_new_tokens": 2}, [0], len(reqs)))  # fresh: no output yet
+    ones = torch.ones(len(reqs))
+    info = SamplingBatchInfo(temperatures=ones.view(-1, 1), top_ps=ones, top_ks=ones.int(), min_ps=ones * 0,
+                             is_all_greedy=True, need_top_p_sampling=False, need_top_k_sampling=False,
+                             need_min_p_sampling=False, vocab_size=VOCAB, device="cpu")
+    processor = BlockLogitProcessor(VOCAB, torch.device("cpu"))
+    resumed = processor.prefill_sampling_info(types.SimpleNamespace(reqs=reqs, sampling_info=info))
+    logits = torch.randn(len(reqs), VOCAB, generator=torch.Generator().manual_seed(1)) * 3
+    processed = logits.clone()
+    resumed.apply_logits_bias(processed)
+    for i, req in enumerate(reqs):
+        single = penaltylib.BatchedPenalizerOrchestrator(VOCAB, _Batch([req]), PENALIZERS)
+        for token in req.output_ids:
+            single.cumulate_output_tokens(torch.tensor([token]))
+        expected = logits[i:i + 1].clone()
+        single.apply(expected)
+        assert torch.equal(processed[i:i + 1], expected), OPTIONS[i] if i < len(OPTIONS) else "fresh"

@@ -51,9 +51,9 @@ OPTIONS = {
 # penalizers in the iteration order of a set of classes, which varies between server processes.
 
 
-def _start(checkpoints, tmp_path_factory, name: str, extra: list[str]) -> ServerProcess:
+def _start(checkpoints, tmp_path_factory, name: str, extra: list[str], env_extra: dict | None = None) -> ServerProcess:
     log = str(tmp_path_factory.mktemp("logs") / f"{name}.log")
-    env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1")
+    env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1", **(env_extra or {}))
     return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env)
 
 
@@ -153,6 +153,24 @@ def test_sixteen_concurrent_requests_with_mixed_options(baseline, dflash):
         spec = list(pool.map(dflash.generate, bodies))
     for body, result in zip(bodies, spec):
         assert result["output_ids"] == _cached(body, lambda: baseline.generate(body))["output_ids"], body
+
+
+def test_retracted_requests_keep_their_penalties(baseline, tiny_checkpoints, tmp_path_factory):
+    """SGLang's retraction test mode (every 3rd step retracts running requests, prefilled again later): each
+    request's output is the plain server's without retraction (SGLang itself restarts its penalizers then)."""
+    extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", tiny_checkpoints["drafter-agree"]]
+    prompts = PROMPTS + [" ".join([PROMPTS[1]] * 6)]  # the last one prefilled in 32-token chunks
+    bodies = [{"text": prompts, "sampling_params": {"max_new_tokens": 40, "temperature": 0, **OPTIONS[name]}}
+              for name in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens")]
+    with _start(tiny_checkpoints, tmp_path_factory, "dflash-retracting", extra,
+                {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}) as server:
+        spec = [server.generate(body) for body in bodies]
+        retracted = sum(int(line.split("#retracted_reqs: ")[1].split(",")[0])
+                        for line in server.log_text().splitlines() if "#retracted_reqs: " in line)
+    assert retracted > 0, "SGLang's test mode retracted no request"
+    for body, results in zip(bodies, spec):
+        expected = _cached(body, lambda: baseline.generate(body))
+        assert [r["output_ids"] for r in results] == [r["output_ids"] for r in expected], body["sampling_params"]
 
 
 def _sampled_triples(server: ServerProcess, count: int) -> collections.Counter:

@@ -24,13 +24,14 @@ State (:class:`OutputTokenTable`): the output tokens of each request with a freq
 repetition penalty live in device rows, so that the overlap loop, whose host ``output_ids`` lag a step,
 never reads them from the host: a row is seeded at prefill (the host's ``output_ids``, exact then, plus the
 sampled token) and every step adds its emitted tokens on the device. Batches using none of these options
-pay one cached host check per step. The prefill's own token is SGLang's sampler's: for a request prefilled
-again after a retraction it is chosen with fresh penalizers (SGLang's behaviour with or without speculation);
-the row, seeded from the whole output, is exact again for the tokens after it.
+pay one cached host check per step. A request prefilled again after a retraction keeps its penalties: SGLang
+would sample that prefill's token with fresh penalizers, so :meth:`BlockLogitProcessor.prefill_sampling_info`
+hands its sampler the complete ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -275,8 +276,35 @@ class BlockLogitProcessor:
         self._cache: tuple[list, int, Optional[BlockLogitRules]] = ([], -1, None)
 
     def seed(self, reqs: list, sampled: torch.Tensor) -> None:
-        """At prefill (``sampled``: [bs] the tokens it emits): see :meth:`OutputTokenTable.seed`."""
+        """After a prefill (``sampled``: [bs] the tokens it emits): see :meth:`OutputTokenTable.seed`."""
         self.table.seed(reqs, sampled)
+
+    def prefill_sampling_info(self, batch):
+        """The ``sampling_info`` a prefill samples with: SGLang's, unless the batch resumes a request with
+        earlier output (retracted, prefilled again) and a penalty or ``min_new_tokens``. SGLang's prefill would
+        sample its token with fresh penalizers; this one carries every request's penalties as SGLang's
+        overlap loop hands them to its sampler (``acc_additive_penalties`` / ``acc_scaling_penalties``),
+        counted from the host's ``output_ids`` (exact at a prefill), so the token is the one it would have
+        chosen without the retraction. A rare path: built on the host, once per such prefill."""
+        reqs, info = batch.reqs, batch.sampling_info
+        if not any(req.output_ids and (_penalized(req.sampling_params) or req.sampling_params.min_new_tokens > 0)
+                   for req in reqs):
+            return info
+        additive = torch.zeros(len(reqs), self.vocab_size, dtype=torch.float32)
+        scaling = torch.ones(len(reqs), self.vocab_size, dtype=torch.float32)
+        stop_penalties = _stop_penalties(reqs, self.vocab_size, torch.device("cpu"))
+        for i, req in enumerate(reqs):
+            params, ids = req.sampling_params, torch.tensor(req.output_ids, dtype=torch.int64)
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+            seen[ids] = True
+            additive[i].index_add_(0, ids, torch.full(ids.shape, -params.frequency_penalty))
+            additive[i].sub_(torch.where(seen, params.presence_penalty, 0.0))
+            if len(req.output_ids) < params.min_new_tokens:
+                additive[i].add_(stop_penalties[i])
+            scaling[i] = torch.where(seen, params.repetition_penalty, 1.0)
+        return dataclasses.replace(info, penalizer_orchestrator=None,
+                                   acc_additive_penalties=_on_device(additive, self.device),
+                                   acc_scaling_penalties=_on_device(scaling, self.device))
 
     def for_step(self, batch, prefix_lens: torch.Tensor) -> Optional[StepLogits]:
         """``batch``: the step's ``ModelWorkerBatch``; ``prefix_lens`` [bs] int64 its committed KV lengths."""

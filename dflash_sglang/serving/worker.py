@@ -128,6 +128,7 @@ class DFlashWorker(TpModelWorker):
     def _extend(self, worker_batch: ModelWorkerBatch) -> GenerationBatchResult:
         """Prefill (or a prefill chunk): the target runs and samples; every new token's context K/V is injected."""
         worker_batch.capture_hidden_mode = CaptureHiddenMode.FULL
+        worker_batch.sampling_info = self.logit_processor.prefill_sampling_info(worker_batch)
         result = self.target_worker.forward_batch_generation(worker_batch)
         positions = torch.cat([torch.arange(start, start + length, dtype=torch.int64) for start, length
                                in zip(worker_batch.extend_prefix_lens, worker_batch.extend_seq_lens)])
