@@ -7,10 +7,10 @@ Without speculation SGLang processes a decode step's logits with its penalizers 
 batch's ``logit_bias`` (``sampling_batch_info.py``, ``apply_logits_bias``); the sampler then applies
 temperature, top-k, top-p and min-p (``core.sampling``). In a block ``[t0, d1, ..., d_{B-1}]`` the target's
 verify row j predicts output token ``L + j`` (``L`` output tokens so far, t0 included), so its counts are the
-request's output plus ``d1..dj``, and ``min_new_tokens`` compares ``L + j``. :class:`BlockLogitRules` applies
-that to the verify rows one after the other, and the same to the drafter's rows as the drafts are chosen (a
-proposal that sees the penalties is accepted as often as without them); the verdict then reads the
-processed rows, so greedy output and the sampling distribution are the plain server's.
+request's output plus ``d1..dj``, and ``min_new_tokens`` compares ``L + j``. :class:`StepLogits` applies
+that to the verify rows one after the other, and the same to the drafter's rows as the drafts are chosen
+(so the drafts follow the penalized distribution and stay acceptable); the verdict then reads the processed
+rows, so greedy output and the sampling distribution are the plain server's.
 
 Per-step arithmetic follows SGLang's, so results are bit-identical: the frequency penalty is accumulated by
 adding the penalty once per occurrence (fp32), presence subtracts the penalty of seen tokens, repetition
@@ -134,8 +134,8 @@ class OutputTokenTable:
 
 
 class BlockLogitRules:
-    """The processing of one batch's block rows (module docstring); built by :func:`rules_for_batch` and
-    cached while the batch's requests stay the same. Per-request tensors are [bs, 1] (None when no request
+    """What one batch's block rows are processed with (module docstring); built by
+    :meth:`BlockLogitProcessor.for_step` and cached while the batch's requests stay the same. Per-request tensors are [bs, 1] (None when no request
     of the batch uses the option)."""
 
     def __init__(self, reqs: list, table: OutputTokenTable, vocab_size: int, device: torch.device) -> None:
@@ -160,9 +160,6 @@ class BlockLogitRules:
             self.stop_penalties = _stop_penalties(reqs, vocab_size, device)
         self.frequency_penalties = (self.frequency if self.frequency is not None
                                     else torch.zeros(len(reqs), 1, device=device)).view(-1)
-
-    def cursor(self, logit_bias: Optional[torch.Tensor], prefix_lens: torch.Tensor) -> "_BlockCursor":
-        return _BlockCursor(self, logit_bias, prefix_lens)
 
     def commit(self, emitted: torch.Tensor) -> None:
         """Counts a step's emitted tokens ([bs, B] int64, -1 padded) into the requests' rows."""
