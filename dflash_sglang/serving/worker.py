@@ -18,8 +18,10 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
    the block's drafter K/V into those slots; drafts = argmax (or samples) of positions 1..B-1;
 3. verify: one pass of the target over [t0, d1, ...] into the same slots (a causal chain), capturing
    hidden states at the drafter's ``target_layer_ids``;
-4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
-   ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block; when a request asks for
+4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling, from the verify
+   rows as SGLang's sampler would see them (penalties, ``min_new_tokens`` and ``logit_bias`` applied row
+   by row when the batch asks: ``block_logit_processing.py``, which processes the drafter's rows too);
+   SGLang's own ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block; when a request asks for
    logprobs, every block row's target logprobs are read from the verify logits (``logprobs.py``);
 5. commit: free the rejected slots (with ``--page-size`` > 1 only the pages past the last kept token;
    ``kv_slots``), keep t0 + accepted drafts, and inject their context K/V (this overwrites the draft
