@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """The sampling distribution both the target and the drafter are read through, for lossless
-speculative sampling: temperature, then top-k and top-p filtering, renormalized.
+speculative sampling: temperature, then top-k, top-p and min-p filtering, renormalized.
 
-Semantics follow SGLang's PyTorch sampler (``top_k_top_p_min_p_sampling_from_probs_torch``):
-p = softmax(logits / T); keep the ``top_k`` most likely tokens and those whose cumulative probability
-*before* them (over the full sorted distribution) is at most ``top_p``; renormalize. Parameters may be
-Python scalars (one setting for all rows) or per-row tensors ([n] or [n, 1]).
+Semantics follow SGLang's PyTorch sampler (``top_k_top_p_min_p_sampling_from_probs_torch`` in
+sgl-project/sglang ``python/sglang/srt/layers/sampler.py``): p = softmax(logits / T); keep the ``top_k``
+most likely tokens and those whose cumulative probability *before* them (over the full sorted
+distribution) is at most ``top_p``, and of those the ones with p >= ``min_p`` * max(p); renormalize.
+Parameters may be Python scalars (one setting for all rows) or per-row tensors ([n] or [n, 1]).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def _per_row(value: float | int | torch.Tensor, rows: int, dtype: torch.dtype, d
 
 
 def processed_probs(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor = 1.0,
-                    top_k: int | torch.Tensor = 0) -> torch.Tensor:
-    """[n, V] logits -> [n, V] fp32 probabilities after temperature, top-k (0 = off) and top-p.
+                    top_k: int | torch.Tensor = 0, min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """[n, V] logits -> [n, V] fp32 probabilities after temperature, top-k (0 = off), top-p and min-p (0 = off).
 
     Temperature must be > 0 (greedy rows use argmax instead, or ``top_k = 1``).
     """
@@ -35,6 +36,8 @@ def processed_probs(logits: torch.Tensor, temperature: float | torch.Tensor, top
     cumulative_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     rank = torch.arange(vocab, device=logits.device)[None, :]
     keep = (rank < top_k) & (cumulative_before <= top_p)
+    if isinstance(min_p, torch.Tensor) or min_p > 0:
+        keep &= sorted_probs >= sorted_probs[:, :1] * _per_row(min_p, rows, torch.float32, logits.device)
     sorted_probs = sorted_probs * keep
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return filtered / filtered.sum(dim=-1, keepdim=True)

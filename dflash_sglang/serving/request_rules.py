@@ -1,13 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Which per-request options a DFLASH server serves, checked when a request arrives (HTTP 400 otherwise).
 
-Speculative verification here is exact for greedy decoding and for temperature / top-p / top-k sampling,
-output logprobs come from the target's verify pass (``logprobs.py``), and structured output (json_schema,
-regex, ebnf, structural_tag) masks the drafts and every verify row with the request's grammar
-(``block_grammar.py``), which must roll back over the drafts it walks: grammar backends whose grammars
-cannot (outlines) have those requests refused. Options that change the target's distribution token by
-token inside a block (penalties, min-p, logit bias, custom logit processors) are refused with a message
-naming them, rather than served approximately.
+Speculative verification here is exact for greedy decoding and for temperature / top-p / top-k / min-p
+sampling; output logprobs come from the target's verify pass (``logprobs.py``); frequency / presence /
+repetition penalties, ``min_new_tokens`` and ``logit_bias`` are applied to every block row as SGLang applies
+them token by token (``block_logit_processing.py``); structured output (json_schema, regex, ebnf,
+structural_tag) masks the drafts and every verify row with the request's grammar (``block_grammar.py``),
+which must roll back over the drafts it walks: grammar backends whose grammars cannot (outlines) have those
+requests refused. Custom logit processors (arbitrary code that may read the request's host-side output,
+which lags the block) are refused with a message naming them, rather than served approximately.
 """
 
 from __future__ import annotations
@@ -28,13 +29,6 @@ def unsupported_features(sampling_params: Mapping[str, Any] | None, custom_logit
         found += [f"structured output ({key}) with --grammar-backend {grammar_backend} (use xgrammar or "
                   "llguidance: DFLASH rolls grammars back over rejected drafts)" for key in GRAMMAR_KEYS
                   if params.get(key)]
-    for key, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0),
-                         ("min_p", 0.0), ("min_new_tokens", 0)):
-        value = params.get(key)
-        if value is not None and float(value) != neutral:
-            found.append(key)
-    if params.get("logit_bias"):
-        found.append("logit_bias")
     if custom_logit_processor or params.get("custom_params"):
         found.append("custom logit processors")
     return found

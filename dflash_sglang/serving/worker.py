@@ -18,11 +18,13 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
    the block's drafter K/V into those slots; drafts = argmax (or samples) of positions 1..B-1;
 3. verify: one pass of the target over [t0, d1, ...] into the same slots (a causal chain), capturing
    hidden states at the drafter's ``target_layer_ids``;
-4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling; SGLang's own
-   ``req.check_finished`` cuts at EOS / stop strings / max_tokens inside the block; when a request asks for
-   logprobs, every block row's target logprobs are read from the verify logits (``logprobs.py``); a request
-   with a grammar (structured output) has its drafts drawn under the grammar's masks and its verify rows
-   masked, and its step ends where the grammar terminates (``block_grammar.py``);
+4. accept (``ops.verify_block``): longest matching prefix + bonus, or rejection sampling, from the verify
+   rows as SGLang's sampler would see them (penalties, ``min_new_tokens`` and ``logit_bias`` applied row
+   by row when the batch asks: ``block_logit_processing.py``, which processes the drafter's rows too; a
+   request with a grammar has its drafts drawn under the grammar's masks, its verify rows masked, and its
+   step ends where the grammar terminates: ``block_grammar.py``); SGLang's own ``req.check_finished`` cuts
+   at EOS / stop strings / max_tokens inside the block; when a request asks for logprobs, every block row's
+   target logprobs are read from the verify logits (``logprobs.py``);
 5. commit: free the rejected slots (with ``--page-size`` > 1 only the pages past the last kept token;
    ``kv_slots``), keep t0 + accepted drafts, and inject their context K/V (this overwrites the draft
    pass's block K/V in the kept slots).
@@ -50,6 +52,7 @@ from dflash_sglang import ops
 from dflash_sglang.serving.block_grammar import constrain_drafts
 from dflash_sglang.serving.info import DFlashVerifyInput
 from dflash_sglang.core.sampling import processed_probs, sample_from
+from dflash_sglang.serving.block_logit_processing import BlockLogitProcessor, row_sampling
 from dflash_sglang.serving.draft_attention import describe_draft_attention
 from dflash_sglang.serving.kv_slots import assign_row_slots, first_freeable_offsets, upload
 from dflash_sglang.serving.logprobs import append_request_logprobs, attach_block_logprobs
@@ -100,6 +103,7 @@ class DFlashWorker(TpModelWorker):
         self.profiler = make_profiler(self.device)
         self.mask_token_id = self.draft_config.mask_token_id
         self._stop_ids_cache: tuple[list, Optional[torch.Tensor]] = ([], None)
+        self.logit_processor = BlockLogitProcessor(self.vocab_size, torch.device(self.device))
         logger.info("DFLASH: block size %d, drafter %s (%d layers, target layers %s), CUDA kernels %s",
                     self.block_size, server_args.speculative_draft_model_path, self.draft_config.num_hidden_layers,
                     list(self.draft_config.target_layer_ids),
@@ -129,6 +133,7 @@ class DFlashWorker(TpModelWorker):
     def _extend(self, worker_batch: ModelWorkerBatch) -> GenerationBatchResult:
         """Prefill (or a prefill chunk): the target runs and samples; every new token's context K/V is injected."""
         worker_batch.capture_hidden_mode = CaptureHiddenMode.FULL
+        worker_batch.sampling_info = self.logit_processor.prefill_sampling_info(worker_batch)
         result = self.target_worker.forward_batch_generation(worker_batch)
         positions = torch.cat([torch.arange(start, start + length, dtype=torch.int64) for start, length
                                in zip(worker_batch.extend_prefix_lens, worker_batch.extend_seq_lens)])
@@ -136,6 +141,7 @@ class DFlashWorker(TpModelWorker):
         self.draft_model.inject_context(result.logits_output.hidden_states, positions, worker_batch.out_cache_loc,
                                         self.k_cache, self.v_cache)
         result.logits_output.hidden_states = None
+        self.logit_processor.seed(worker_batch.reqs, result.next_token_ids)
         return result
 
     def _forward_decode(self, batch: ScheduleBatch) -> GenerationBatchResult:
@@ -205,12 +211,16 @@ class DFlashWorker(TpModelWorker):
         draft_logits = self._draft(draft_batch)[:, 1:]  # [bs, B-1, V]: the drafts of positions 1..B-1
         sampling = decode_batch.sampling_info
         greedy = sampling.is_all_greedy
-        if greedy:  # the drafts go over the block's masks: it becomes [t0, drafts], the verify pass's input
+        # Penalties, min_new_tokens, logit_bias: rows processed one after the other (None: no such option)
+        logit_step = self.logit_processor.for_step(decode_batch, prefix_lens)
+        if logit_step is not None:
+            draft_probs = logit_step.draft(draft_logits, block)
+        elif greedy:  # the drafts go over the block's masks: it becomes [t0, drafts], the verify pass's input
             draft_probs = None
             ops.argmax(draft_logits, out=block[:, 1:])
         else:
             draft_probs = processed_probs(draft_logits.reshape(bs * (block_size - 1), -1),
-                                          *_row_sampling(sampling, block_size - 1))
+                                          *row_sampling(sampling, block_size - 1))
             block[:, 1:] = sample_from(draft_probs).view(bs, block_size - 1)
         grammar = constrain_drafts(decode_batch, draft_logits, block, draft_probs) if decode_batch.has_grammar else None
         self.profiler.mark("draft")
@@ -218,19 +228,23 @@ class DFlashWorker(TpModelWorker):
         logits_output, can_run_cuda_graph = self._verify(draft_batch, block, positions)
         self.profiler.mark("verify")
         target_logits = logits_output.next_token_logits[:, :self.vocab_size]
+        if logit_step is not None:
+            logit_step.verify(target_logits, block)
         if grammar is not None:  # masks the rows in place (logprobs read them masked, as SGLang's sampler does)
             budgets = grammar.constrain_verify(target_logits, budgets)
         if greedy:
             verdict = ops.verify_block(block, block_slots, prefix_lens, stop_ids, budgets,
                                        target_ids=ops.argmax(target_logits).view(bs, block_size))
         else:
-            target_probs = processed_probs(target_logits, *_row_sampling(sampling, block_size))
+            target_probs = processed_probs(target_logits, *row_sampling(sampling, block_size))
             verdict = ops.verify_block(
                 block, block_slots, prefix_lens, stop_ids, budgets,
                 target_probs=target_probs.view(bs, block_size, -1),
                 draft_probs=draft_probs.view(bs, block_size - 1, -1),
                 uniforms=torch.rand(bs, block_size, dtype=torch.float32, device=self.device))
         num_emitted, emitted, keep_slots = verdict[1], verdict[2], verdict[3]
+        if logit_step is not None:
+            logit_step.commit(emitted)
         if decode_batch.return_logprob:  # only then: a softmax over the vocabulary for every block row
             attach_block_logprobs(logits_output, decode_batch, target_logits, emitted, self.logprobs_on_host)
         # Context K/V of the kept block tokens (t0 + emitted drafts); -1 slots write nothing. A request
@@ -316,13 +330,6 @@ class BlockStep:
     emitted: torch.Tensor
     logits_output: object
     can_run_cuda_graph: bool
-
-
-def _row_sampling(sampling_info, rows_per_request: int):
-    """Each request's temperature / top-p / top-k repeated over its block rows."""
-    return (sampling_info.temperatures.view(-1).repeat_interleave(rows_per_request),
-            sampling_info.top_ps.view(-1).repeat_interleave(rows_per_request),
-            sampling_info.top_ks.view(-1).repeat_interleave(rows_per_request))
 
 
 def _stop_token_ids(req, vocab_size: int) -> tuple[int, ...]:
