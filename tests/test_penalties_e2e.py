@@ -46,6 +46,8 @@ OPTIONS = {
     "logit_bias": {"logit_bias": {"227": -8.0, "132": 3.0}},
     "min_p": {"min_p": 0.3},
     "combined": {"frequency_penalty": 0.3, "min_new_tokens": 5, "logit_bias": {"227": -2.0}, "min_p": 0.2},
+    # A grammar too: its mask and the penalty act on the same verify rows (block_grammar + block_logit_processing).
+    "with_grammar": {"frequency_penalty": 0.8, "regex": r"(cat|dog)( (cat|dog)){0,5} [0-9]{2}\."},
 }
 # NOTE: no request combines two of frequency / presence / repetition: SGLang's loop without overlap applies its
 # penalizers in the iteration order of a set of classes, which varies between server processes.
