@@ -18,22 +18,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
-import os
 
 import pytest
 from scipy import stats
 
 from openai_client import client as _client
+from test_server_e2e import _server
 
 from dflash_sglang.deploy.launch import ServerProcess
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 24
-COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-               "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "8192",
-               "--dtype", "float32", "--random-seed", "0", "--chunked-prefill-size", "32",
-               "--context-length", "1024", "--sleep-on-idle"]
 PROMPTS = ["the quick brown fox", "Speculative decoding drafts a block of tokens and", "hello"]
 EOS = 402  # the tiny tokenizer's <|im_end|>
 # Each changes the tiny target's greedy output for PROMPTS[0] (the repeat-prone target repeats tokens, so the
@@ -53,15 +49,9 @@ OPTIONS = {
 # penalizers in the iteration order of a set of classes, which varies between server processes.
 
 
-def _start(checkpoints, tmp_path_factory, name: str, extra: list[str], env_extra: dict | None = None) -> ServerProcess:
-    log = str(tmp_path_factory.mktemp("logs") / f"{name}.log")
-    env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1", **(env_extra or {}))
-    return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env)
-
-
 @pytest.fixture(scope="module")
 def baseline(tiny_checkpoints, tmp_path_factory):
-    with _start(tiny_checkpoints, tmp_path_factory, "baseline", ["--disable-overlap-schedule"]) as server:
+    with _server(tiny_checkpoints, tmp_path_factory, "baseline", ["--disable-overlap-schedule"]) as server:
         yield server
 
 
@@ -73,7 +63,7 @@ def dflash(request, tiny_checkpoints, tmp_path_factory):
     extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", tiny_checkpoints[drafter]]
     if loop == "no-overlap":
         extra.append("--disable-overlap-schedule")
-    with _start(tiny_checkpoints, tmp_path_factory, f"dflash-{drafter}-{loop}", extra) as server:
+    with _server(tiny_checkpoints, tmp_path_factory, f"dflash-{drafter}-{loop}", extra) as server:
         server.drafter = drafter
         yield server
 
@@ -164,7 +154,7 @@ def test_retracted_requests_keep_their_penalties(baseline, tiny_checkpoints, tmp
     prompts = PROMPTS + [" ".join([PROMPTS[1]] * 6)]  # the last one prefilled in 32-token chunks
     bodies = [{"text": prompts, "sampling_params": {"max_new_tokens": 40, "temperature": 0, **OPTIONS[name]}}
               for name in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens")]
-    with _start(tiny_checkpoints, tmp_path_factory, "dflash-retracting", extra,
+    with _server(tiny_checkpoints, tmp_path_factory, "dflash-retracting", extra,
                 {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}) as server:
         spec = [server.generate(body) for body in bodies]
         retracted = sum(int(line.split("#retracted_reqs: ")[1].split(",")[0])
