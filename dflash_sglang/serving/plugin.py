@@ -23,6 +23,8 @@ SGLang version first):
   warm-up for paged KV moves) on CPU devices, where Triton cannot launch.
 * ``sglang.srt.mem_cache.allocator`` -- wraps ``PagedTokenToKVPoolAllocator.alloc_extend`` and ``alloc_decode``
   so ``--page-size > 1`` allocates with PyTorch on CPU devices (upstream launches Triton kernels everywhere).
+* ``sglang.srt.distributed.device_communicators.pynccl`` -- leaves ``PyNcclCommunicator`` disabled on CPU
+  devices, so ``--device cpu --tp-size > 1`` starts where an NCCL library is installed.
 * ``sglang.srt.managers.tokenizer_manager`` -- wraps ``TokenizerManager._validate_one_request`` so every
   server (DFLASH or not) answers with HTTP 400 the requests that would kill SGLang's scheduler (prompt token
   ids outside the vocabulary, NaN temperatures...: ``request_safety.py``), and a DFLASH server the requests
@@ -82,6 +84,7 @@ PATCHES: dict[str, str] = {
     "sglang.srt.layers.attention.torch_native_backend": "cpu:patch_torch_native_backend",
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",
     "sglang.srt.mem_cache.allocator": "cpu:patch_paged_allocator",
+    "sglang.srt.distributed.device_communicators.pynccl": "cpu:patch_pynccl",
     "sglang.srt.utils.hf_transformers_utils": "gemma4:patch_hf_transformers_utils",
     "sglang.srt.configs.model_config": "gemma4:patch_model_config",
     "sglang.srt.model_executor.model_runner_kv_cache_mixin": "gemma4:patch_kv_cache_mixin",
