@@ -61,6 +61,7 @@ from dflash_sglang.core.checkpoint import canonical_name, check_state_dict, draf
 from dflash_sglang.core.config import DFlashDraftConfig
 from dflash_sglang.core.model import finish_draft_logits
 from dflash_sglang.serving.models import vocab_parallel
+from dflash_sglang.serving.models.tp_split import check_tp_split
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,10 @@ class DFlashDraftModel(nn.Module):
             raise NotImplementedError(f"drafter hidden_act {draft.hidden_act!r} is not supported; expected 'silu' "
                                       "(the released DFlash drafters' SwiGLU MLP)")
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        check_shardable(draft, tp_size)
+        check_tp_split("the DFlash drafter", tp_size,
+                       even={"num_attention_heads": draft.num_attention_heads,
+                             "intermediate_size": draft.intermediate_size},
+                       kv_heads={"num_key_value_heads": draft.num_key_value_heads})
         max_position = max(draft.max_position_embeddings, getattr(config, "max_position_embeddings", 0),
                            _server_context_length())
         # fc and hidden_norm are replicated: the target's captured hidden states are full-width on every rank.
@@ -275,23 +279,6 @@ class DFlashDraftModel(nn.Module):
 # checkpoint projection -> (our fused parameter, SGLang's shard id)
 FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
-
-def check_shardable(draft: DFlashDraftConfig, tp_size: int) -> None:
-    """Refuses a tensor-parallel size that SGLang's parallel layers cannot split this drafter by, naming the
-    sizes (query heads and the MLP split evenly; KV heads split evenly or are replicated)."""
-    problems = []
-    if draft.num_attention_heads % tp_size:
-        problems.append(f"num_attention_heads {draft.num_attention_heads}")
-    if draft.intermediate_size % tp_size:
-        problems.append(f"intermediate_size {draft.intermediate_size}")
-    kv_heads = draft.num_key_value_heads
-    if (kv_heads % tp_size) if kv_heads >= tp_size else (tp_size % kv_heads):
-        problems.append(f"num_key_value_heads {kv_heads} (must divide or be a multiple of it)")
-    if problems:
-        raise NotImplementedError(f"the DFlash drafter cannot be split over --tp-size {tp_size}: "
-                                  f"{', '.join(problems)} not divisible by it; serve it at a --tp-size that "
-                                  "divides them")
 
 
 def sglang_window(sliding_window: int | None) -> int:

@@ -74,7 +74,9 @@ def patch_kv_cache_mixin(module) -> None:
             return original_cell_size(self, num_layers)
         import torch
 
-        return config.kv_bytes_per_token(torch._utils._element_size(self.kv_cache_dtype))
+        # per attention-TP rank, as upstream counts its heads (the mixin module's get_attention_tp_size)
+        element_size = torch._utils._element_size(self.kv_cache_dtype)
+        return config.kv_bytes_per_token(element_size, module.get_attention_tp_size())
 
     def init_pools(self) -> None:
         from dflash_sglang.serving.models.gemma4_kv_pool import Gemma4KVPool, build_pool, uses_layer_type_pool
@@ -83,7 +85,8 @@ def patch_kv_cache_mixin(module) -> None:
         if not uses_layer_type_pool(config):
             return original_init_pools(self)
         _check_layer_type_pool_options(self)
-        with _replaced(module, "MHATokenToKVPool", functools.partial(build_pool, config)):
+        pool = functools.partial(build_pool, config, module.get_attention_tp_size())
+        with _replaced(module, "MHATokenToKVPool", pool):
             original_init_pools(self)
         if not isinstance(self.token_to_kv_pool, Gemma4KVPool):
             raise NotImplementedError(f"Gemma 4 needs its per-layer-type KV pool, but these server options built a "
