@@ -70,9 +70,11 @@ def dense(root):
 
 @pytest.fixture
 def fp32_server(request, root):
-    """A float32 server for one golden test only (idle SGLang servers still cost CPU on a 2-core host)."""
-    variant = request.param
-    with _server(["--model-path", str(root / variant)], root, f"{variant}-fp32", "float32") as server:
+    """A float32 server (``request.param``: variant, --tp-size) for one golden test only (idle SGLang servers
+    still cost CPU on a 2-core host). At TP 2 the two ranks split the host's cores."""
+    variant, tp_size = request.param
+    with _server(["--model-path", str(root / variant), "--tp-size", str(tp_size)], root,
+                 f"{variant}-fp32-tp{tp_size}", "float32") as server:
         yield variant, server
 
 
@@ -98,8 +100,11 @@ def _max_error(served: torch.Tensor, reference: torch.Tensor) -> float:
     return float((served[head] - reference[head]).abs().max())
 
 
-@pytest.mark.parametrize("fp32_server", ["dense", "moe"], indirect=True)
+@pytest.mark.parametrize("fp32_server", [("dense", 1), ("moe", 1), ("dense", 2), ("moe", 2)], indirect=True,
+                         ids=["dense", "moe", "dense-tp2", "moe-tp2"])
 def test_golden_logprobs_fp32_serving(fp32_server):
+    """At TP 2 the full-attention layers' one KV head (MoE variant) is replicated on both ranks and the experts'
+    columns are split."""
     variant, server = fp32_server
     _check_golden(server, variant, "float32")
 

@@ -6,6 +6,7 @@ Greedy outputs must be token-identical across the three (lossless at TP 2). The 
 deterministic, so the sharded drafter must also be accepted exactly as the unsharded one: the same number of
 verify steps and the same acceptance histogram per request. Sampled requests must finish on both ranks (ranks
 that parted would hang on their next collective), and SGLang's strict idle check must find no leaked KV slot.
+``ServerProcess`` splits the host's cores between the ranks (``SGLANG_CPU_OMP_THREADS_BIND``).
 """
 
 from __future__ import annotations
@@ -25,23 +26,11 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
 
 
-def _threads_bind(tp_size: int) -> str:
-    """SGLang's ``SGLANG_CPU_OMP_THREADS_BIND`` for ``tp_size`` ranks on one NUMA node: the cores split evenly
-    (its CPU path refuses more ranks than NUMA nodes without it)."""
-    cores = os.cpu_count() or 1
-    if cores < tp_size:
-        pytest.skip(f"--tp-size {tp_size} on the CPU needs {tp_size} cores, this machine has {cores}")
-    per_rank = cores // tp_size
-    return "|".join(f"{r * per_rank}-{(r + 1) * per_rank - 1}" for r in range(tp_size))
-
-
 def _server(checkpoints, tmp_path_factory, name: str, tp_size: int, drafter: str | None):
     extra = ["--tp-size", str(tp_size)]
     if drafter:
         extra += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints[drafter]]
     env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1")
-    if tp_size > 1:
-        env["SGLANG_CPU_OMP_THREADS_BIND"] = _threads_bind(tp_size)
     log = str(tmp_path_factory.mktemp("logs") / f"{name}.log")
     return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env)
 

@@ -56,6 +56,27 @@ def patch_model_config(model_config_cls) -> None:
 
 
 @patches(lambda module: module)
+def patch_update_config(module) -> None:
+    """Wraps ``adjust_config_with_unaligned_cpu_tp`` (``configs/update_config.py``), which SGLang's ModelRunner runs
+    on CPU devices: where the KV heads do not divide by ``--tp-size`` it pads the config's KV heads and query heads
+    (and pads the MLP sizes). For a Gemma 4 it would read the full-attention layers' KV heads alone (26B-A4B: 2, so
+    8 query heads become 32 at TP 4) and rewrite ``num_attention_heads`` for every layer; Gemma 4 instead splits its
+    heads as on the GPU (``QKVParallelLinear`` replicates KV heads that are fewer than the ranks, and
+    ``gemma4_config.check_servable`` refuses sizes that do not divide), so its config is left as written. Any
+    other model is adjusted as upstream."""
+    original_adjust = module.adjust_config_with_unaligned_cpu_tp
+
+    def adjust_config_with_unaligned_cpu_tp(model_config, load_config, tp_size):
+        from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig
+
+        if isinstance(model_config.hf_text_config, Gemma4TextConfig):
+            return model_config
+        return original_adjust(model_config, load_config, tp_size)
+
+    module.adjust_config_with_unaligned_cpu_tp = adjust_config_with_unaligned_cpu_tp
+
+
+@patches(lambda module: module)
 def patch_kv_cache_mixin(module) -> None:
     """Wraps ``ModelRunnerKVCacheMixin.get_cell_size_per_token`` (the KV bytes per token that
     ``profile_max_num_token`` divides the free memory by: for Gemma 4 the sum over layers at each layer's
