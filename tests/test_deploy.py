@@ -162,9 +162,6 @@ BROKEN = {
                         [":2: `draft_model`: no folder at", "no-such-drafter"]),
     "block_size": ("target_model: Qwen/Qwen3-8B\ndraft_model: ./drafter\nblock_size: 8\n",
                    [":3: `block_size: 8` does not match the drafter", "block_size 16"]),
-    "cpu_tp": ("target_model: Qwen/Qwen3-8B\ndraft_model: z-lab/Qwen3-8B-DFlash-b16\ndevice: cpu\ntp_size: 2\n"
-               "target_attention_backend: torch_native\ndraft_attention_backend: torch_native\n",
-               [":4: `tp_size: 2` is not possible with `device: cpu`"]),
     "cpu_backend_strict": ("target_model: Qwen/Qwen3-8B\ndraft_model: z-lab/Qwen3-8B-DFlash-b16\ndevice: cpu\n"
                            "strict: true\ndraft_attention_backend: torch_native\n",
                            [": `target_attention_backend: triton` cannot run here",

@@ -70,9 +70,11 @@ def dense(root):
 
 @pytest.fixture
 def fp32_server(request, root):
-    """A float32 server for one golden test only (idle SGLang servers still cost CPU on a 2-core host)."""
-    variant = request.param
-    with _server(["--model-path", str(root / variant)], root, f"{variant}-fp32", "float32") as server:
+    """A float32 server (``request.param``: variant, --tp-size) for one golden test only (idle SGLang servers
+    still cost CPU on a 2-core host). At TP 2 the two ranks split the host's cores."""
+    variant, tp_size = request.param
+    with _server(["--model-path", str(root / variant), "--tp-size", str(tp_size)], root,
+                 f"{variant}-fp32-tp{tp_size}", "float32") as server:
         yield variant, server
 
 
@@ -98,8 +100,11 @@ def _max_error(served: torch.Tensor, reference: torch.Tensor) -> float:
     return float((served[head] - reference[head]).abs().max())
 
 
-@pytest.mark.parametrize("fp32_server", ["dense", "moe"], indirect=True)
+@pytest.mark.parametrize("fp32_server", [("dense", 1), ("moe", 1), ("dense", 2), ("moe", 2)], indirect=True,
+                         ids=["dense", "moe", "dense-tp2", "moe-tp2"])
 def test_golden_logprobs_fp32_serving(fp32_server):
+    """At TP 2 the full-attention layers' one KV head (MoE variant) is replicated on both ranks and the experts'
+    columns are split."""
     variant, server = fp32_server
     _check_golden(server, variant, "float32")
 
@@ -186,3 +191,23 @@ def test_chat_template_enable_thinking(dense, root):
     assert _chat_prompt_tokens(dense, True) == expected[True]
     assert _chat_prompt_tokens(dense, False) == expected[False]
     assert _chat_prompt_tokens(dense, None) == expected[False]
+
+
+def test_dflash_on_gemma4_moe_at_tp2_is_lossless(root):
+    """DFLASH at --tp-size 2 (sharded drafter; the target's heads, replicated full-layer KV head and expert
+    columns split) against the plain MoE server at TP 1, in float32."""
+    target = str(root / "moe")
+    with open(os.path.join(target, "config.json"), encoding="utf-8") as handle:
+        target_config = json.load(handle)
+    ids, _ = write_gemma4_tokenizer(str(root / "tokenizer-ids-moe"))
+    drafter = write_gemma4_drafter(str(root / "drafter-moe"), target_config, ids, block_size=8)
+    prompts = ("the quick brown fox", "In a small village by the sea there lived")
+    with _server(["--model-path", target], root, "moe-fp32-plain", "float32") as plain:
+        expected = [plain.generate_greedy(prompt, 24)[0] for prompt in prompts]
+    args = ["--model-path", target, "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", drafter,
+            "--tp-size", "2"]
+    with _server(args, root, "moe-fp32-dflash-tp2", "float32") as dflash:
+        for prompt, ids_expected in zip(prompts, expected):
+            spec_ids, meta = dflash.generate_greedy(prompt, 24)
+            assert spec_ids == ids_expected, prompt
+            assert meta["spec_verify_ct"] >= 1

@@ -54,7 +54,7 @@ def test_released_31b_layout_per_layer_attention_and_kv_pool():
     # bf16 K+V per token: 50 x 16 x 256 x 4 B + 10 x 4 x 512 x 4 B; one 16 x 512 pool for all 60 layers
     # (the layout before per-layer-type pools) took 60 x 16 x 512 x 4 B = 1966080 B, 2.18x as much
     assert text.kv_bytes_per_token(2) == 819200 + 81920
-    check_servable(text, tp_size=1)
+    check_servable(text, tp_size=1, moe_tp_size=1)
 
 
 def test_released_26b_a4b_moe_layout():
@@ -62,7 +62,7 @@ def test_released_26b_a4b_moe_layout():
     assert (text.kv_shape(SLIDING), text.kv_shape(FULL)) == ((8, 256), (2, 512))
     assert text.layer_attention(29).num_kv_heads == 2
     assert text.kv_bytes_per_token(2) == 25 * 8 * 256 * 4 + 5 * 2 * 512 * 4  # 225280; 30 x 8 x 512 x 4 = 491520
-    check_servable(text, tp_size=1)
+    check_servable(text, tp_size=1, moe_tp_size=1)
 
 
 def test_last_layer_is_global_and_defaults_follow_transformers():
@@ -80,22 +80,38 @@ def test_last_layer_is_global_and_defaults_follow_transformers():
 ])
 def test_unsupported_variants_fail_by_name(overrides, feature):
     with pytest.raises(NotImplementedError, match=feature):
-        check_servable(_released(**overrides).text_config, tp_size=1)
+        check_servable(_released(**overrides).text_config, tp_size=1, moe_tp_size=1)
 
 
-def test_tensor_parallel_is_refused_with_the_reason():
-    with pytest.raises(NotImplementedError, match="tensor parallel size 2"):
-        check_servable(_released().text_config, tp_size=2)
+@pytest.mark.parametrize("tp_size", [2, 4, 8])
+def test_released_layouts_split_over_tp_ranks(tp_size):
+    """31B: 32 query heads, 16 sliding / 4 full KV heads; 26B-A4B: 16, 8 / 2 -- full KV heads replicated once
+    there are more ranks than heads. Each rank's KV pool holds its heads only."""
+    dense, moe = _released().text_config, _released(**RELEASED_26B).text_config
+    check_servable(dense, tp_size=tp_size, moe_tp_size=1)
+    check_servable(moe, tp_size=tp_size, moe_tp_size=tp_size)
+    assert (dense.kv_shape(SLIDING, tp_size), dense.kv_shape(FULL, tp_size)) == \
+        ((16 // tp_size, 256), (max(1, 4 // tp_size), 512))
+    assert moe.kv_shape(FULL, tp_size) == (max(1, 2 // tp_size), 512)
+    assert dense.kv_bytes_per_token(2, tp_size) == 50 * 16 // tp_size * 256 * 4 + 10 * max(1, 4 // tp_size) * 512 * 4
+
+
+def test_tensor_parallel_sizes_that_do_not_split_are_refused_by_name():
+    with pytest.raises(NotImplementedError, match="num_attention_heads 32 is not divisible"):
+        check_servable(_released().text_config, tp_size=3, moe_tp_size=1)
+    with pytest.raises(NotImplementedError, match="moe_intermediate_size"):
+        check_servable(_released(**{**RELEASED_26B, "moe_intermediate_size": 700}).text_config, tp_size=2,
+                       moe_tp_size=8)
 
 
 def test_moe_without_expert_counts_is_a_config_error():
     with pytest.raises(ValueError, match="num_experts"):
-        check_servable(_released(enable_moe_block=True).text_config, tp_size=1)
+        check_servable(_released(enable_moe_block=True).text_config, tp_size=1, moe_tp_size=1)
 
 
 def test_kv_heads_must_divide_the_query_heads():
     with pytest.raises(ValueError, match="full_attention layers have 3 KV heads"):
-        check_servable(_released(num_global_key_value_heads=3).text_config, tp_size=1)
+        check_servable(_released(num_global_key_value_heads=3).text_config, tp_size=1, moe_tp_size=1)
 
 
 def test_sglang_model_config_sees_text_only_gemma4_with_kv_shapes_per_layer_type(tmp_path):

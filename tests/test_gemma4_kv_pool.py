@@ -45,7 +45,7 @@ def test_kv_pool_keeps_every_layer_at_its_own_shape(tmp_path, variant, monkeypat
 
     model_config = _model_config(tmp_path, variant)
     text, size = model_config.hf_text_config, 64
-    pool = build_pool(text, size, page_size=1, dtype=torch.float32, head_num=model_config.get_num_kv_heads(1),
+    pool = build_pool(text, 1, size, page_size=1, dtype=torch.float32, head_num=model_config.get_num_kv_heads(1),
                       head_dim=model_config.head_dim, layer_num=text.num_hidden_layers, device="cpu",
                       enable_memory_saver=False, start_layer=0, end_layer=text.num_hidden_layers)
     assert isinstance(pool, Gemma4KVPool) and pool.size == pool.size_swa == size
@@ -102,6 +102,7 @@ def test_h200_token_capacity_at_least_doubles(tmp_path, monkeypatch, name, overr
     gpu_gib, weights_gib, fraction = 139.0, weights_gb * 1e9 / 2 ** 30, 0.789
     monkeypatch.setattr(mixin_module, "get_available_gpu_memory", lambda *args, **kwargs: gpu_gib - weights_gib)
     monkeypatch.setattr(mixin_module, "get_world_group", lambda: types.SimpleNamespace(world_size=1, cpu_group=None))
+    monkeypatch.setattr(mixin_module, "get_attention_tp_size", lambda: 1)
     runner = type("Runner", (_ProfilingRunner, mixin_module.ModelRunnerKVCacheMixin), {})(model_config, fraction)
     tokens = runner.profile_max_num_token(gpu_gib)
 

@@ -62,7 +62,7 @@ def test_sglang_window_counts_the_keys_before_the_query():
 def test_layers_pass_window_and_causality(is_causal, expected):
     set_global_server_args_for_scheduler(SimpleNamespace(rl_on_policy_target=None))  # read by get_rope
     config = _config() if is_causal is None else _config(is_causal=is_causal)
-    layers = [DFlashDraftAttention(config, i, max_position=64).attn for i in range(2)]
+    layers = [DFlashDraftAttention(config, i, max_position=64, tp_rank=0, tp_size=1).attn for i in range(2)]
     assert [(layer.sliding_window_size, AttentionType(layer.attn_type).name) for layer in layers] == expected
 
 

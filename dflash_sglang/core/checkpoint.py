@@ -85,6 +85,15 @@ def load_drafter_state_dict(path: str, expected_shapes: Mapping[str, tuple[int, 
     return tensors
 
 
+def drafter_tensor_shapes(config: DFlashDraftConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a released checkpoint for ``config`` -> its (full, unsharded) shape."""
+    from dflash_sglang.core.model import DFlashDrafter
+
+    with torch.device("meta"):
+        drafter = DFlashDrafter(config)
+    return {name: tuple(p.shape) for name, p in drafter.state_dict().items()}
+
+
 def load_drafter(path: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Builds a :class:`~dflash_sglang.core.model.DFlashDrafter` from a released checkpoint folder."""
     from dflash_sglang.core.model import DFlashDrafter
@@ -92,8 +101,7 @@ def load_drafter(path: str, *, dtype: torch.dtype | None = None, device: str | t
     config = DFlashDraftConfig.from_pretrained(path)
     with torch.device("meta"):
         drafter = DFlashDrafter(config)
-    expected = {name: tuple(p.shape) for name, p in drafter.state_dict().items()}
-    tensors = load_drafter_state_dict(path, expected)
+    tensors = load_drafter_state_dict(path, drafter_tensor_shapes(config))
     drafter = drafter.to_empty(device=device)
     drafter.load_state_dict(tensors, strict=True)
     if dtype is not None:

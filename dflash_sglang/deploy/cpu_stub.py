@@ -78,11 +78,24 @@ def ensure_libcuda_stub(cache_dir: str | None = None) -> str | None:
     return folder
 
 
-def cpu_server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """An environment for running SGLang on the CPU: the stand-in on LD_LIBRARY_PATH and SGLang's CPU engine."""
+def cpu_server_env(base: dict[str, str] | None = None, tp_size: int = 1) -> dict[str, str]:
+    """An environment for running SGLang on the CPU: the stand-in on LD_LIBRARY_PATH and SGLang's CPU engine; at
+    ``tp_size`` > 1 also ``SGLANG_CPU_OMP_THREADS_BIND`` unless given (:func:`cpu_threads_bind`)."""
     env = dict(os.environ if base is None else base)
     folder = ensure_libcuda_stub()
     if folder is not None:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (folder, env.get("LD_LIBRARY_PATH", "")) if p)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
+    if tp_size > 1:
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_threads_bind(tp_size))
     return env
+
+
+def cpu_threads_bind(tp_size: int) -> str:
+    """SGLang's ``SGLANG_CPU_OMP_THREADS_BIND`` for ``tp_size`` ranks: this host's cores split evenly, e.g.
+    ``0-7|8-15``. SGLang's CPU path otherwise refuses more ranks than NUMA nodes (its ``init_threads_binding``)."""
+    cores = os.cpu_count() or 1
+    if cores < tp_size:
+        raise ValueError(f"--tp-size {tp_size} on the CPU needs one core per rank; this host has {cores}")
+    per_rank = cores // tp_size
+    return "|".join(f"{r * per_rank}-{(r + 1) * per_rank - 1}" for r in range(tp_size))

@@ -129,9 +129,6 @@ def load_deploy_config(path: str | os.PathLike[str], overrides: list[str] | tupl
         raise DeployConfigError(_describe(error, source, origins)) from None
     cfg._source, cfg._origins = source, origins
     _check_extra_args(cfg)
-    if cfg.device == "cpu" and cfg.tp_size > 1:
-        raise DeployConfigError(f"{cfg.where('tp_size')}: `tp_size: {cfg.tp_size}` is not possible with "
-                                "`device: cpu`; use tp_size: 1")
     return _check_local_checkpoints(cfg)
 
 

@@ -50,7 +50,8 @@ class ServerProcess:
         self.args = [*args, "--host", host, "--port", str(self.port)]
         self.log_path = log_path
         base_env = dict(os.environ if env is None else env)
-        self.env = cpu_server_env(base_env) if _device_of(args) == "cpu" else base_env
+        tp_size = int(_arg_value(args, "--tp-size") or _arg_value(args, "--tensor-parallel-size") or 1)
+        self.env = cpu_server_env(base_env, tp_size) if _arg_value(args, "--device") == "cpu" else base_env
         self.process: subprocess.Popen | None = None
 
     @property
@@ -155,11 +156,11 @@ def _raise_system_exit(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _device_of(args: Sequence[str]) -> str | None:
+def _arg_value(args: Sequence[str], flag: str) -> str | None:
     args = list(args)
     for i, arg in enumerate(args):
-        if arg == "--device" and i + 1 < len(args):
+        if arg == flag and i + 1 < len(args):
             return args[i + 1]
-        if arg.startswith("--device="):
+        if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
     return None

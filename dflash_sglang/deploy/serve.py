@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.device == "cpu":
         from dflash_sglang.deploy.cpu_stub import cpu_server_env
 
-        os.execve(command[0], command, {**cpu_server_env(), **env})
+        os.execve(command[0], command, {**cpu_server_env(tp_size=cfg.tp_size), **env})
     os.execv(command[0], command)
     return 1  # not reached: exec replaces this process
 

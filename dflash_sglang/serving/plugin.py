@@ -25,6 +25,8 @@ SGLang version first):
   so ``--page-size > 1`` allocates with PyTorch on CPU devices (upstream launches Triton kernels everywhere).
 * ``sglang.srt.constrained.xgrammar_backend`` -- wraps ``XGrammarGrammar.apply_vocab_mask`` so structured
   output applies its token bitmask to CPU logits with xgrammar's CPU kernel (upstream raises on a CPU).
+* ``sglang.srt.distributed.device_communicators.pynccl`` -- leaves ``PyNcclCommunicator`` disabled on CPU
+  devices, so ``--device cpu --tp-size > 1`` starts where an NCCL library is installed.
 * ``sglang.srt.managers.tokenizer_manager`` -- wraps ``TokenizerManager._validate_one_request`` so every
   server (DFLASH or not) answers with HTTP 400 the requests that would kill SGLang's scheduler (prompt token
   ids outside the vocabulary, NaN temperatures...: ``request_safety.py``), and a DFLASH server the requests
@@ -40,6 +42,8 @@ SGLang version first):
 * ``sglang.srt.configs.model_config`` -- wraps ``ModelConfig._derive_model_shapes`` and
   ``ModelConfig.get_total_num_kv_heads`` so a Gemma 4 target is served text-only and states its KV shapes
   per layer type (``gemma4_config.adapt_model_config``); other models are left as they are.
+* ``sglang.srt.configs.update_config`` -- wraps ``adjust_config_with_unaligned_cpu_tp`` so SGLang's CPU path does
+  not pad a Gemma 4's heads at ``--tp-size`` > 1 (it splits them as on the GPU).
 * ``sglang.srt.model_executor.model_runner_kv_cache_mixin`` -- wraps
   ``ModelRunnerKVCacheMixin.get_cell_size_per_token`` and ``_init_pools`` so a Gemma 4 target's KV pool
   keeps each layer at its own shape (``models/gemma4_kv_pool.Gemma4KVPool``) and is sized by that.
@@ -85,8 +89,10 @@ PATCHES: dict[str, str] = {
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",
     "sglang.srt.mem_cache.allocator": "cpu:patch_paged_allocator",
     "sglang.srt.constrained.xgrammar_backend": "cpu:patch_xgrammar_grammar",
+    "sglang.srt.distributed.device_communicators.pynccl": "cpu:patch_pynccl",
     "sglang.srt.utils.hf_transformers_utils": "gemma4:patch_hf_transformers_utils",
     "sglang.srt.configs.model_config": "gemma4:patch_model_config",
+    "sglang.srt.configs.update_config": "gemma4:patch_update_config",
     "sglang.srt.model_executor.model_runner_kv_cache_mixin": "gemma4:patch_kv_cache_mixin",
     "sglang.srt.layers.attention.attention_registry": "gemma4:patch_attention_registry",
     "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config": "moe:patch_fused_moe_config",

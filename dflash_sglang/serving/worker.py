@@ -58,6 +58,7 @@ from dflash_sglang.serving.kv_slots import assign_row_slots, first_freeable_offs
 from dflash_sglang.serving.logprobs import append_request_logprobs, attach_block_logprobs
 from dflash_sglang.serving.server_defaults import load_draft_config
 from dflash_sglang.serving.step_profile import make_profiler
+from dflash_sglang.serving.tp_sync import sync_across_tp
 
 logger = logging.getLogger(__name__)
 NO_BUDGET_LIMIT = 1 << 40
@@ -223,6 +224,7 @@ class DFlashWorker(TpModelWorker):
                                           *row_sampling(sampling, block_size - 1))
             block[:, 1:] = sample_from(draft_probs).view(bs, block_size - 1)
         grammar = constrain_drafts(decode_batch, draft_logits, block, draft_probs) if decode_batch.has_grammar else None
+        sync_across_tp(block, sampling)  # the verify pass on every rank must read the same drafts
         self.profiler.mark("draft")
 
         logits_output, can_run_cuda_graph = self._verify(draft_batch, block, positions)
@@ -234,14 +236,16 @@ class DFlashWorker(TpModelWorker):
             budgets = grammar.constrain_verify(target_logits, budgets)
         if greedy:
             verdict = ops.verify_block(block, block_slots, prefix_lens, stop_ids, budgets,
-                                       target_ids=ops.argmax(target_logits).view(bs, block_size))
+                                       target_ids=sync_across_tp(ops.argmax(target_logits).view(bs, block_size),
+                                                                 sampling))
         else:
             target_probs = processed_probs(target_logits, *row_sampling(sampling, block_size))
             verdict = ops.verify_block(
                 block, block_slots, prefix_lens, stop_ids, budgets,
                 target_probs=target_probs.view(bs, block_size, -1),
                 draft_probs=draft_probs.view(bs, block_size - 1, -1),
-                uniforms=torch.rand(bs, block_size, dtype=torch.float32, device=self.device))
+                uniforms=sync_across_tp(torch.rand(bs, block_size, dtype=torch.float32, device=self.device),
+                                        sampling))
         num_emitted, emitted, keep_slots = verdict[1], verdict[2], verdict[3]
         if logit_step is not None:
             logit_step.commit(emitted)

@@ -5,6 +5,14 @@ Built from SGLang's layers (RMSNorm, rotary embedding, SiLU-and-multiply, RadixA
 pool and attention backend), with each layer's q/k/v and gate/up projections fused into one GEMM each;
 numerically the same model as ``dflash_sglang.core.model.DFlashDrafter``.
 
+Tensor parallelism (``--tp-size N``) as SGLang's own Qwen3 (sgl-project/sglang ``python/sglang/srt/models/qwen3.py``):
+``QKVParallelLinear`` / ``MergedColumnParallelLinear`` give each rank its query heads, KV heads (replicated when
+fewer than N) and MLP columns, ``RowParallelLinear`` all-reduces ``o_proj`` and ``down_proj``; ``fc`` and the norms
+are replicated (the target's captured hidden states are full-width on every rank: its layers end in row-parallel
+all-reduces). SGLang's ModelRunner sizes the drafter's KV pool per rank from the config's KV heads, so the
+injection writes this rank's heads only. The target's vocab-parallel embedding and LM head are read through
+``vocab_parallel``, so every rank computes the same full draft logits.
+
 Two entry points, both used by ``dflash_sglang.serving.worker``:
 
 * :meth:`DFlashDraftModel.inject_context` -- the KV injection: projects the target's captured hidden
@@ -39,35 +47,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglang.srt.distributed import get_tensor_model_parallel_world_size
+from sglang.srt.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.models.utils import apply_qk_norm
 
 from dflash_sglang import ops
-from dflash_sglang.core.checkpoint import canonical_name, check_state_dict
+from dflash_sglang.core.checkpoint import canonical_name, check_state_dict, drafter_tensor_shapes
 from dflash_sglang.core.config import DFlashDraftConfig, block_attention_mode
 from dflash_sglang.core.model import finish_draft_logits
+from dflash_sglang.serving.models import vocab_parallel
+from dflash_sglang.serving.models.tp_split import check_tp_split
 
 logger = logging.getLogger(__name__)
 
 
 class DFlashDraftAttention(nn.Module):
-    def __init__(self, config: DFlashDraftConfig, layer_id: int, max_position: int) -> None:
+    """This rank's heads: ``num_attention_heads / tp_size`` query heads and ``num_key_value_heads / tp_size`` KV
+    heads (one, replicated, when there are fewer KV heads than ranks), as SGLang's ``QKVParallelLinear`` splits
+    them; ``o_proj`` is row-parallel and all-reduces."""
+
+    def __init__(self, config: DFlashDraftConfig, layer_id: int, max_position: int, tp_rank: int,
+                 tp_size: int) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # q_proj, k_proj and v_proj rows of this rank in one GEMM (k/v rows also sit in the model's kv_weight).
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=False, tp_rank=tp_rank, tp_size=tp_size,
+                                          prefix=f"layers.{layer_id}.self_attn.qkv_proj")
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        # q_proj, k_proj and v_proj rows in one GEMM (k/v rows also sit in the model's stacked kv_weight).
-        self.qkv_weight = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, config.hidden_size),
-                                       requires_grad=False)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False,
+                                        tp_rank=tp_rank, tp_size=tp_size, prefix=f"layers.{layer_id}.self_attn.o_proj")
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = get_rope(self.head_dim, rotary_dim=self.head_dim, max_position=max_position,
@@ -79,33 +97,40 @@ class DFlashDraftAttention(nn.Module):
             prefix=f"layers.{layer_id}.self_attn.attn")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = F.linear(hidden, self.qkv_weight).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv, _ = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # SGLang's Qwen3 q/k norm: in place on the fused output in one kernel on CUDA, per head elsewhere.
         q, k = apply_qk_norm(q, k, self.q_norm, self.k_norm, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous(), forward_batch))
+        out, _ = self.o_proj(self.attn(q, k, v.contiguous(), forward_batch))
+        return out
 
 
 class DFlashDraftMLP(nn.Module):
-    def __init__(self, config: DFlashDraftConfig) -> None:
+    def __init__(self, config: DFlashDraftConfig, layer_id: int, tp_rank: int, tp_size: int) -> None:
         super().__init__()
-        # gate_proj then up_proj rows, one GEMM; SGLang's fused SiLU-and-multiply.
-        self.gate_up_weight = nn.Parameter(torch.empty(2 * config.intermediate_size, config.hidden_size),
-                                           requires_grad=False)
+        # gate_proj then up_proj rows of this rank, one GEMM; SGLang's fused SiLU-and-multiply; row-parallel down.
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False,
+                                                       tp_rank=tp_rank, tp_size=tp_size,
+                                                       prefix=f"layers.{layer_id}.mlp.gate_up_proj")
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, tp_rank=tp_rank,
+                                           tp_size=tp_size, prefix=f"layers.{layer_id}.mlp.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(F.linear(x, self.gate_up_weight)))
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act(gate_up))
+        return out
 
 
 class DFlashDraftLayer(nn.Module):
-    def __init__(self, config: DFlashDraftConfig, layer_id: int, max_position: int) -> None:
+    def __init__(self, config: DFlashDraftConfig, layer_id: int, max_position: int, tp_rank: int,
+                 tp_size: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = DFlashDraftAttention(config, layer_id, max_position)
+        self.self_attn = DFlashDraftAttention(config, layer_id, max_position, tp_rank, tp_size)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = DFlashDraftMLP(config)
+        self.mlp = DFlashDraftMLP(config, layer_id, tp_rank, tp_size)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,12 +145,11 @@ class DFlashDraftLayer(nn.Module):
 
 
 class DFlashDraftModel(nn.Module):
-    """SGLang entry class for released DFlash drafters (checkpoint names as in ``checkpoint.py``)."""
+    """SGLang entry class for released DFlash drafters (checkpoint names as in ``checkpoint.py``), sharded over
+    SGLang's tensor-parallel group as its own Qwen3 is (see the module docstring)."""
 
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__()
-        if get_tensor_model_parallel_world_size() != 1:
-            raise NotImplementedError("the DFlash drafter runs with tensor parallel size 1 only for now")
         if quant_config is not None:
             raise NotImplementedError("quantized DFlash drafters are not supported; serve the bf16 checkpoint")
         if config.to_dict().get("attention_bias"):
@@ -138,17 +162,24 @@ class DFlashDraftModel(nn.Module):
         if draft.hidden_act != "silu":
             raise NotImplementedError(f"drafter hidden_act {draft.hidden_act!r} is not supported; expected 'silu' "
                                       "(the released DFlash drafters' SwiGLU MLP)")
+        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        check_tp_split("the DFlash drafter", tp_size,
+                       even={"num_attention_heads": draft.num_attention_heads,
+                             "intermediate_size": draft.intermediate_size},
+                       kv_heads={"num_key_value_heads": draft.num_key_value_heads})
         max_position = max(draft.max_position_embeddings, getattr(config, "max_position_embeddings", 0),
                            _server_context_length())
-        kv_size = draft.num_key_value_heads * draft.head_dim
-        # All layers' k_proj and v_proj rows, stacked: one GEMM computes every layer's context K/V.
-        self.kv_weight = nn.Parameter(torch.empty(draft.num_hidden_layers, 2 * kv_size, draft.hidden_size),
-                                      requires_grad=False)
+        # fc and hidden_norm are replicated: the target's captured hidden states are full-width on every rank.
         self.fc = nn.Linear(draft.num_context_features, draft.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
         self.layers = nn.ModuleList(
-            DFlashDraftLayer(draft, i, max_position) for i in range(draft.num_hidden_layers))
+            DFlashDraftLayer(draft, i, max_position, tp_rank, tp_size) for i in range(draft.num_hidden_layers))
         self.norm = RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
+        attn = self.layers[0].self_attn
+        self.num_kv_heads = attn.num_kv_heads  # this rank's
+        # This rank's k_proj and v_proj rows of every layer, stacked: one GEMM computes all layers' context K/V.
+        self.kv_weight = nn.Parameter(torch.empty(draft.num_hidden_layers, 2 * attn.kv_size, draft.hidden_size),
+                                      requires_grad=False)
         self.embed_weight: torch.Tensor | None = None
         self.lm_head_weight: torch.Tensor | None = None
         self.vocab_size = draft.vocab_size
@@ -163,14 +194,17 @@ class DFlashDraftModel(nn.Module):
         return sglang_window(self.draft_config.sliding_window) if has_sliding else None
 
     def set_embed_and_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
-        """Shares the target's embedding and LM head (no copy)."""
+        """Shares the target's embedding and LM head (no copy; this rank's vocabulary shard at TP > 1)."""
         self.embed_weight = embed_weight
         self.lm_head_weight = lm_head_weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                 input_embeds: torch.Tensor | None = None, **_: object) -> LogitsProcessorOutput:
         """The draft pass over blocks [t0, mask, ...]: logits [num_tokens, vocab] fp32 of every block row."""
-        hidden = F.embedding(input_ids, self.embed_weight) if input_embeds is None else input_embeds
+        if input_embeds is None:
+            hidden = vocab_parallel.embed(input_ids, self.embed_weight, self.vocab_size)
+        else:
+            hidden = input_embeds
         if self.draft_config.input_embedding_scale is not None:
             hidden = hidden * self.draft_config.input_embedding_scale
         residual = None
@@ -180,25 +214,27 @@ class DFlashDraftModel(nn.Module):
         return LogitsProcessorOutput(next_token_logits=self.compute_logits(hidden))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Draft logits through the target's LM head (+ output_multiplier, soft-capping): [n, vocab] fp32."""
-        return finish_draft_logits(F.linear(hidden, self.lm_head_weight)[:, :self.vocab_size].float(),
+        """Draft logits through the target's LM head (+ output_multiplier, soft-capping): [n, vocab] fp32, the
+        full vocabulary on every rank."""
+        return finish_draft_logits(vocab_parallel.logits(hidden, self.lm_head_weight, self.vocab_size).float(),
                                    self.draft_config)
 
     @torch.no_grad()
     def inject_context(self, target_features: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Writes the context K/V of N verified tokens into every drafter layer's cache.
+        """Writes the context K/V of N verified tokens into every drafter layer's cache (this rank's KV heads).
 
         Args:
-            target_features: [N, len(target_layer_ids) * hidden], the target's captured hidden states.
+            target_features: [N, len(target_layer_ids) * hidden], the target's captured hidden states (full
+                width on every rank).
             positions: [N] int64 absolute positions.
             slots: [N] int64 KV slots (the target's slots of the same tokens).
-            k_cache, v_cache: [L, num_slots, num_kv_heads, head_dim], the drafter's stacked KV pool.
+            k_cache, v_cache: [L, num_slots, num_kv_heads / tp_size, head_dim], this rank's stacked KV pool.
         """
         draft = self.draft_config
         context = self.hidden_norm(self.fc(target_features.to(self.fc.weight.dtype)))
         kv = F.linear(context, self.kv_weight.view(-1, draft.hidden_size))
-        kv = kv.view(-1, draft.num_hidden_layers, 2, draft.num_key_value_heads, draft.head_dim)
+        kv = kv.view(-1, draft.num_hidden_layers, 2, self.num_kv_heads, draft.head_dim)
         ops.inject_kv(kv, positions.long(), slots.long(), self._stacked_k_norm_weights(), self._cos_sin(),
                       k_cache, v_cache, draft.rms_norm_eps)
 
@@ -215,23 +251,12 @@ class DFlashDraftModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads released checkpoint tensors; missing/unexpected/mis-shaped names raise listing them. Each layer's
-        q/k/v_proj go into its fused ``qkv_weight`` (k/v also into the stacked ``kv_weight``), gate/up_proj into
-        its ``gate_up_weight``."""
-        draft = self.draft_config
-        q_size, kv_size = draft.num_attention_heads * draft.head_dim, draft.num_key_value_heads * draft.head_dim
-        intermediate = draft.intermediate_size
-        fused_rows = {"self_attn.q_proj": ("self_attn.qkv_weight", 0, q_size),
-                      "self_attn.k_proj": ("self_attn.qkv_weight", q_size, kv_size),
-                      "self_attn.v_proj": ("self_attn.qkv_weight", q_size + kv_size, kv_size),
-                      "mlp.gate_proj": ("mlp.gate_up_weight", 0, intermediate),
-                      "mlp.up_proj": ("mlp.gate_up_weight", intermediate, intermediate)}
+        """Loads released checkpoint tensors through SGLang's sharding weight loaders (this rank's rows or
+        columns); missing/unexpected/mis-shaped names raise listing them. Each layer's q/k/v_proj go into its
+        ``qkv_proj``, gate/up_proj into its ``gate_up_proj``; the k/v rows of this rank are then stacked into
+        ``kv_weight``."""
+        expected = drafter_tensor_shapes(self.draft_config)
         params = dict(self.named_parameters())
-        expected = {name: tuple(p.shape) for name, p in params.items()
-                    if name != "kv_weight" and not name.endswith(("qkv_weight", "gate_up_weight"))}
-        for i in range(draft.num_hidden_layers):
-            for source, (_, _, rows) in fused_rows.items():
-                expected[f"layers.{i}.{source}.weight"] = (rows, draft.hidden_size)
         loaded: dict[str, tuple[int, ...]] = {}
         for raw_name, tensor in weights:
             name = canonical_name(raw_name)
@@ -239,17 +264,23 @@ class DFlashDraftModel(nn.Module):
             if name not in expected or tuple(tensor.shape) != expected[name]:
                 continue  # reported together below
             parts = name.split(".")
-            source = ".".join(parts[2:4]) if parts[0] == "layers" else None
-            if source in fused_rows:
-                layer = int(parts[1])
-                target, start, rows = fused_rows[source]
-                params[f"layers.{layer}.{target}"].data[start:start + rows].copy_(tensor)
-                if source in ("self_attn.k_proj", "self_attn.v_proj"):
-                    self.kv_weight.data[layer, start - q_size:start - q_size + rows].copy_(tensor)
+            if parts[0] == "layers" and parts[3] in FUSED:
+                fused, shard = FUSED[parts[3]]
+                param = params[".".join(parts[:3] + [fused, "weight"])]
+                param.weight_loader(param, tensor, shard)
             else:
-                params[name].data.copy_(tensor)
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
         check_state_dict(loaded, expected, "DFlash drafter checkpoint")
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            self.kv_weight.data[i].copy_(attn.qkv_proj.weight.data[attn.q_size:])
         self._k_norm_weights = None
+
+
+# checkpoint projection -> (our fused parameter, SGLang's shard id)
+FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 def sglang_window(sliding_window: int | None) -> int:

@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from sglang.srt.distributed import get_tensor_model_parallel_world_size
+from sglang.srt.distributed import get_moe_tensor_parallel_world_size, get_tensor_model_parallel_world_size
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -125,7 +125,7 @@ class Gemma4ForCausalLM(nn.Module):
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         text = text_config_of(config)
-        check_servable(text, get_tensor_model_parallel_world_size())
+        check_servable(text, get_tensor_model_parallel_world_size(), get_moe_tensor_parallel_world_size())
         self.config = text
         self.model = Gemma4TextModel(text, quant_config, prefix=add_prefix("model", prefix))
         if text.tie_word_embeddings:
@@ -215,10 +215,8 @@ class Gemma4ForCausalLM(nn.Module):
             return [(".".join(parts[:3]) + ".moe." + ".".join(parts[3:]), tensor, None)]
         if len(parts) >= 5 and parts[4] in STACKED and parts[3] in ("self_attn", "mlp"):
             fused, shard = STACKED[parts[4]]
-            if fused == "qkv_proj" and self.config.layer_attention(int(parts[2])).k_eq_v:
-                if parts[4] == "v_proj":
-                    return [(name, tensor, None)]  # no v_proj in attention_k_eq_v layers: unexpected
-                shard = 0 if parts[4] == "q_proj" else 1
+            if parts[4] == "v_proj" and self.config.layer_attention(int(parts[2])).k_eq_v:
+                return [(name, tensor, None)]  # no v_proj in attention_k_eq_v layers: unexpected
             return [(".".join(parts[:4] + [fused] + parts[5:]), tensor, shard)]
         return [(name, tensor, None)]
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from dflash_sglang.serving.models.tp_split import check_tp_split
+
 logger = logging.getLogger(__name__)
 SLIDING, FULL = "sliding_attention", "full_attention"
 DEFAULT_ROPE_PARAMETERS = {
@@ -133,21 +135,24 @@ class Gemma4TextConfig(PretrainedConfig):
     def layer_ids(self, layer_type: str) -> list[int]:
         return [i for i, t in enumerate(self.layer_types[:self.num_hidden_layers]) if t == layer_type]
 
-    def kv_shape(self, layer_type: str) -> tuple[int, int]:
-        """(KV heads, head size) of every ``layer_type`` layer: both depend on the layer type only."""
+    def kv_shape(self, layer_type: str, tp_size: int = 1) -> tuple[int, int]:
+        """(KV heads, head size) of every ``layer_type`` layer: both depend on the layer type only. At
+        ``tp_size`` > 1 the heads one rank keeps, as SGLang's ``QKVParallelLinear`` and
+        ``ModelConfig.get_num_kv_heads`` count them (one, replicated, when there are fewer heads than ranks)."""
         spec = self.layer_attention(self.layer_types.index(layer_type))
-        return spec.num_kv_heads, spec.head_dim
+        return max(1, spec.num_kv_heads // tp_size), spec.head_dim
 
     @property
     def swa_num_key_value_heads(self) -> int:
         """SGLang's name (``ModelConfig.get_swa_num_kv_heads``) for the sliding layers' KV heads."""
         return self.kv_shape(SLIDING)[0] if SLIDING in self.layer_types else self.kv_shape(FULL)[0]
 
-    def kv_bytes_per_token(self, element_size: int) -> int:
-        """K + V bytes one token takes over all layers, each layer at its own shape (no padding)."""
+    def kv_bytes_per_token(self, element_size: int, tp_size: int = 1) -> int:
+        """K + V bytes one token takes over all layers on one of ``tp_size`` ranks, each layer at its own shape
+        (no padding)."""
         total = 0
         for layer_type in set(self.layer_types[:self.num_hidden_layers]):
-            heads, dim = self.kv_shape(layer_type)
+            heads, dim = self.kv_shape(layer_type, tp_size)
             total += 2 * heads * dim * element_size * len(self.layer_ids(layer_type))
         return total
 
@@ -190,15 +195,15 @@ def text_config_of(config: PretrainedConfig) -> Gemma4TextConfig:
     return text if isinstance(text, Gemma4TextConfig) else Gemma4TextConfig(**text.to_dict())
 
 
-def check_servable(config: Gemma4TextConfig, tp_size: int) -> None:
-    """Raises ``NotImplementedError`` naming the feature for Gemma 4 variants this package does not serve."""
+def check_servable(config: Gemma4TextConfig, tp_size: int, moe_tp_size: int) -> None:
+    """Raises ``NotImplementedError`` naming the feature for Gemma 4 variants this package does not serve, or
+    the size that ``tp_size`` (``moe_tp_size`` for the experts' columns) cannot split."""
     unsupported = {
         "hidden_size_per_layer_input > 0 (per-layer input embeddings, gemma-4-E2B/E4B)":
             bool(config.hidden_size_per_layer_input),
         "num_kv_shared_layers > 0 (KV sharing, gemma-4-E2B/E4B)": bool(config.num_kv_shared_layers),
         "use_double_wide_mlp": bool(config.use_double_wide_mlp),
         "use_bidirectional_attention='all'": config.use_bidirectional_attention == "all",
-        f"tensor parallel size {tp_size} (the Gemma 4 model runs with --tp-size 1 for now)": tp_size != 1,
     }
     for feature, used in unsupported.items():
         if used:
@@ -212,6 +217,14 @@ def check_servable(config: Gemma4TextConfig, tp_size: int) -> None:
                                       f"types: {SUPPORTED_ROPE_TYPES}")
     if config.enable_moe_block and not (config.num_experts and config.top_k_experts and config.moe_intermediate_size):
         raise ValueError("Gemma 4 config: enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size")
+    check_tp_split("Gemma 4", tp_size,
+                   even={"num_attention_heads": config.num_attention_heads,
+                         "intermediate_size": config.intermediate_size},
+                   kv_heads={f"{layer_type} KV heads": config.kv_shape(layer_type)[0]
+                             for layer_type in sorted(set(config.layer_types))})
+    if config.enable_moe_block:
+        check_tp_split("Gemma 4's experts (MoE TP size)", moe_tp_size,
+                       even={"moe_intermediate_size": config.moe_intermediate_size}, kv_heads={})
     for layer_type in sorted(set(config.layer_types)):
         heads = config.kv_shape(layer_type)[0]
         if config.num_attention_heads % heads:

@@ -69,9 +69,9 @@ class Gemma4KVPool(SWAKVPool):
     """
 
     def __init__(self, config: Gemma4TextConfig, size: int, page_size: int, dtype: torch.dtype, device: str,
-                 enable_alt_stream: bool = True, enable_kv_cache_copy: bool = False) -> None:
-        full_heads, full_dim = config.kv_shape(FULL)
-        swa_heads, swa_dim = config.kv_shape(SLIDING)
+                 tp_size: int, enable_alt_stream: bool = True, enable_kv_cache_copy: bool = False) -> None:
+        full_heads, full_dim = config.kv_shape(FULL, tp_size)  # this rank's heads
+        swa_heads, swa_dim = config.kv_shape(SLIDING, tp_size)
         super().__init__(size=size, size_swa=size, page_size=page_size, dtype=dtype, head_num=full_heads,
                          head_dim=full_dim, v_head_dim=full_dim, swa_head_num=swa_heads, swa_head_dim=swa_dim,
                          swa_v_head_dim=swa_dim, swa_attention_layer_ids=config.layer_ids(SLIDING),
@@ -97,14 +97,15 @@ class Gemma4KVPool(SWAKVPool):
         self.swa_kv_pool.load_cpu_copy(kv_cache_cpu["swa"], indices)
 
 
-def build_pool(config: Gemma4TextConfig, size: int, *, page_size: int, dtype: torch.dtype, head_num: int,
+def build_pool(config: Gemma4TextConfig, tp_size: int, size: int, *, page_size: int, dtype: torch.dtype, head_num: int,
                head_dim: int, layer_num: int, device: str, enable_memory_saver: bool, start_layer=None,
                end_layer=None, enable_alt_stream: bool = True, enable_kv_cache_copy: bool = False) -> Gemma4KVPool:
     """Takes ``MHATokenToKVPool``'s arguments (as ``ModelRunner._init_pools`` passes them) and builds the
-    Gemma 4 pool instead; the uniform ``head_num`` / ``head_dim`` are ignored (each layer type has its own)."""
+    Gemma 4 pool instead, for one of ``tp_size`` attention ranks; the uniform ``head_num`` / ``head_dim`` are
+    ignored (each layer type has its own)."""
     if layer_num != config.num_hidden_layers or start_layer not in (None, 0):
         raise NotImplementedError(f"Gemma 4 KV pool: layers {start_layer}..{end_layer} of "
                                   f"{config.num_hidden_layers}; pipeline parallelism is not supported")
     if enable_memory_saver:
         logger.warning("Gemma 4 KV pool: --enable-memory-saver does not cover it (SGLang's SWAKVPool turns it off)")
-    return Gemma4KVPool(config, size, page_size, dtype, device, enable_alt_stream, enable_kv_cache_copy)
+    return Gemma4KVPool(config, size, page_size, dtype, device, tp_size, enable_alt_stream, enable_kv_cache_copy)

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang.srt.distributed import tensor_model_parallel_all_reduce
 from sglang.srt.layers.activation import GeluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
-from sglang.srt.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
-                                      RowParallelLinear)
+from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.radix_attention import RadixAttention
@@ -60,26 +60,25 @@ class ProportionalRotaryEmbedding(RotaryEmbedding):
 
 
 class Gemma4Attention(nn.Module):
+    """This rank's heads (SGLang's ``QKVParallelLinear`` split: query heads evenly, KV heads evenly or one
+    replicated head); ``o_proj`` is row-parallel and all-reduces. ``attention_k_eq_v`` layers load no ``v_proj``
+    (a zero-width v block) and take the values from the raw key projection."""
+
     def __init__(self, config: Gemma4TextConfig, layer_id: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         spec = config.layer_attention(layer_id)
         self.head_dim = spec.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = spec.num_kv_heads
         self.k_eq_v = spec.k_eq_v
+        self.eps = config.rms_norm_eps
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          spec.num_kv_heads, bias=config.attention_bias, quant_config=quant_config,
+                                          prefix=add_prefix("qkv_proj", prefix), v_head_size=0 if self.k_eq_v else None)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.eps = config.rms_norm_eps
-        if self.k_eq_v:
-            self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, [self.q_size, self.kv_size],
-                                                       bias=config.attention_bias, quant_config=quant_config,
-                                                       prefix=add_prefix("qkv_proj", prefix))
-        else:
-            self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                              bias=config.attention_bias, quant_config=quant_config,
-                                              prefix=add_prefix("qkv_proj", prefix))
-        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=config.attention_bias,
-                                        quant_config=quant_config, prefix=add_prefix("o_proj", prefix))
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=config.attention_bias, quant_config=quant_config,
+                                        prefix=add_prefix("o_proj", prefix))
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         max_position = config.max_position_embeddings
@@ -96,11 +95,9 @@ class Gemma4Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, 0 if self.k_eq_v else self.kv_size], dim=-1)
         if self.k_eq_v:
-            q, k = qkv.split([self.q_size, self.kv_size], dim=-1)
             v = k
-        else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
         v = rms_norm_no_scale(v.reshape(-1, self.num_kv_heads, self.head_dim), self.eps).view(-1, self.kv_size)
@@ -171,8 +168,13 @@ class Gemma4MoE(nn.Module):
         if getattr(self.experts, "use_intel_amx_backend", False):
             raise NotImplementedError("Gemma 4 MoE on an AMX CPU: SGLang packs the expert weights for a SiLU-only "
                                       "kernel; serve it on a GPU or a CPU without AMX")
-        return experts_reference(expert_input, routing.topk_weights, routing.topk_ids.long(),
-                                 self.experts.w13_weight, self.experts.w2_weight)
+        if self.experts.moe_ep_size > 1:
+            raise NotImplementedError("Gemma 4 MoE with expert parallelism (--ep-size > 1) on the CPU: the PyTorch "
+                                      "experts hold no local-expert map; serve it on a GPU, or with --ep-size 1")
+        out = experts_reference(expert_input, routing.topk_weights, routing.topk_ids.long(),
+                                self.experts.w13_weight, self.experts.w2_weight)
+        # each MoE TP rank holds a column slice of every expert: partial sums, reduced as FusedMoE does
+        return tensor_model_parallel_all_reduce(out) if self.experts.moe_tp_size > 1 else out
 
 
 def experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,

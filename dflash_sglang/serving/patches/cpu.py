@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """What SGLang's CPU path lacks, for DFLASH and for the plain server the tests compare it with: mask-free
 TARGET_VERIFY passes in the torch_native attention backend, a KV pool that does not warm up a Triton kernel
-on a CPU device, a paged KV allocator (``--page-size > 1``) that does not launch Triton kernels there, and
-xgrammar's token bitmask applied to CPU logits (structured output)."""
+on a CPU device, a paged KV allocator (``--page-size > 1``) that does not launch Triton kernels there,
+xgrammar's token bitmask applied to CPU logits (structured output), and ``--tp-size > 1`` process groups that
+do not open an NCCL communicator on a CPU device."""
 
 from __future__ import annotations
 
@@ -130,3 +131,24 @@ def patch_xgrammar_grammar(grammar_cls) -> None:
         apply_token_bitmask_inplace(logits, vocab_mask.to(logits.device))
 
     grammar_cls.apply_vocab_mask = apply_vocab_mask
+
+
+@patches(lambda module: module.PyNcclCommunicator)
+def patch_pynccl(communicator) -> None:
+    """Leaves ``PyNcclCommunicator`` disabled on CPU devices, as it already is where no NCCL library loads.
+
+    SGLang's ``init_model_parallel_group`` asks every group for a PyNccl communicator except on NPU/XPU; where the
+    NCCL library is installed (torch's CUDA wheels bring it) its constructor then enters ``torch.cuda.device`` with
+    the CPU device and raises, so ``--device cpu --tp-size 2`` cannot start. Disabled, the group's collectives on
+    CPU tensors take SGLang's own CPU route (``GroupCoordinator.all_reduce``: shared-memory all-reduce, else
+    torch.distributed over the gloo group). On the GPU nothing changes.
+    """
+    original_init = communicator.__init__
+
+    def __init__(self, group, device, library_path=None) -> None:
+        if str(device).startswith("cpu"):
+            self.group, self.available, self.disabled = group, False, True
+            return
+        original_init(self, group, device, library_path)
+
+    communicator.__init__ = __init__

@@ -56,6 +56,27 @@ def patch_model_config(model_config_cls) -> None:
 
 
 @patches(lambda module: module)
+def patch_update_config(module) -> None:
+    """Wraps ``adjust_config_with_unaligned_cpu_tp`` (``configs/update_config.py``), which SGLang's ModelRunner runs
+    on CPU devices: where the KV heads do not divide by ``--tp-size`` it pads the config's KV heads and query heads
+    (and pads the MLP sizes). For a Gemma 4 it would read the full-attention layers' KV heads alone (26B-A4B: 2, so
+    8 query heads become 32 at TP 4) and rewrite ``num_attention_heads`` for every layer; Gemma 4 instead splits its
+    heads as on the GPU (``QKVParallelLinear`` replicates KV heads that are fewer than the ranks, and
+    ``gemma4_config.check_servable`` refuses sizes that do not divide), so its config is left as written. Any
+    other model is adjusted as upstream."""
+    original_adjust = module.adjust_config_with_unaligned_cpu_tp
+
+    def adjust_config_with_unaligned_cpu_tp(model_config, load_config, tp_size):
+        from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig
+
+        if isinstance(model_config.hf_text_config, Gemma4TextConfig):
+            return model_config
+        return original_adjust(model_config, load_config, tp_size)
+
+    module.adjust_config_with_unaligned_cpu_tp = adjust_config_with_unaligned_cpu_tp
+
+
+@patches(lambda module: module)
 def patch_kv_cache_mixin(module) -> None:
     """Wraps ``ModelRunnerKVCacheMixin.get_cell_size_per_token`` (the KV bytes per token that
     ``profile_max_num_token`` divides the free memory by: for Gemma 4 the sum over layers at each layer's
@@ -74,7 +95,9 @@ def patch_kv_cache_mixin(module) -> None:
             return original_cell_size(self, num_layers)
         import torch
 
-        return config.kv_bytes_per_token(torch._utils._element_size(self.kv_cache_dtype))
+        # per attention-TP rank, as upstream counts its heads (the mixin module's get_attention_tp_size)
+        element_size = torch._utils._element_size(self.kv_cache_dtype)
+        return config.kv_bytes_per_token(element_size, module.get_attention_tp_size())
 
     def init_pools(self) -> None:
         from dflash_sglang.serving.models.gemma4_kv_pool import Gemma4KVPool, build_pool, uses_layer_type_pool
@@ -83,7 +106,8 @@ def patch_kv_cache_mixin(module) -> None:
         if not uses_layer_type_pool(config):
             return original_init_pools(self)
         _check_layer_type_pool_options(self)
-        with _replaced(module, "MHATokenToKVPool", functools.partial(build_pool, config)):
+        pool = functools.partial(build_pool, config, module.get_attention_tp_size())
+        with _replaced(module, "MHATokenToKVPool", pool):
             original_init_pools(self)
         if not isinstance(self.token_to_kv_pool, Gemma4KVPool):
             raise NotImplementedError(f"Gemma 4 needs its per-layer-type KV pool, but these server options built a "
