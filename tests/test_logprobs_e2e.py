@@ -184,12 +184,16 @@ def test_openai_logprobs_match_the_plain_server(baseline, dflash, kind, stream):
                         f"{kind} stream={stream}")
 
 
+def _mixed_bodies() -> list[dict]:
+    """Requests with and without logprobs, some with token_ids_logprob: they share prefill and decode batches
+    (upstream SGLang's scheduler died on such a mix; ``patches.algorithm.patch_token_ids_logprobs``)."""
+    return [_generate_body(p, top=k, token_ids_logprob=ids) if k is not None else
+            {"text": p, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0}}
+            for p in PROMPTS for k, ids in ((None, None), (4, None), (2, TOKEN_IDS))]
+
+
 def test_concurrent_requests_with_and_without_logprobs(baseline, dflash):
-    # NOTE: no token_ids_logprob here: SGLang 0.5.10 itself (no speculation) dies on a prefill batch that mixes a
-    # request with token_ids_logprob and one without (scheduler_output_processor_mixin: [].tolist()).
-    bodies = [_generate_body(p, top=k, token_ids_logprob=None) if k is not None else
-              {"text": p, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0}}
-              for p in PROMPTS for k in (None, 4)]
+    bodies = _mixed_bodies()
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         spec = list(pool.map(dflash.generate, bodies))
     for body, result in zip(bodies, spec):
@@ -199,6 +203,20 @@ def test_concurrent_requests_with_and_without_logprobs(baseline, dflash):
             _assert_same_generate_meta(result["meta_info"], base["meta_info"], body["text"])
         else:
             assert not result["meta_info"].get("output_token_logprobs")
+
+
+def test_plain_server_survives_a_mix_of_token_ids_logprob_requests(baseline):
+    """The plain server, sent the same mix at once, answers every request as it answers them one at a time, and
+    keeps serving."""
+    bodies = _mixed_bodies()
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(baseline.generate, bodies))
+    for body, result in zip(bodies, together):
+        alone = _cached(baseline, body, lambda: baseline.generate(body))
+        assert result["output_ids"] == alone["output_ids"], body
+        if body.get("token_ids_logprob"):
+            assert len(result["meta_info"]["output_token_ids_logprobs"]) == len(result["output_ids"])
+    assert baseline.healthy()
 
 
 def test_sampled_request_gets_a_logprob_per_token(dflash):

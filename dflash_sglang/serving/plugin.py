@@ -35,6 +35,8 @@ SGLang version first):
   ``n`` below 1 or above ``request_safety.MAX_PARALLEL_SAMPLES`` before SGLang copies the request n times.
 * ``sglang.srt.managers.scheduler`` -- wraps ``Scheduler.get_internal_state`` so a DFLASH server's
   ``/server_info`` ``avg_spec_accept_length`` counts the steps since SGLang's last decode log line too.
+* ``sglang.srt.layers.utils.logprob`` -- wraps ``get_token_ids_logprobs_raw`` so a batch mixing requests with and
+  without ``token_ids_logprob`` gives the output processor tensors only (upstream's ``[]`` ends the scheduler).
 * ``sglang.srt.entrypoints.openai.serving_chat`` -- wraps ``OpenAIServingChat._process_logprobs_tokens`` so
   a streamed chat chunk of several tokens (one DFLASH step) gives each token its own top logprobs.
 * ``sglang.srt.utils.hf_transformers_utils`` -- adds the Gemma 4 configs (``models/gemma4_config.py``) to
@@ -84,6 +86,7 @@ PATCHES: dict[str, str] = {
     "sglang.srt.managers.tokenizer_manager": "algorithm:patch_tokenizer_manager",
     "sglang.srt.managers.io_struct": "algorithm:patch_generate_req_input",
     "sglang.srt.managers.scheduler": "algorithm:patch_scheduler",
+    "sglang.srt.layers.utils.logprob": "algorithm:patch_token_ids_logprobs",
     "sglang.srt.entrypoints.openai.serving_chat": "algorithm:patch_serving_chat",
     "sglang.srt.layers.attention.torch_native_backend": "cpu:patch_torch_native_backend",
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DFLASH as an SGLang speculative algorithm: the enum member and its worker, the command-line choice and
 server defaults, the model registry entries, the refusal of requests DFLASH does not serve, the request
-checks that keep one request from taking any server down (``request_safety``), and DFLASH's acceptance
-length in ``/server_info``."""
+checks that keep one request from taking any server down (``request_safety``; and the logprob path that a mix of
+``token_ids_logprob`` requests took down), and DFLASH's acceptance length in ``/server_info``."""
 
 from __future__ import annotations
 
@@ -153,3 +153,27 @@ def patch_serving_chat(serving_chat) -> None:
         return original_process(self, logprobs, use_token_index=use_token_index)
 
     serving_chat._process_logprobs_tokens = process_logprobs_tokens
+
+
+@patches(lambda module: module)
+def patch_token_ids_logprobs(logprob_module) -> None:
+    """Keeps a batch that mixes requests with and without ``token_ids_logprob`` from taking the server down.
+
+    ``get_token_ids_logprobs_raw`` (``layers/utils/logprob.py``), asked to leave its values on the device
+    (``no_copy_to_cpu``, as SGLang's sampler does), gives a request without ids -- or a prefill without pruned
+    positions -- a Python ``[]`` beside the other requests' tensors; the scheduler's output processor then calls
+    ``.tolist()`` on every entry (``scheduler_output_processor_mixin``) and the AttributeError ends the scheduler,
+    with or without speculation. An empty tensor instead reads back as the same ``[]``. The module's own callers
+    (``get_token_ids_logprobs``, ``get_token_ids_logprobs_prefill``) look the function up at call time.
+    """
+    original = logprob_module.get_token_ids_logprobs_raw
+
+    def get_token_ids_logprobs_raw(logprobs, token_ids_logprobs_list, stage, extend_logprob_pruned_lens_cpu=None,
+                                   no_copy_to_cpu=False):
+        values, indices = original(logprobs, token_ids_logprobs_list, stage, extend_logprob_pruned_lens_cpu,
+                                   no_copy_to_cpu)
+        if no_copy_to_cpu:
+            values = [logprobs.new_empty(0) if isinstance(value, list) else value for value in values]
+        return values, indices
+
+    logprob_module.get_token_ids_logprobs_raw = get_token_ids_logprobs_raw
