@@ -182,3 +182,15 @@ def test_batch_loss_and_gradients_equal_the_per_sequence_sums(variant):
     for name in ("weight", "num_correct", "num_scored", "num_first_correct", "num_blocks"):
         assert torch.allclose(getattr(parts, name), sum(getattr(p, name) for p in singles)), name
     assert int(parts.num_blocks) == 12 and int(parts.num_scored) > 0
+
+
+def test_batch_loss_reads_nothing_back_to_the_host():
+    """No data-dependent op (``nonzero``, ``item``) in the loss, forward or backward: on a GPU nothing in it
+    waits for the device."""
+    drafter, embedding, lm_head, tokens, features = _tiny_setup()
+    batch = build_batch([tokens, tokens[:9]], [torch.tensor([3, 8]), torch.tensor([4])], 4, 63, 7.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        parts = batch_loss(drafter, embedding, lm_head, batch.blocks, torch.stack([features, features]))
+        parts.loss().backward()
+    ops = {event.name for event in prof.events()}
+    assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::masked_select"}, ops
