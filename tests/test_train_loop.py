@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """`dflash-train` on the tiny checkpoints (CPU): regenerated data, a short run that lowers the loss, a resume
-that continues exactly, and a written drafter that the checkpoint loader and the reference decoder accept."""
+that continues exactly (also with token-capped batches), batched target features equal to per-sequence ones,
+and a written drafter that the checkpoint loader and the reference decoder accept."""
 
 import json
 import os
@@ -14,8 +15,8 @@ from dflash_sglang.core.config import DFlashDraftConfig
 from dflash_sglang.training.cli import main
 from dflash_sglang.training.data import load_sequences
 from dflash_sglang.training.loop import (TrainConfig, Trainer, evaluate_acceptance, list_checkpoints, new_drafter,
-                                         target_features)
-from dflash_sglang.training.objective import build_blocks, sample_anchors, sequence_loss
+                                         pack_batches, target_features)
+from dflash_sglang.training.objective import batch_loss, build_batch, sample_anchors
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,10 +50,10 @@ def _fixed_loss(drafter, target, sequences):
     with torch.no_grad():
         for seq in sequences:
             anchors = sample_anchors(len(seq.tokens), seq.prompt_len, 10_000, torch.Generator().manual_seed(0))
-            blocks = build_blocks(seq.tokens, anchors, drafter.config.block_size, drafter.config.mask_token_id, 7.0)
-            features = target_features(target, seq.tokens, drafter.config.target_layer_ids)
-            parts = sequence_loss(drafter, embedding, lm_head, seq.tokens, features, blocks)
-            total, weight = total + float(parts.weighted_ce), weight + parts.weight
+            batch = build_batch([seq.tokens], [anchors], drafter.config.block_size, drafter.config.mask_token_id, 7.0)
+            features = target_features(target, batch.tokens, batch.attention_mask, drafter.config.target_layer_ids)
+            parts = batch_loss(drafter, embedding, lm_head, batch.blocks, features)
+            total, weight = total + float(parts.weighted_ce), weight + float(parts.weight)
     return total / weight
 
 
@@ -86,11 +87,33 @@ def test_training_lowers_the_loss_and_raises_acceptance(run):
     assert accepted[1] > accepted[0] + 1.0, accepted
 
 
-def test_resume_continues_exactly(run, tmp_path):
+def test_batched_target_features_equal_per_sequence_ones(run):
+    target = _target(run["target"])
+    rows = load_sequences(os.path.join(run["out"], "data.jsonl"))[:3]
+    sequences = [s.tokens[:n] for (_, s), n in zip(rows, (60, 37, 51))]  # different lengths: padding
+    batch = build_batch(sequences, [torch.zeros(0, dtype=torch.int64)] * 3, 8, 0, 7.0)
+    features = target_features(target, batch.tokens, batch.attention_mask, (1, 2))
+    for row, tokens in enumerate(sequences):
+        alone = target_features(target, tokens[None], torch.ones_like(tokens)[None], (1, 2))[0]
+        torch.testing.assert_close(features[row, :len(tokens)], alone, rtol=1e-4, atol=1e-5)
+        assert not features[row, len(tokens):].any()
+
+
+def test_batches_respect_the_sequence_and_token_caps():
+    lengths = [5, 9, 3, 20, 4, 4]
+    assert pack_batches(range(6), lengths, 4, None) == [[0, 1, 2, 3], [4, 5]]
+    # padded tokens = count x longest <= 20; the 20-token sequence is a batch alone
+    assert pack_batches(range(6), lengths, 4, 20) == [[0, 1], [2], [3], [4, 5]]
+    assert pack_batches([3, 0], lengths, 4, 10) == [[3], [0]]
+
+
+@pytest.mark.parametrize("max_batch_tokens", [None, 120])
+def test_resume_continues_exactly(run, tmp_path, max_batch_tokens):
     target = _target(run["target"])
     sequences = [s for _, s in load_sequences(os.path.join(run["out"], "data.jsonl"))][:6]
     config = load_drafter(run["out"]).config
-    train = TrainConfig(num_draft_layers=2, block_size=8, num_anchors=8, batch_size=2, max_steps=4, save_every=2)
+    train = TrainConfig(num_draft_layers=2, block_size=8, num_anchors=8, batch_size=3, max_steps=6, save_every=2,
+                        max_batch_tokens=max_batch_tokens)
 
     def trainer(out, resume=False):
         return Trainer(target, new_drafter(config, seed=1), sequences, train, str(out), device=torch.device("cpu"),
@@ -99,9 +122,9 @@ def test_resume_continues_exactly(run, tmp_path):
     straight = trainer(tmp_path / "a")
     straight.run()
     first = trainer(tmp_path / "b")
-    first.run(until=2)
+    first.run(until=3)
     resumed = trainer(tmp_path / "b", resume=True)
-    assert resumed.step == 2
+    assert resumed.step == 3
     resumed.run()
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
     for (name, a), (_, b) in zip(straight.drafter.named_parameters(), resumed.drafter.named_parameters()):

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The DFlash training objective held to hand-computed cases and to a slow block-by-block re-implementation
-that runs the drafter exactly as the reference decoder does (one block, context = features before the anchor)."""
+that runs the drafter exactly as the reference decoder does (one block, context = features before the anchor),
+for one sequence and for a padded batch of sequences of different lengths (loss and gradients)."""
 
 import math
 
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 
 from dflash_sglang.core.model import DFlashDrafter
 from dflash_sglang.testing.tiny import drafter_config, random_drafter
-from dflash_sglang.training.objective import (IGNORE, build_blocks, context_mask, drafter_block_hidden,
-                                              position_weights, sample_anchors, sequence_loss)
+from torch.nn.utils.rnn import pad_sequence
+
+from dflash_sglang.training.objective import (IGNORE, LossParts, batch_loss, build_batch, build_blocks, context_mask,
+                                              drafter_block_hidden, position_weights, sample_anchors)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,6 +55,20 @@ def test_context_mask_by_hand():
     windowed = context_mask(torch.tensor([3]), block_size=2, seq_len=4, sliding_window=3)
     # query positions 3 and 4 see keys with q - k < 3 among those < 3
     assert windowed.int().tolist() == [[0, 1, 1, 0], [0, 0, 1, 0]]
+    batched = context_mask(torch.tensor([[1, 3], [3, 0]]), block_size=2, seq_len=4)
+    assert torch.equal(batched[0], mask) and batched[1, 2:].any().item() is False
+
+
+def test_batch_pads_sequences_and_blocks():
+    batch = build_batch([torch.tensor([10, 11, 12, 13, 14, 15]), torch.tensor([20, 21, 22])],
+                        [torch.tensor([2, 4]), torch.tensor([1])], block_size=3, mask_token_id=99, gamma=None)
+    assert batch.tokens.tolist() == [[10, 11, 12, 13, 14, 15], [20, 21, 22, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    blocks = batch.blocks
+    assert blocks.anchors.tolist() == [[2, 4], [1, 0]]
+    assert blocks.input_ids.tolist() == [[[12, 99, 99], [14, 99, 99]], [[21, 99, 99], [99, 99, 99]]]
+    assert blocks.labels[1].tolist() == [[IGNORE, 22, IGNORE], [IGNORE] * 3]
+    assert blocks.weights[1].tolist() == [[0, 1, 0], [0, 0, 0]]
 
 
 def _tiny_setup(seed=0, layer_types=None, is_causal=None):
@@ -74,8 +91,15 @@ def _tiny_setup(seed=0, layer_types=None, is_causal=None):
     return drafter, embedding, lm_head, tokens, features
 
 
-def _slow_loss(drafter: DFlashDrafter, embedding, lm_head, tokens, features, anchors, gamma):
-    """Block by block, as the reference decoder runs the drafter; CE per row by hand from log-softmax."""
+def _one_sequence(drafter, embedding, lm_head, tokens, features, anchors, gamma=7.0) -> LossParts:
+    """The objective on a batch of one sequence."""
+    batch = build_batch([tokens], [anchors], drafter.config.block_size, drafter.config.mask_token_id, gamma)
+    return batch_loss(drafter, embedding, lm_head, batch.blocks, features[None])
+
+
+def _slow_sums(drafter: DFlashDrafter, embedding, lm_head, tokens, features, anchors, gamma):
+    """Block by block, as the reference decoder runs the drafter; CE per row by hand from log-softmax.
+    Returns (weighted CE sum, weight sum)."""
     config = drafter.config
     block_size = config.block_size
     total, weight_sum = torch.zeros(()), 0.0
@@ -91,7 +115,7 @@ def _slow_loss(drafter: DFlashDrafter, embedding, lm_head, tokens, features, anc
                 w = math.exp(-(k - 1) / gamma)
                 total = total - w * logprobs[k, tokens[a + k]]
                 weight_sum += w
-    return total / weight_sum
+    return total, weight_sum
 
 
 @pytest.mark.parametrize("variant", ["non-causal", "sliding-causal", "all-causal"])
@@ -101,14 +125,14 @@ def test_one_pass_loss_equals_block_by_block(variant):
     drafter, embedding, lm_head, tokens, features = _tiny_setup(**kwargs)
     anchors = torch.tensor([3, 4, 8, 11])  # the last block runs past the end: 1 label
     blocks = build_blocks(tokens, anchors, drafter.config.block_size, drafter.config.mask_token_id, 7.0)
-    parts = sequence_loss(drafter, embedding, lm_head, tokens, features, blocks)
-    fast = parts.weighted_ce / parts.weight
-    slow = _slow_loss(drafter, embedding, lm_head, tokens, features, anchors, 7.0)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    parts = _one_sequence(drafter, embedding, lm_head, tokens, features, anchors)
+    slow, slow_weight = _slow_sums(drafter, embedding, lm_head, tokens, features, anchors, 7.0)
+    torch.testing.assert_close(parts.loss(), slow / slow_weight, rtol=1e-5, atol=1e-5)
     assert parts.num_scored == 3 * 3 + 1 and parts.num_blocks == 4
     # hidden states of every row match too (row 0 included)
-    noise = F.embedding(blocks.input_ids.reshape(-1), embedding)
-    hidden = drafter_block_hidden(drafter, noise, blocks, features).view(4, 4, -1)
+    noise = F.embedding(blocks.input_ids, embedding)
+    hidden = drafter_block_hidden(drafter, noise[None], build_batch([tokens], [anchors], 4, 63, 7.0).blocks,
+                                  features[None])[0]
     for j, a in enumerate(anchors.tolist()):
         ref = drafter(noise.view(4, 4, -1)[j], blocks.positions[j], drafter.context_kv(features[:a], torch.arange(a)),
                       torch.arange(a))
@@ -120,8 +144,53 @@ def test_loss_value_on_a_hand_made_case():
     drafter, embedding, lm_head, tokens, features = _tiny_setup()
     with torch.no_grad():
         drafter.norm.weight.zero_()
-    blocks = build_blocks(tokens, torch.tensor([5, 11]), 4, 63, 7.0)
-    parts = sequence_loss(drafter, embedding, lm_head, tokens, features, blocks)
+    parts = _one_sequence(drafter, embedding, lm_head, tokens, features, torch.tensor([5, 11]))
     e1, e2 = math.exp(-1 / 7), math.exp(-2 / 7)
-    assert parts.weight == pytest.approx((1 + e1 + e2) + 1)
-    assert float(parts.weighted_ce.detach()) == pytest.approx(math.log(64) * parts.weight, rel=1e-5)
+    assert float(parts.weight) == pytest.approx((1 + e1 + e2) + 1)
+    assert float(parts.weighted_ce.detach()) == pytest.approx(math.log(64) * float(parts.weight), rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["non-causal", "sliding-causal"])
+def test_batch_loss_and_gradients_equal_the_per_sequence_sums(variant):
+    """Sequences of different lengths and prompt lengths (one without anchors) in one padded batch: the loss and
+    every gradient equal those of the block-by-block computation summed over the sequences."""
+    kwargs = {"non-causal": {}, "sliding-causal": {"layer_types": ["sliding_attention", "full_attention"],
+                                                   "is_causal": True}}[variant]
+    drafter, embedding, lm_head, _, _ = _tiny_setup(**kwargs)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(13, 3), (9, 6), (17, 2), (7, 6)]  # (length, prompt length); the last one has no anchor
+    tokens = [torch.randint(0, 60, (n,), generator=g) for n, _ in shapes]
+    features = [torch.randn(n, drafter.config.num_context_features, generator=g) for n, _ in shapes]
+    anchors = [sample_anchors(n, p, 5, g) for n, p in shapes]
+    assert [a.numel() for a in anchors] == [5, 2, 5, 0]
+
+    batch = build_batch(tokens, anchors, drafter.config.block_size, drafter.config.mask_token_id, 7.0)
+    padded = pad_sequence(features, batch_first=True, padding_value=1e3)  # padding must never be seen
+    parts = batch_loss(drafter, embedding, lm_head, batch.blocks, padded)
+    fast_grads = torch.autograd.grad(parts.loss(), list(drafter.parameters()))
+
+    sums = [_slow_sums(drafter, embedding, lm_head, t, f, a, 7.0) for t, f, a in zip(tokens, features, anchors)]
+    slow = sum(s for s, _ in sums) / sum(w for _, w in sums)
+    slow_grads = torch.autograd.grad(slow, list(drafter.parameters()))
+    torch.testing.assert_close(parts.loss(), slow, rtol=1e-5, atol=1e-5)
+    for (name, _), fast_grad, slow_grad in zip(drafter.named_parameters(), fast_grads, slow_grads):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    singles = [_one_sequence(drafter, embedding, lm_head, t, f, a) for t, f, a in zip(tokens, features, anchors)]
+    with torch.no_grad():
+        torch.testing.assert_close(parts.weighted_ce, sum(p.weighted_ce for p in singles), rtol=1e-5, atol=1e-5)
+    for name in ("weight", "num_correct", "num_scored", "num_first_correct", "num_blocks"):
+        assert torch.allclose(getattr(parts, name), sum(getattr(p, name) for p in singles)), name
+    assert int(parts.num_blocks) == 12 and int(parts.num_scored) > 0
+
+
+def test_batch_loss_reads_nothing_back_to_the_host():
+    """No data-dependent op (``nonzero``, ``item``) in the loss, forward or backward: on a GPU nothing in it
+    waits for the device."""
+    drafter, embedding, lm_head, tokens, features = _tiny_setup()
+    batch = build_batch([tokens, tokens[:9]], [torch.tensor([3, 8]), torch.tensor([4])], 4, 63, 7.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        parts = batch_loss(drafter, embedding, lm_head, batch.blocks, torch.stack([features, features]))
+        parts.loss().backward()
+    ops = {event.name for event in prof.events()}
+    assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::masked_select"}, ops

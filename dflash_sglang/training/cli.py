@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--init-from", help="start from this drafter checkpoint instead of random weights")
     train = p.add_argument_group("training")
     for name in ("num_anchors", "gamma", "lr", "warmup_ratio", "weight_decay", "epochs", "max_steps", "batch_size",
-                 "grad_clip", "max_seq_len", "save_every", "keep_checkpoints", "seed"):
+                 "max_batch_tokens", "grad_clip", "max_seq_len", "save_every", "keep_checkpoints", "seed"):
         default = getattr(TrainConfig, name)
-        kind = int if name in ("max_steps",) else type(default)
+        kind = int if name in ("max_steps", "max_batch_tokens") else type(default)
         train.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the drafter's layer forward (dynamic shapes; the first steps compile)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <out>")
     train.add_argument("--time-limit-min", type=float,
                        help="checkpoint and stop after this many minutes of training (continue with --resume)")

@@ -2,6 +2,12 @@
 """The training loop: a new drafter shaped after its target, AdamW with warmup + cosine decay, checkpoints that
 resume bit-for-bit, and the acceptance length measured with the project's reference decoder.
 
+One optimizer step is one batch: the anchors and blocks are built on the host and copied to the device at
+once, then one target forward over the right-padded sequences, one drafter forward + backward over all their
+blocks (``objective.batch_loss``), the clipped AdamW update, and a single host read of the logged numbers.
+
+Batches: consecutive sequences of the epoch's order, at most ``batch_size`` of them and, with
+``max_batch_tokens``, at most that many padded tokens (count x longest; a longer sequence is a batch alone).
 Determinism: the order of sequences in epoch ``e`` comes from a generator seeded with ``(seed, e)`` and the
 anchors of step ``t`` from one seeded with ``(seed, t)``, so a run resumed from a checkpoint (weights, AdamW
 moments, scheduler, step) takes exactly the steps the uninterrupted run would.
@@ -24,7 +30,7 @@ from dflash_sglang.core.checkpoint import load_drafter, save_drafter
 from dflash_sglang.core.config import DFlashDraftConfig, default_target_layer_ids
 from dflash_sglang.core.model import DFlashDrafter
 from dflash_sglang.training.data import TrainingSequence
-from dflash_sglang.training.objective import build_blocks, sample_anchors, sequence_loss
+from dflash_sglang.training.objective import Batch, batch_loss, build_batch, layer_forward, sample_anchors
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -46,6 +52,8 @@ class TrainConfig:
     epochs: float = 6.0
     max_steps: int | None = None
     batch_size: int = 4  # sequences per optimizer step
+    max_batch_tokens: int | None = None  # cap on a step's padded tokens (sequences x longest); None: no cap
+    compile: bool = False  # torch.compile the drafter's layer forward (dynamic shapes)
     grad_clip: float = 1.0
     max_seq_len: int = 2048
     save_every: int = 500
@@ -121,12 +129,41 @@ def new_drafter(config: DFlashDraftConfig, seed: int) -> DFlashDrafter:
     return drafter
 
 
-def target_features(target, tokens: torch.Tensor, layer_ids: Sequence[int]) -> torch.Tensor:
-    """[S] int64 -> [S, len(layer_ids) * H]: the target's ``hidden_states[i + 1]``, concatenated."""
+def target_features(target, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                    layer_ids: Sequence[int]) -> torch.Tensor:
+    """The target's ``hidden_states[i + 1]`` for ``i`` in ``layer_ids``, concatenated, of right-padded sequences.
+
+    Args:
+        tokens: [bs, S] int64; attention_mask: [bs, S] int64, 1 on real tokens (a prefix of each row, so the
+            real tokens' positions and features are those of the sequence alone).
+    Returns:
+        [bs, S, len(layer_ids) * H], zero at padding positions.
+    """
     with torch.no_grad():
-        out = target(input_ids=tokens[None], output_hidden_states=True, use_cache=False,
+        out = target(input_ids=tokens, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
                      logits_to_keep=1)
-    return torch.cat([out.hidden_states[i + 1][0] for i in layer_ids], dim=-1)
+        features = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
+        return features * attention_mask[..., None].to(features.dtype)
+
+
+def pack_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                 max_tokens: int | None) -> list[list[int]]:
+    """Splits ``order`` into consecutive batches of at most ``batch_size`` sequences and, when ``max_tokens`` is
+    set, at most ``max_tokens`` padded tokens (count x longest); a sequence over the cap forms a batch alone."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        grown = max(longest, lengths[index])
+        full = len(current) == batch_size or (max_tokens is not None and grown * (len(current) + 1) > max_tokens)
+        if current and full:
+            batches.append(current)
+            current, grown = [], lengths[index]
+        current.append(index)
+        longest = grown
+    if current:
+        batches.append(current)
+    return batches
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -156,7 +193,11 @@ class Trainer:
         self.out_dir, self.device, self.progress = out_dir, device, progress
         self.embedding = target.get_input_embeddings().weight.detach()
         self.lm_head = target.get_output_embeddings().weight.detach()
-        self.steps_per_epoch = math.ceil(len(sequences) / train.batch_size)
+        self.layer_forward = torch.compile(layer_forward, dynamic=True) if train.compile else layer_forward
+        self._lengths = [len(seq.tokens) for seq in sequences]
+        self._epoch: tuple[int, int, list[list[int]]] = (0, 0, self.epoch_batches(0))  # epoch, first step, batches
+        # NOTE: with max_batch_tokens the epochs' batch counts differ slightly (other orders); epoch 0's is used.
+        self.steps_per_epoch = len(self._epoch[2])
         self.total_steps = train.max_steps or max(1, round(train.epochs * self.steps_per_epoch))
         self.optimizer = torch.optim.AdamW(drafter.parameters(), lr=train.lr, betas=(0.9, 0.95),
                                            weight_decay=train.weight_decay)
@@ -168,45 +209,56 @@ class Trainer:
             self._restore()
 
     # ----------------------------------------------------------------------------------------------
-    def batch_indices(self, step: int) -> list[int]:
-        epoch, offset = divmod(step, self.steps_per_epoch)
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The sequence indices of each batch of ``epoch`` (see the module docstring)."""
         order = torch.randperm(len(self.sequences), generator=_generator(self.train.seed, epoch)).tolist()
-        return order[offset * self.train.batch_size:(offset + 1) * self.train.batch_size]
+        return pack_batches(order, self._lengths, self.train.batch_size, self.train.max_batch_tokens)
+
+    def batch_indices(self, step: int) -> list[int]:
+        epoch, first, batches = self._epoch
+        if step < first:
+            epoch, first, batches = 0, 0, self.epoch_batches(0)
+        while step >= first + len(batches):
+            epoch, first = epoch + 1, first + len(batches)
+            batches = self.epoch_batches(epoch)
+        self._epoch = (epoch, first, batches)
+        return batches[step - first]
+
+    def host_batch(self, step: int) -> Batch:
+        """Step ``step``'s sequences and their seeded anchors, as a padded :class:`Batch` on the host."""
+        anchors_gen = _generator(self.train.seed, 1_000_003, step)
+        config = self.drafter.config
+        sequences = [self.sequences[index] for index in self.batch_indices(step)]
+        anchors = [sample_anchors(len(s.tokens), s.prompt_len, self.train.num_anchors, anchors_gen)
+                   for s in sequences]
+        return build_batch([s.tokens for s in sequences], anchors, config.block_size, config.mask_token_id,
+                           self.train.gamma)
 
     def train_step(self) -> dict:
-        """One optimizer step over ``batch_size`` sequences; the loss is the batch's weighted mean."""
-        anchors_gen = _generator(self.train.seed, 1_000_003, self.step)
-        config = self.drafter.config
-        work = []
-        for index in self.batch_indices(self.step):
-            seq = self.sequences[index]
-            anchors = sample_anchors(len(seq.tokens), seq.prompt_len, self.train.num_anchors, anchors_gen)
-            if anchors.numel():
-                tokens = seq.tokens.to(self.device)
-                work.append((tokens, build_blocks(tokens, anchors, config.block_size, config.mask_token_id,
-                                                  self.train.gamma)))
-        total_weight = sum(float(b.weights.sum()) for _, b in work) or 1.0
+        """One optimizer step over one batch; the loss is the batch's weighted mean. The device work is queued
+        without a host synchronisation; the logged numbers are read back once, at the end."""
+        host = self.host_batch(self.step)
+        num_tokens = int(host.attention_mask.sum())
+        batch = host.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        totals = {"ce": 0.0, "correct": 0, "scored": 0, "first": 0, "blocks": 0, "tokens": 0}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        for tokens, blocks in work:
-            features = target_features(self.target, tokens, config.target_layer_ids)
-            with autocast:
-                parts = sequence_loss(self.drafter, self.embedding, self.lm_head, tokens, features, blocks)
-            (parts.weighted_ce / total_weight).backward()
-            totals["ce"] += float(parts.weighted_ce.detach())
-            totals["correct"] += parts.num_correct
-            totals["scored"] += parts.num_scored
-            totals["first"] += parts.num_first_correct
-            totals["blocks"] += parts.num_blocks
-            totals["tokens"] += len(tokens)
+        layer_ids = self.drafter.config.target_layer_ids
+        features = target_features(self.target, batch.tokens, batch.attention_mask, layer_ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            parts = batch_loss(self.drafter, self.embedding, self.lm_head, batch.blocks, features,
+                               self.layer_forward)
+        loss = parts.loss()
+        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {"step": self.step, "loss": totals["ce"] / total_weight, "grad_norm": float(grad_norm),
-                "lr": self.scheduler.get_last_lr()[0], "acc": totals["correct"] / max(totals["scored"], 1),
-                "acc_first": totals["first"] / max(totals["blocks"], 1), "tokens": totals["tokens"]}
+        logged = torch.stack([t.to(loss.device, torch.float64) for t in (
+            loss.detach(), grad_norm, parts.num_correct, parts.num_scored, parts.num_first_correct, parts.num_blocks)
+        ]).tolist()  # the step's one host read
+        loss_value, norm, correct, scored, first, blocks = logged
+        return {"step": self.step, "loss": loss_value, "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],
+                "acc": correct / max(scored, 1), "acc_first": first / max(blocks, 1),
+                "tokens": num_tokens}
 
     def run(self, until: int | None = None, on_step: Callable[[dict], None] | None = None,
             deadline: float | None = None) -> list[dict]:
