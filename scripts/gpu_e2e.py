@@ -4,11 +4,18 @@ outputs over a batch of concurrent prompts, for each requested draft attention b
 
     python scripts/gpu_e2e.py --out results.json [--draft-backends triton flashinfer] [--cuda-graph]
                               [--dtype float32|bfloat16] [--target qwen3|gemma4-dense|gemma4-moe]
-                              [--page-size 16] [--disable-overlap-schedule] [--commit SHA]
+                              [--page-size 16] [--disable-overlap-schedule] [--request-options regex ...]
+                              [--commit SHA]
 
 ``--target gemma4-*``: a tiny Gemma 4 (dense, or with the 26B-A4B MoE block) with sliding layers of head size
 64 and a 32-token window (shorter than prompt + output, so both passes' windows act) and full layers of 128
 (GQA 4:1), and a random drafter.
+
+``--request-options``: sampling options added to every request (``REQUEST_OPTIONS``: penalties, logit bias,
+min_new_tokens, a regex grammar), served on the GPU by ``serving/block_logit_processing.py`` and
+``serving/block_grammar.py``. The baseline then runs without the overlap scheduler (SGLang's overlap loop counts
+penalties one token late) and with xgrammar; a parting is not explained by margins (the scoring request cannot
+carry a grammar's or a penalty's state), so every parting counts.
 
 Writes a JSON report (provenance, settings; per case: identical, mismatches with both outputs' token ids,
 acceptance length, wall time of both servers).
@@ -53,15 +60,24 @@ MAX_PARTINGS = 8
 # and on the H100 with triton. A lossless run far below that is a broken drafter pass (wrong attention, lost
 # context), which output equality alone cannot see.
 MIN_AGREEING_ACCEPTANCE = 4.0
+REQUEST_OPTIONS = {
+    "frequency_penalty": {"frequency_penalty": 0.8},
+    "presence_penalty": {"presence_penalty": 1.0},
+    "logit_bias": {"logit_bias": {"42": 4.0, "7": -4.0}},
+    "min_new_tokens": {"min_new_tokens": 24},
+    "regex": {"regex": "[a-z ]{8,60}"},
+}
+PENALTIES = ("frequency_penalty", "presence_penalty")
 PROMPTS = [f"{'one two three ' * (i % 5)}Tell me about item number {i} and why it" for i in range(16)]
 
 
-def run_batch(server: ServerProcess, prompts: list[list[int]], max_new_tokens: int, concurrent_requests: bool = True
-              ) -> tuple[list[list[int]], list[dict], float]:
-    """All prompts at once (one batch) or one after another (batch size 1); greedy."""
+def run_batch(server: ServerProcess, prompts: list[list[int]], max_new_tokens: int, concurrent_requests: bool = True,
+              options: dict | None = None) -> tuple[list[list[int]], list[dict], float]:
+    """All prompts at once (one batch) or one after another (batch size 1); greedy, with ``options`` added to
+    every request's sampling parameters."""
     def one(prompt: list[int]) -> dict:
-        return server.generate({"input_ids": prompt,
-                                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}})
+        return server.generate({"input_ids": prompt, "sampling_params": {
+            "max_new_tokens": max_new_tokens, "temperature": 0, **(options or {})}})
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(prompts) if concurrent_requests else 1) as pool:
@@ -140,6 +156,8 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=1, help="SGLang's --page-size, for both servers")
     parser.add_argument("--disable-overlap-schedule", action="store_true",
                         help="DFLASH's host-committed loop instead of the overlap scheduler (both servers)")
+    parser.add_argument("--request-options", nargs="+", default=[], choices=sorted(REQUEST_OPTIONS),
+                        help="sampling options added to every request (penalties, logit bias, a regex grammar)")
     parser.add_argument("--logs", default=None, help="folder for server logs (default: a temp folder)")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
     args = parser.parse_args()
@@ -165,7 +183,8 @@ def main() -> int:
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     common = ["--model-path", checkpoints["target"], "--device", "cuda", "--attention-backend", args.target_backend,
               "--dtype", args.dtype, "--mem-fraction-static", "0.15", "--max-total-tokens", "32768",
-              "--grammar-backend", "none", "--skip-server-warmup", "--disable-piecewise-cuda-graph",
+              "--grammar-backend", "xgrammar" if "regex" in args.request_options else "none",
+              "--skip-server-warmup", "--disable-piecewise-cuda-graph",
               "--cuda-graph-max-bs", "16", "--random-seed", "0"]
     if not args.cuda_graph:
         common.append("--disable-cuda-graph")
@@ -173,12 +192,16 @@ def main() -> int:
         common += ["--page-size", str(args.page_size)]
     if args.disable_overlap_schedule:
         common.append("--disable-overlap-schedule")
-    report = {**provenance(args.commit), "settings": vars(args), "cases": []}
+    options = {key: value for name in args.request_options for key, value in REQUEST_OPTIONS[name].items()}
+    penalized = any(name in PENALTIES for name in args.request_options)
+    baseline_args = common + (["--disable-overlap-schedule"] if penalized and not args.disable_overlap_schedule else [])
+    report = {**provenance(args.commit), "settings": vars(args), "request_options": options, "cases": []}
     failed = False
-    with ServerProcess(common, log_path=os.path.join(logs, "baseline.log")) as baseline:
-        base_ids, _, base_time = run_batch(baseline, prompts, args.max_new_tokens)
-        base_ids_again, _, base_time = run_batch(baseline, prompts, args.max_new_tokens)  # warm timing
-        base_seq, _, base_seq_time = run_batch(baseline, prompts, args.max_new_tokens, concurrent_requests=False)
+    with ServerProcess(baseline_args, log_path=os.path.join(logs, "baseline.log")) as baseline:
+        base_ids, _, base_time = run_batch(baseline, prompts, args.max_new_tokens, options=options)
+        base_ids_again, _, base_time = run_batch(baseline, prompts, args.max_new_tokens, options=options)  # warm
+        base_seq, _, base_seq_time = run_batch(baseline, prompts, args.max_new_tokens, concurrent_requests=False,
+                                               options=options)
         # Batched GPU kernels round differently with the batch's composition: near-tied logits of a random
         # tiny model can flip. Record how stable the baseline itself is next to DFLASH's agreement with it.
         report["baseline_batch_vs_batch_mismatches"] = mismatches(base_ids, base_ids_again)
@@ -191,10 +214,10 @@ def main() -> int:
                 case = {"draft_backend": backend, "drafter": drafter}
                 try:
                     with ServerProcess(common + extra, log_path=os.path.join(logs, f"{name}.log")) as server:
-                        run_batch(server, prompts, args.max_new_tokens)  # warm-up
-                        spec_ids, metas, spec_time = run_batch(server, prompts, args.max_new_tokens)
+                        run_batch(server, prompts, args.max_new_tokens, options=options)  # warm-up
+                        spec_ids, metas, spec_time = run_batch(server, prompts, args.max_new_tokens, options=options)
                         spec_seq, _, spec_seq_time = run_batch(server, prompts, args.max_new_tokens,
-                                                               concurrent_requests=False)
+                                                               concurrent_requests=False, options=options)
                 except Exception as error:  # a server that fails to start is a failed case, reported
                     case.update(identical=False, error=str(error)[-4000:])
                     report["cases"].append(case)
@@ -206,11 +229,12 @@ def main() -> int:
                 accept = [m.get("spec_accept_length", 0.0) for m in metas]
                 # Exact check: one request at a time (no batch-composition rounding). Batched outputs are
                 # reported next to the baseline's own batch-to-batch instability.
-                explained = {i: partings(baseline, prompts[i], base_seq[i], spec_seq[i]) for i in sequential_diff}
+                explained = {} if options else {i: partings(baseline, prompts[i], base_seq[i], spec_seq[i])
+                                                    for i in sequential_diff}
                 for i, found in explained.items():
                     add_exact_margins(target_fp32, prompts[i], spec_seq[i], found)
-                real = [i for i, found in explained.items()
-                        if not all(is_tie(p, TIE_TOLERANCE[args.dtype]) for p in found)]
+                real = sequential_diff if options else [
+                    i for i, found in explained.items() if not all(is_tie(p, TIE_TOLERANCE[args.dtype]) for p in found)]
                 mean_accept = sum(accept) / len(accept)
                 drafter_works = drafter != "drafter-agree" or mean_accept >= MIN_AGREEING_ACCEPTANCE
                 case.update(identical=not sequential_diff, drafter_works=drafter_works,
