@@ -4,10 +4,15 @@
 # back: the machine keeps /tmp while it stays warm). Results go to $OUT (or ./gpu-out).
 #   bash scripts/gpu_train_smollm2.sh stage            # copy the carried .device/smollm2 files to /tmp/dflash-stage
 #   bash scripts/gpu_train_smollm2.sh smoke            # time regeneration + training on a random SmolLM2-shaped target
-#   bash scripts/gpu_train_smollm2.sh train [ARGS...]  # join + convert the GGUF, dflash-train ARGS, drafter -> $OUT
-# Regeneration with transformers' generate is the slow part (~1024 prompts x 256 tokens took ~100 s of a call).
+#   bash scripts/gpu_train_smollm2.sh train [ARGS...]  # join + convert the GGUF, dflash-train ARGS, results -> $OUT
+# `train` regenerates with SGLang's offline engine (dflash-train --regenerate-with sglang, the default where SGLang
+# imports): the kit carried in the same call (.gpu-kit), or installed in /tmp/site by an earlier call while the
+# machine stayed warm. transformers' generate managed only ~3.3k tokens/s on an H200.
+# $OUT after `train` (at most 8 files come back): data.jsonl.gz.part-NN (the regenerated cache, gzip, 15 MiB
+# parts: `cat data.jsonl.gz.part-* > data.jsonl.gz`), drafter/model.safetensors.part-NN, and run.tgz (the
+# drafter's config.json and model.safetensors.sha256, eval.json, training_log.json, train.log).
 set -uo pipefail
-out="${OUT:-gpu-out}"; mkdir -p "$out"
+out="${OUT:-gpu-out}"; mkdir -p "$out"; out=$(cd "$out" && pwd)
 stage=/tmp/dflash-stage
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site-gguf${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$stage"
@@ -41,6 +46,13 @@ EOF
     ;;
   train)
     shift
+    if [ -f .gpu-kit/install.sh ]; then
+      source .gpu-kit/install.sh >/dev/null 2>&1
+    elif [ -d /tmp/site/sglang ]; then
+      export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    fi
+    (cd /tmp && python3 -c "import sglang; print('SGLang', sglang.__version__, 'importable')") ||
+      echo "SGLang does not import: carry .gpu-kit (dflash-train --regenerate-with auto falls back to transformers)"
     manifest="$stage/gguf/manifest.json"
     gguf=/tmp/smollm2.gguf
     python3 - "$manifest" "$gguf" <<'EOF' || exit 1
@@ -58,15 +70,20 @@ EOF
     python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf "$stage"/whl/*.whl 2>&1 | tail -1
     python3 -c "from dflash_sglang.testing.gguf_convert import convert_gguf; convert_gguf('$gguf', '/tmp/smollm2/target')" \
       || exit 1
-    train --target /tmp/smollm2/target --out /tmp/smollm2/run --no-progress "$@" 2>&1 | tee "$out/train.log" | tail -30
-    # The device returns at most 8 files of 16 MiB: the drafter (39 MB in bf16) comes back in parts
-    # (`cat drafter/model.safetensors.part-* > model.safetensors`; sha256 in drafter/model.safetensors.sha256).
-    mkdir -p "$out/drafter"
-    (cd /tmp/smollm2/run && split -b 15M -d model.safetensors "$out/drafter/model.safetensors.part-" &&
-     sha256sum model.safetensors > "$out/drafter/model.safetensors.sha256")
-    cp /tmp/smollm2/run/config.json "$out/drafter/"
-    cp /tmp/smollm2/run/eval.json "$out/" 2>/dev/null
-    gzip -c /tmp/smollm2/run/training_log.json > "$out/training_log.json.gz"
+    run=/tmp/smollm2/run
+    mkdir -p "$run"
+    train --target /tmp/smollm2/target --out "$run" --no-progress "$@" 2>&1 | tee "$run/train.log" | tail -30
+    # The device returns at most 8 files of 16 MiB: the data and the drafter (39 MB in bf16) come back in parts,
+    # the small files in one archive.
+    [ -f "$run/data.jsonl" ] && gzip -c "$run/data.jsonl" | split -b 15M -d - "$out/data.jsonl.gz.part-"
+    if [ -f "$run/model.safetensors" ]; then
+      mkdir -p "$out/drafter"
+      (cd "$run" && split -b 15M -d model.safetensors "$out/drafter/model.safetensors.part-" &&
+       sha256sum model.safetensors > model.safetensors.sha256)
+    fi
+    (cd "$run" && tar czf "$out/run.tgz" $(ls config.json model.safetensors.sha256 eval.json training_log.json \
+      train.log 2>/dev/null))
+    ls -la "$out" "$out/drafter" 2>/dev/null
     ;;
   *) echo "usage: $0 stage|smoke|train [dflash-train arguments]"; exit 2 ;;
 esac

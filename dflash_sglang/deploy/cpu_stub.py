@@ -5,11 +5,13 @@
 cannot start, even with ``--device cpu``. The stand-in defines every driver entry point those libraries
 import as a function returning CUDA_ERROR_NO_DEVICE (100). It is compiled once with the system C compiler
 into a cache folder; a process that should use it needs that folder on ``LD_LIBRARY_PATH`` at start-up
-(``cpu_server_env``). Never used where a real driver is present.
+(``cpu_server_env``), or, already running, the stand-in loaded before SGLang is imported
+(``prepare_cpu_engine_process``). Never used where a real driver is present.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import glob
 import hashlib
@@ -89,6 +91,17 @@ def cpu_server_env(base: dict[str, str] | None = None, tp_size: int = 1) -> dict
     if tp_size > 1:
         env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_threads_bind(tp_size))
     return env
+
+
+def prepare_cpu_engine_process() -> None:
+    """Lets this running process start ``sglang.Engine`` on the CPU: :func:`cpu_server_env` for it and the
+    engine's subprocesses, and the stand-in loaded now, since the dynamic loader read ``LD_LIBRARY_PATH`` at
+    start-up (a library loaded globally satisfies later ``libcuda.so.1`` dependencies by its soname). Call it
+    before SGLang's engine is imported; it changes this process's environment."""
+    os.environ.update(cpu_server_env())
+    folder = ensure_libcuda_stub()
+    if folder is not None:
+        ctypes.CDLL(os.path.join(folder, "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
 
 
 def cpu_threads_bind(tp_size: int) -> str:

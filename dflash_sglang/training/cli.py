@@ -21,6 +21,7 @@ from dflash_sglang.core.checkpoint import load_drafter
 from dflash_sglang.training.data import encode_prompt, load_prompts, load_sequences, regenerate
 from dflash_sglang.training.loop import (TrainConfig, Trainer, drafter_config_for, evaluate_acceptance,
                                          list_checkpoints, new_drafter, pick_mask_token_id)
+from dflash_sglang.training.regenerate_sglang import regenerate_with_sglang, sglang_can_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--regenerate", action="store_true",
                       help="(re)run the target on --prompts and extend the cache (implied when it does not exist)")
     data.add_argument("--max-new-tokens", type=int, default=512, help="response length cap when regenerating")
-    data.add_argument("--gen-batch-size", type=int, default=32)
+    data.add_argument("--regenerate-with", choices=("auto", "sglang", "transformers"), default="auto",
+                      help="the engine that answers the prompts: sglang (SGLang's offline engine, all prompts "
+                           "batched by SGLang itself; the fast one on a GPU) or transformers (generate in batches of "
+                           "--gen-batch-size); auto: sglang on a CUDA device when SGLang is installed, else "
+                           "transformers (on the CPU SGLang runs too, but its ~30 s start-up outweighs its speed)")
+    data.add_argument("--sglang-args", type=json.loads, default={},
+                      help='extra sglang.Engine (ServerArgs) fields as JSON, e.g. \'{"cuda_graph_max_bs": 512}\'')
+    data.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generate call (transformers)")
     data.add_argument("--gen-temperature", type=float, default=0.0, help="0 = greedy responses")
     data.add_argument("--max-prompt-tokens", type=int, default=1024)
     data.add_argument("--regenerate-only", action="store_true", help="stop once the token cache is written")
@@ -78,21 +86,42 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     tokenizer.padding_side = "left"
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(device).eval()
-    target.requires_grad_(False)
     progress = not args.no_progress
 
+    def load_target():
+        model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(device).eval()
+        return model.requires_grad_(False)
+
+    target = None
     data_path = args.data or os.path.join(args.out, "data.jsonl")
     if args.regenerate or not os.path.exists(data_path):
         if not args.prompts:
             raise SystemExit(f"dflash-train: no token cache at {data_path}: pass --prompts to regenerate one")
         prompts = load_prompts(args.prompts, args.num_prompts)
-        print(f"dflash-train: regenerating {len(prompts)} responses with the target -> {data_path}", file=sys.stderr)
-        regenerate(target, tokenizer, prompts, data_path, max_new_tokens=args.max_new_tokens,
-                   batch_size=args.gen_batch_size, temperature=args.gen_temperature,
-                   max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, progress=progress)
+        engine = args.regenerate_with
+        if engine == "auto":
+            engine = "sglang" if sglang_can_run(device) else "transformers"
+        print(f"dflash-train: regenerating {len(prompts)} responses with the target ({engine}) -> {data_path}",
+              file=sys.stderr)
+        start = time.monotonic()
+        if engine == "sglang":
+            # The engine is shut down (its GPU memory freed) before the target is loaded here for training.
+            written = regenerate_with_sglang(args.target, tokenizer, prompts, data_path,
+                                             max_new_tokens=args.max_new_tokens, temperature=args.gen_temperature,
+                                             max_prompt_tokens=args.max_prompt_tokens, seed=args.seed,
+                                             device=device, dtype=dtype, engine_args=args.sglang_args,
+                                             progress=progress)
+        else:
+            target = load_target()
+            written = regenerate(target, tokenizer, prompts, data_path, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.gen_batch_size, temperature=args.gen_temperature,
+                                 max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, progress=progress)
+        seconds = time.monotonic() - start
+        print(f"dflash-train: {written[0]} new rows, {written[1]} response tokens in {seconds:.1f} s "
+              f"({written[1] / seconds:.0f} tokens/s)", file=sys.stderr)
     if args.regenerate_only:
         return 0
+    target = target if target is not None else load_target()
     rows = load_sequences(data_path, args.max_seq_len)
     holdout = min(args.eval_holdout, len(rows) - 1)
     train_rows, held = rows[:len(rows) - holdout], rows[len(rows) - holdout:]

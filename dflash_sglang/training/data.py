@@ -1,14 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """Training data: prompts from packaged sets or a user's JSONL, answered by the target itself, cached as tokens.
 
-A drafter learns to predict its target, so the responses are the target's own (regenerated with transformers,
-greedy or sampled), as the DFlash paper and SpecForge's ``scripts/train_dflash.py`` do. The cache is a JSONL
-file, one ``{"source", "index", "prompt_ids", "response_ids"}`` per line; a partly written cache is extended,
-not restarted.
+A drafter learns to predict its target, so the responses are the target's own (greedy or sampled), as the
+DFlash paper and SpecForge's ``scripts/train_dflash.py`` do: here with transformers' ``generate``
+(:func:`regenerate`), or with SGLang's offline engine (``regenerate_sglang``), both through :class:`CacheWriter`.
+The cache is a JSONL file, one ``{"source", "index", "prompt_ids", "response_ids"}`` per line, in prompt order;
+a response ends with the first stop token the target produced (included), or at ``max_new_tokens``. A partly
+written cache is extended, not restarted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -46,9 +49,11 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def _stop_ids(target, tokenizer) -> set[int]:
+def stop_token_ids(tokenizer, *configs) -> set[int]:
+    """The ids that end a response: the ``eos_token_id`` (one or a list) of each config given (the model's
+    config, its generation config) and the tokenizer's eos token."""
     stops = set()
-    for source in (getattr(target, "generation_config", None), target.config):
+    for source in configs:
         eos = getattr(source, "eos_token_id", None)
         stops |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -56,28 +61,87 @@ def _stop_ids(target, tokenizer) -> set[int]:
     return stops
 
 
+def target_stop_ids(target_path: str, tokenizer) -> set[int]:
+    """:func:`stop_token_ids` of a target folder's config and generation config, without loading its weights
+    (the set the transformers path gets from the loaded model)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    configs = [AutoConfig.from_pretrained(target_path)]
+    with contextlib.suppress(OSError):  # no generation_config.json: transformers derives it from the config
+        configs.append(GenerationConfig.from_pretrained(target_path))
+    return stop_token_ids(tokenizer, *configs)
+
+
+def cut_at_stop(tokens: Sequence[int], stops: set[int]) -> list[int]:
+    """``tokens`` up to and including the first stop token (all of them when none is there)."""
+    response = []
+    for token in tokens:
+        response.append(token)
+        if token in stops:
+            break
+    return response
+
+
+class CacheWriter:
+    """Appends rows to a token cache, skipping prompts it already holds.
+
+    ``todo`` is the prompts of ``prompts`` whose (source, index) is not in the cache yet, in their order;
+    :meth:`write` appends one answered prompt and flushes it, so an interrupted run leaves only whole rows.
+    """
+
+    def __init__(self, out_path: str, prompts: Sequence[Prompt], tokenizer, max_prompt_tokens: int) -> None:
+        done = set()
+        if os.path.exists(out_path):
+            done = {(row["source"], row["index"]) for row in _read_rows(out_path)}
+        self.todo = [p for p in prompts if (p.dataset, p.index) not in done]
+        self.tokenizer, self.max_prompt_tokens = tokenizer, max_prompt_tokens
+        self.out_path = out_path
+        self.written = 0
+        self.response_tokens = 0
+        self._handle = None
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids as cached: chat-formatted, the last ``max_prompt_tokens`` kept."""
+        return encode_prompt(self.tokenizer, prompt.text)[-self.max_prompt_tokens:]
+
+    def write(self, prompt: Prompt, prompt_ids: list[int], response_ids: list[int]) -> None:
+        if self._handle is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.out_path)), exist_ok=True)
+            self._handle = open(self.out_path, "a", encoding="utf-8")
+        self._handle.write(json.dumps({"source": prompt.dataset, "index": prompt.index, "prompt_ids": prompt_ids,
+                                       "response_ids": response_ids}) + "\n")
+        self._handle.flush()
+        self.written += 1
+        self.response_tokens += len(response_ids)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @torch.inference_mode()
 def regenerate(target, tokenizer, prompts: Sequence[Prompt], out_path: str, *, max_new_tokens: int,
                batch_size: int = 16, temperature: float = 0.0, max_prompt_tokens: int = 1024,
-               seed: int = 0, progress: bool = True) -> int:
-    """Answers ``prompts`` with ``target`` (batched, left-padded ``generate``) and appends the token sequences
-    to ``out_path``; prompts already in the file (same source and index) are skipped. Returns the count written.
-    """
-    done = set()
-    if os.path.exists(out_path):
-        done = {(row["source"], row["index"]) for row in _read_rows(out_path)}
-    todo = [p for p in prompts if (p.dataset, p.index) not in done]
+               seed: int = 0, progress: bool = True) -> tuple[int, int]:
+    """Answers ``prompts`` with ``target`` (batched, left-padded transformers ``generate``) and appends the
+    token sequences to ``out_path``; prompts already in the file (same source and index) are skipped. Returns
+    the rows and response tokens written."""
     device = next(target.parameters()).device
-    stops = _stop_ids(target, tokenizer)
+    stops = stop_token_ids(tokenizer, getattr(target, "generation_config", None), target.config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops) if stops else 0
     torch.manual_seed(seed)
-    written = 0
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    bar = _bar(len(todo), "regenerate", progress)
-    with open(out_path, "a", encoding="utf-8") as handle:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            encoded = [encode_prompt(tokenizer, p.text)[-max_prompt_tokens:] for p in batch]
+    with CacheWriter(out_path, prompts, tokenizer, max_prompt_tokens) as cache:
+        bar = progress_bar(len(cache.todo), "regenerate", progress)
+        for start in range(0, len(cache.todo), batch_size):
+            batch = cache.todo[start:start + batch_size]
+            encoded = [cache.encode(p) for p in batch]
             width = max(map(len, encoded))
             input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
             attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
@@ -86,18 +150,10 @@ def regenerate(target, tokenizer, prompts: Sequence[Prompt], out_path: str, *, m
                                   do_sample=sample, temperature=temperature if sample else None,
                                   top_p=None, top_k=None, pad_token_id=pad, eos_token_id=sorted(stops) or None)
             for prompt, ids, row in zip(batch, encoded, out[:, width:].tolist()):
-                response = []
-                for token in row:
-                    response.append(token)
-                    if token in stops:
-                        break
-                handle.write(json.dumps({"source": prompt.dataset, "index": prompt.index, "prompt_ids": ids,
-                                         "response_ids": response}) + "\n")
-                written += 1
-            handle.flush()
+                cache.write(prompt, ids, cut_at_stop(row, stops))
             bar.update(len(batch))
-    bar.close()
-    return written
+        bar.close()
+    return cache.written, cache.response_tokens
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -118,7 +174,7 @@ def load_sequences(path: str, max_seq_len: int | None = None) -> list[tuple[dict
     return out
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
