@@ -86,14 +86,14 @@ class Gemma4TextModel(nn.Module):
             Gemma4DecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # transformers multiplies by sqrt(hidden) cast to the weights' dtype (bf16: sqrt(2816) -> 53.0)
+        self.embed_scale = float(torch.tensor(config.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype))
         self.layers_to_capture: list[int] = []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                 input_embeds: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         if input_embeds is None:
-            hidden = self.embed_tokens(input_ids)
-            # transformers multiplies by sqrt(hidden) cast to the weights' dtype (bf16: sqrt(2816) -> 53.0)
-            hidden = hidden * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden.dtype)
+            hidden = self.embed_tokens(input_ids) * self.embed_scale
         else:
             hidden = input_embeds
         aux_hidden_states = []
@@ -199,6 +199,9 @@ class Gemma4ForCausalLM(nn.Module):
             logger.info("Gemma 4: serving text only; skipped %d vision/audio tower tensors", skipped)
         check_state_dict(loaded, expected, "Gemma 4 checkpoint",
                          hint="is it a Gemma 4 text checkpoint (google/gemma-4-*) for this config?")
+        for module in self.modules():
+            if isinstance(module, Gemma4MoE):
+                module.fold_per_expert_scale()
 
     def _targets(self, name: str, tensor: torch.Tensor):
         """(our parameter, tensor, shard) for one checkpoint tensor; fused projections and stacked experts

@@ -12,6 +12,14 @@ Numerics follow transformers' ``models/gemma4/modeling_gemma4.py`` (>= 5.17):
 * MoE (26B-A4B): a router (weight-free RMSNorm, times ``scale * hidden^-0.5``, linear, softmax, top-k,
   renormalized, times ``per_expert_scale`` of the chosen experts) and GELU-gated experts.
 
+Fused for the decode step, with the same math up to floating-point rounding (each a few kernels per layer
+instead of ~30 elementwise ones): ``v_norm`` is SGLang's ``RMSNorm`` with a fixed ones weight; the router's
+norm is one ``RMSNorm`` whose weight is ``scale * hidden^-0.5``, folded when ``router.scale`` loads; softmax,
+top-k and renormalization are SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Qwen3-MoE's router;
+on the CPU its PyTorch ``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection
+``w2`` once after loading (:meth:`Gemma4MoE.fold_per_expert_scale`), which is exact because an expert's
+output is linear in its ``w2`` and scaled by its routing weight.
+
 KV cache layout. Each layer attends with its own shape -- RadixAttention gets the layer's head size and KV
 heads (31B: sliding 16 x 256, full 4 x 512 with 32 query heads, so grouped-query ratios 2 and 8) -- and its
 K/V go to buffers of exactly that shape: the target's KV pool is ``gemma4_kv_pool.Gemma4KVPool`` (SGLang's
@@ -30,19 +38,15 @@ from sglang.srt.layers.activation import GeluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-from sglang.srt.layers.moe.topk import StandardTopKOutput
+from sglang.srt.layers.moe.topk import StandardTopKOutput, TopK, TopKOutputFormat
+from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import RotaryEmbedding, get_rope
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.utils import add_prefix
 
 from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig
-
-
-def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a weight (Gemma 4's ``v_norm`` and router norm), in fp32."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class ProportionalRotaryEmbedding(RotaryEmbedding):
@@ -69,7 +73,6 @@ class Gemma4Attention(nn.Module):
         spec = config.layer_attention(layer_id)
         self.head_dim = spec.head_dim
         self.k_eq_v = spec.k_eq_v
-        self.eps = config.rms_norm_eps
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
                                           spec.num_kv_heads, bias=config.attention_bias, quant_config=quant_config,
                                           prefix=add_prefix("qkv_proj", prefix), v_head_size=0 if self.k_eq_v else None)
@@ -81,6 +84,7 @@ class Gemma4Attention(nn.Module):
                                         prefix=add_prefix("o_proj", prefix))
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, has_weight=False)  # ones, not loaded
         max_position = config.max_position_embeddings
         if spec.rotary_fraction < 1.0:
             self.rotary_emb = ProportionalRotaryEmbedding(self.head_dim, max_position, spec.rope_theta,
@@ -100,7 +104,7 @@ class Gemma4Attention(nn.Module):
             v = k
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
-        v = rms_norm_no_scale(v.reshape(-1, self.num_kv_heads, self.head_dim), self.eps).view(-1, self.kv_size)
+        v = self.v_norm(v.reshape(-1, self.head_dim)).view(-1, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
         out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
         return out
@@ -123,26 +127,38 @@ class Gemma4MLP(nn.Module):
 
 
 class Gemma4Router(nn.Module):
-    """Checkpoint names ``router.proj.weight``, ``router.scale``, ``router.per_expert_scale``."""
+    """Checkpoint names ``router.proj.weight``, ``router.scale``, ``router.per_expert_scale``.
 
-    def __init__(self, config: Gemma4TextConfig, prefix: str = "") -> None:
+    ``scale`` is the weight of the router's ``RMSNorm`` (one Parameter under both names) and holds the checkpoint's
+    ``scale`` times ``hidden^-0.5``, multiplied in as it loads. ``per_expert_scale`` is not used here: the MoE block
+    folds it into the experts' ``w2`` (:meth:`Gemma4MoE.fold_per_expert_scale`).
+    """
+
+    def __init__(self, config: Gemma4TextConfig, layer_id: int, prefix: str = "") -> None:
         super().__init__()
-        self.eps = config.rms_norm_eps
-        self.top_k = config.top_k_experts
         self.input_scale = config.hidden_size ** -0.5
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.scale = self.norm.weight
+        self.scale.weight_loader = self._load_scale
         self.proj = ReplicatedLinear(config.hidden_size, config.num_experts, bias=False,
                                      prefix=add_prefix("proj", prefix))
-        self.scale = nn.Parameter(torch.ones(config.hidden_size), requires_grad=False)
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts), requires_grad=False)
+        # softmax over the experts, top-k, renormalized; STANDARD: the (weights, ids) that FusedMoE's triton runner
+        # and the CPU experts take, whatever MoE runner backend is configured
+        self.topk = TopK(config.top_k_experts, layer_id=layer_id, renormalize=True, scoring_func="softmax",
+                         output_format=TopKOutputFormat.STANDARD)
+
+    def _load_scale(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        default_weight_loader(param, loaded_weight.float() * self.input_scale)
 
     def forward(self, hidden: torch.Tensor) -> StandardTopKOutput:
-        x = rms_norm_no_scale(hidden, self.eps) * self.scale * self.input_scale
-        logits, _ = self.proj(x)
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights * self.per_expert_scale[ids].float()
-        return StandardTopKOutput(topk_weights=weights, topk_ids=ids.to(torch.int32), router_logits=logits)
+        """[tokens, hidden] -> fp32 routing weights [tokens, k] (without ``per_expert_scale``) and expert ids."""
+        logits, _ = self.proj(self.norm(hidden))
+        if hidden.is_cuda:
+            return self.topk(hidden, logits)
+        # NOTE(gemma4): SGLang's TopK.forward_cpu calls the CUDA top-k kernel unless the CPU has AMX; its
+        # forward_native is the same math in PyTorch (fp32 softmax, torch.topk, divide by the sum)
+        return self.topk.forward_native(hidden, logits)
 
 
 class Gemma4MoE(nn.Module):
@@ -151,15 +167,53 @@ class Gemma4MoE(nn.Module):
     On CUDA the experts run SGLang's fused MoE kernels. NOTE(gemma4): its ``gelu`` activation is the erf
     GELU, not Gemma's tanh approximation (|difference| < 1e-3 of the activation). SGLang's CPU MoE path
     supports SiLU only, so on the CPU the experts run in PyTorch on the same weights (exact tanh GELU).
+
+    Invariant: ``experts.w2_weight[l]`` is this rank's part of the checkpoint's ``down_proj`` of local expert ``l``
+    times ``w2_folded_scale[l]``. Writing an expert's ``w2`` resets its factor to 1; :meth:`fold_per_expert_scale`
+    (called at the end of every ``Gemma4ForCausalLM.load_weights``) brings every factor to the router's
+    ``per_expert_scale`` of that expert, so the scale is applied once whatever the load order or repetitions.
     """
 
     def __init__(self, config: Gemma4TextConfig, layer_id: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
-        self.router = Gemma4Router(config, prefix=add_prefix("router", prefix))
+        self.router = Gemma4Router(config, layer_id, prefix=add_prefix("router", prefix))
         self.experts = FusedMoE(num_experts=config.num_experts, hidden_size=config.hidden_size,
                                 intermediate_size=config.moe_intermediate_size, layer_id=layer_id,
                                 top_k=config.top_k_experts, reduce_results=True, quant_config=quant_config,
                                 activation="gelu", prefix=add_prefix("experts", prefix))
+        if not isinstance(self.experts.quant_method, UnquantizedFusedMoEMethod):
+            raise NotImplementedError("Gemma 4 MoE with quantized experts: per_expert_scale is folded into the bf16 "
+                                      "down projections; serve an unquantized checkpoint")
+        # FusedMoE's own global -> local expert map (the one its weight loader uses): EP rank r holds a contiguous
+        # range of the experts; Gemma 4 declares no EPLB expert placement, so no physical replicas exist
+        to_local = [self.experts._map_global_expert_id_to_local_expert_id(e) for e in range(config.num_experts)]
+        local_experts = sorted((local, e) for e, local in enumerate(to_local) if local >= 0)
+        assert [local for local, _ in local_experts] == list(range(self.experts.num_local_experts)), to_local
+        self.register_buffer("local_expert_ids", torch.tensor([e for _, e in local_experts]), persistent=False)
+        self.register_buffer("w2_folded_scale", torch.ones(self.experts.num_local_experts, dtype=torch.float32),
+                             persistent=False)
+        self.experts.w2_weight.weight_loader = self._load_w2
+
+    def _load_w2(self, param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
+                 expert_id: int) -> None:
+        self.experts.weight_loader(param, loaded_weight, weight_name, shard_id=shard_id, expert_id=expert_id)
+        local = self.experts._map_global_expert_id_to_local_expert_id(expert_id)
+        if local >= 0:
+            self.w2_folded_scale[local] = 1.0
+
+    @torch.no_grad()
+    def fold_per_expert_scale(self) -> None:
+        """Multiplies each local expert's ``w2`` by what its ``per_expert_scale`` still needs (see the invariant);
+        a no-op when nothing changed since the last fold."""
+        target = self.router.per_expert_scale.float()[self.local_expert_ids]
+        changed = (target != self.w2_folded_scale).nonzero().flatten().tolist()
+        if any(self.w2_folded_scale[local] == 0 for local in changed):
+            raise ValueError("Gemma 4 MoE: per_expert_scale changed for an expert whose down projection holds a "
+                             "zero scale; load the experts' down_proj together with router.per_expert_scale")
+        w2 = self.experts.w2_weight.data
+        for local in changed:
+            w2[local].mul_(float(target[local] / self.w2_folded_scale[local]))
+            self.w2_folded_scale[local] = target[local]
 
     def forward(self, router_input: torch.Tensor, expert_input: torch.Tensor) -> torch.Tensor:
         routing = self.router(router_input)

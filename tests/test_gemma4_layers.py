@@ -1,0 +1,212 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Gemma 4's fused router and folded expert scales against the unfused formulas, on the CPU without a server.
+
+The router used to run transformers' formula step by step (``models/gemma4/modeling_gemma4.py``: weight-free
+RMSNorm, times ``scale``, times ``hidden^-0.5``, linear, fp32 softmax, top-k, renormalize, times
+``per_expert_scale`` of the chosen experts); now the norm is one RMSNorm with the folded weight, the top-k is
+SGLang's TopK and ``per_expert_scale`` lives in the experts' ``w2``. These tests write the old formula out
+as the reference, check the MoE block's output against an expert-by-expert sum on the raw weights, and check
+that the fold is applied exactly once whatever the load order, repetitions or a dummy load. End to end the
+golden tests (tests/test_gemma4.py) check the served model against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from child_pytest import run_child_pytest
+from safetensors.torch import load_file
+
+from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+
+CHILD = "DFLASH_TEST_GEMMA4_LAYERS_CHILD"
+IMPORTED = False
+if driver_present() or os.environ.get(CHILD):  # SGLang's layers load sgl_kernel, which needs a GPU driver
+    from sglang.srt.model_loader.utils import set_default_torch_dtype  # or the CPU stand-in at start-up
+    from sglang.srt.model_loader.weight_utils import initialize_dummy_weights
+
+    from dflash_sglang.serving.models.gemma4 import Gemma4ForCausalLM
+    from dflash_sglang.serving.models.gemma4_config import Gemma4Config, Gemma4TextConfig
+    from dflash_sglang.serving.models.gemma4_layers import Gemma4MoE, Gemma4Router
+    from dflash_sglang.testing.sglang_layers import init_sglang_single_process
+    IMPORTED = True
+
+in_sglang = pytest.mark.skipif(not IMPORTED, reason="runs in the child process of test_in_a_child_process")
+MOE_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gemma4", "moe")
+HIDDEN, EXPERTS, TOP_K, INTERMEDIATE = 32, 8, 3, 16
+
+
+@pytest.mark.skipif(IMPORTED, reason="SGLang's layers import here: the tests run directly")
+def test_in_a_child_process():
+    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sglang_process():
+    if IMPORTED:
+        init_sglang_single_process()
+
+
+def _config() -> Gemma4TextConfig:
+    return Gemma4TextConfig(hidden_size=HIDDEN, enable_moe_block=True, num_experts=EXPERTS, top_k_experts=TOP_K,
+                            moe_intermediate_size=INTERMEDIATE, rms_norm_eps=1e-6)
+
+
+def _checkpoint(seed: int) -> dict[str, torch.Tensor]:
+    """One layer's router and experts in the released layout (scales around 1, as in the tiny fixtures)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"router.proj.weight": torch.randn(EXPERTS, HIDDEN, generator=generator),
+            "router.scale": 0.5 + torch.rand(HIDDEN, generator=generator),
+            "router.per_expert_scale": 0.5 + torch.rand(EXPERTS, generator=generator),
+            "experts.gate_up_proj": torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, generator=generator) / 4,
+            "experts.down_proj": torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, generator=generator) / 4}
+
+
+def _load(moe: Gemma4MoE, checkpoint: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
+    """What ``Gemma4ForCausalLM.load_weights`` does for these names (default: all), in the given order."""
+    params = dict(moe.named_parameters())
+    for name in names or list(checkpoint):
+        tensor = checkpoint[name]
+        if name == "experts.gate_up_proj":
+            param = moe.experts.w13_weight
+            for e, (gate, up) in enumerate(zip(*tensor.chunk(2, dim=1))):
+                param.weight_loader(param, gate, "w13_weight", shard_id="w1", expert_id=e)
+                param.weight_loader(param, up, "w13_weight", shard_id="w3", expert_id=e)
+        elif name == "experts.down_proj":
+            param = moe.experts.w2_weight
+            for e in range(EXPERTS):
+                param.weight_loader(param, tensor[e], "w2_weight", shard_id="w2", expert_id=e)
+        else:
+            param = params[name]
+            getattr(param, "weight_loader", lambda p, t: p.data.copy_(t))(param, tensor)
+
+
+def _reference_routing(checkpoint: dict[str, torch.Tensor], hidden: torch.Tensor):
+    """transformers' Gemma 4 router, step by step: fp32 weights [tokens, k] (with per_expert_scale), ids."""
+    x = hidden.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    x = x * checkpoint["router.scale"] * HIDDEN ** -0.5
+    probs = torch.softmax(F.linear(x, checkpoint["router.proj.weight"]), dim=-1)
+    weights, ids = torch.topk(probs, TOP_K, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * checkpoint["router.per_expert_scale"][ids], ids
+
+
+def _reference_moe(checkpoint: dict[str, torch.Tensor], router_input: torch.Tensor, expert_input: torch.Tensor):
+    """Every expert on every token from the raw checkpoint tensors, weighted by the reference routing (0 if
+    not chosen)."""
+    weights, ids = _reference_routing(checkpoint, router_input)
+    dense = torch.zeros(router_input.shape[0], EXPERTS).scatter(1, ids, weights)
+    gate, up = torch.einsum("th,eih->tei", expert_input, checkpoint["experts.gate_up_proj"]).chunk(2, dim=-1)
+    out = torch.einsum("tei,ehi->teh", F.gelu(gate, approximate="tanh") * up, checkpoint["experts.down_proj"])
+    return torch.einsum("te,teh->th", dense, out)
+
+
+def _hidden(tokens: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, HIDDEN, generator=generator) * (1 + 4 * torch.rand(tokens, 1, generator=generator))
+
+
+@in_sglang
+def test_router_matches_the_unfused_formula():
+    checkpoint = _checkpoint(seed=1)
+    moe = Gemma4MoE(_config(), layer_id=0)
+    _load(moe, checkpoint, ["router.proj.weight", "router.scale", "router.per_expert_scale"])
+    assert isinstance(moe.router, Gemma4Router)
+    hidden = _hidden(64, seed=2)
+    routing = moe.router(hidden)
+    weights, ids = _reference_routing(checkpoint, hidden)
+    assert torch.equal(routing.topk_ids.long(), ids)
+    # the router's weights leave per_expert_scale to the experts' w2
+    scale = checkpoint["router.per_expert_scale"][ids]
+    torch.testing.assert_close(routing.topk_weights * scale, weights, rtol=1e-5, atol=1e-6)
+    assert routing.topk_weights.dtype == torch.float32
+    torch.testing.assert_close(routing.topk_weights.sum(-1), torch.ones(64))
+    torch.testing.assert_close(moe.router.norm.weight, checkpoint["router.scale"] * HIDDEN ** -0.5)
+
+
+@in_sglang
+def test_moe_output_with_folded_w2_equals_the_unfolded_computation():
+    checkpoint = _checkpoint(seed=3)
+    moe = Gemma4MoE(_config(), layer_id=0)
+    _load(moe, checkpoint)
+    moe.fold_per_expert_scale()
+    torch.testing.assert_close(moe.experts.w2_weight,
+                               checkpoint["experts.down_proj"] * checkpoint["router.per_expert_scale"][:, None, None])
+    router_input, expert_input = _hidden(16, seed=4), _hidden(16, seed=5)
+    torch.testing.assert_close(moe(router_input, expert_input), _reference_moe(checkpoint, router_input, expert_input),
+                               rtol=1e-5, atol=1e-5)
+
+
+@in_sglang
+def test_per_expert_scale_is_folded_once_in_any_load_order():
+    checkpoint = _checkpoint(seed=6)
+    expected = checkpoint["experts.down_proj"] * checkpoint["router.per_expert_scale"][:, None, None]
+    names = list(checkpoint)
+    orders = {"scale last": names, "scale first": names[::-1]}
+    for label, order in orders.items():
+        moe = Gemma4MoE(_config(), layer_id=0)
+        _load(moe, checkpoint, order)
+        moe.fold_per_expert_scale()
+        torch.testing.assert_close(moe.experts.w2_weight, expected, msg=label)
+        moe.fold_per_expert_scale()  # again: nothing left to fold
+        torch.testing.assert_close(moe.experts.w2_weight, expected, msg=f"{label}, folded twice")
+        _load(moe, checkpoint)  # a second full load (update_weights_from_disk) folds from the raw weights again
+        moe.fold_per_expert_scale()
+        torch.testing.assert_close(moe.experts.w2_weight, expected, msg=f"{label}, loaded twice")
+    # only per_expert_scale changes: the folded w2 is rescaled to the new scale, not multiplied on top
+    new_scale = {"router.per_expert_scale": checkpoint["router.per_expert_scale"].flip(0)}
+    _load(moe, new_scale)
+    moe.fold_per_expert_scale()
+    torch.testing.assert_close(moe.experts.w2_weight,
+                               checkpoint["experts.down_proj"] * new_scale["router.per_expert_scale"][:, None, None])
+
+
+@in_sglang
+def test_bf16_fold_rounds_once():
+    """A bf16 model (SGLang builds it under its dtype): w2 = bf16(raw * scale), one rounding of the fp32 product,
+    and the fold's bookkeeping stays in fp32."""
+    checkpoint = {name: tensor.bfloat16() for name, tensor in _checkpoint(seed=10).items()}
+    with set_default_torch_dtype(torch.bfloat16):
+        moe = Gemma4MoE(_config(), layer_id=0)
+    _load(moe, checkpoint)
+    moe.fold_per_expert_scale()
+    assert moe.w2_folded_scale.dtype == torch.float32 and moe.experts.w2_weight.dtype == torch.bfloat16
+    scale = checkpoint["router.per_expert_scale"].float()[:, None, None]
+    assert torch.equal(moe.experts.w2_weight, (checkpoint["experts.down_proj"].float() * scale).bfloat16())
+
+
+@in_sglang
+def test_dummy_weights_then_a_real_load_fold_once():
+    """SGLang's --load-format dummy randomizes the state dict and never calls load_weights: the fold state (a
+    non-persistent buffer) stays "nothing folded", the model runs, and a later real load folds once."""
+    checkpoint = _checkpoint(seed=7)
+    moe = Gemma4MoE(_config(), layer_id=0)
+    initialize_dummy_weights(moe)
+    assert torch.equal(moe.w2_folded_scale, torch.ones(EXPERTS))
+    assert torch.isfinite(moe(_hidden(4, seed=8), _hidden(4, seed=9))).all()
+    _load(moe, checkpoint)
+    moe.fold_per_expert_scale()
+    torch.testing.assert_close(moe.experts.w2_weight,
+                               checkpoint["experts.down_proj"] * checkpoint["router.per_expert_scale"][:, None, None])
+
+
+@in_sglang
+def test_model_load_weights_folds_once_under_the_checkpoint_names():
+    """The tiny MoE golden checkpoint through ``Gemma4ForCausalLM.load_weights``, twice."""
+    with open(os.path.join(MOE_FIXTURE, "config.json"), encoding="utf-8") as handle:
+        model = Gemma4ForCausalLM(Gemma4Config.from_dict(json.load(handle)))
+    tensors = load_file(os.path.join(MOE_FIXTURE, "model.safetensors"))
+    prefix = "model.language_model.layers.0."
+    expected_w2 = (tensors[prefix + "experts.down_proj"].float()
+                   * tensors[prefix + "router.per_expert_scale"].float()[:, None, None])
+    moe = model.model.layers[0].moe
+    for _ in range(2):
+        model.load_weights(tensors.items())
+        torch.testing.assert_close(moe.experts.w2_weight, expected_w2)
+    hidden = model.config.hidden_size
+    torch.testing.assert_close(moe.router.norm.weight, tensors[prefix + "router.scale"].float() * hidden ** -0.5)
