@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
 from dflash_sglang.bench.trace import load_events, summarize_cpu_trace  # noqa: E402
-from dflash_sglang.deploy.deployment import launch_env, load_deploy_config, resolve_backends, to_launch_args  # noqa: E402
+from dflash_sglang.deploy.deployment import (launch_env, load_deploy_config, resolve_backends,  # noqa: E402
+                                             to_launch_args)
 from dflash_sglang.deploy.launch import ServerProcess, free_port  # noqa: E402
 
 
