@@ -155,7 +155,8 @@ def serve_and_measure(cfg, name: str, speculative: bool, env_extra: dict, args) 
         stream_steps(server, _prompt(args, seed=0), 8)  # warm-up
         chunks, cpu_per_step = [], []
         for i in range(args.repeats):
-            short_steps, short_cpu = _steps_and_cpu(server, _prompt(args, seed=1 + i), args.short_tokens)
+            # Another prompt than the long request's: a radix-cache hit would spare the long one its prefill.
+            short_steps, short_cpu = _steps_and_cpu(server, _prompt(args, seed=101 + i), args.short_tokens)
             long_chunks, long_cpu = _steps_and_cpu(server, _prompt(args, seed=1 + i), args.new_tokens, keep=True)
             chunks += long_chunks
             cpu_per_step.append(1e3 * (long_cpu - short_cpu) / (len(long_chunks) - short_steps))
