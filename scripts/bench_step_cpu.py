@@ -182,6 +182,14 @@ def serve_and_measure(cfg, name: str, speculative: bool, env_extra: dict, args) 
     return result
 
 
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--launch", required=True, help="a CPU deployment YAML (configs/*-cpu.yaml)")
@@ -200,7 +208,8 @@ def main() -> int:
     args = parser.parse_args()
     args.work = tempfile.mkdtemp(prefix="dflash-bench-step-cpu-")
     cfg = resolve_backends(load_deploy_config(args.launch, args.overrides))
-    report = {**provenance(args.commit), "settings": {**vars(args), "concurrency": 1}, "results": {}}
+    report = {**provenance(args.commit), "cpu_model": _cpu_model(), "results": {},
+              "settings": {**vars(args), "concurrency": 1, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}}
     for name in args.runs:
         speculative, env_extra = RUNS[name]
         report["results"][name] = serve_and_measure(cfg, name, speculative, env_extra, args)
