@@ -88,7 +88,8 @@ def block_attention_cpu(q, k, v, layer, forward_batch, block_size: int, save_kv_
 
 def _block_attention_inputs(forward_batch, block_size: int, causal: bool):
     """Per pass (every layer reads the same): the KV slots of each request's prefix + block, [bs, max_len]
-    int64 (padding repeats valid slots), and the [bs, 1, B, max_len] bool mask (None where nothing is hidden)."""
+    int64 (past a shorter request's length, whatever its ``req_to_token`` row holds: pool slots, masked), and
+    the [bs, 1, B, max_len] bool mask (None where nothing is hidden)."""
     import torch
 
     cache = getattr(forward_batch, "_dflash_block_attention", None)
