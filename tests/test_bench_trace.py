@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from dflash_sglang.bench.trace import load_events, summarize_trace
+from dflash_sglang.bench.trace import load_events, summarize_cpu_trace, summarize_trace
 
 
 def _runtime(name: str, ts: float, dur: float, correlation: int) -> dict:
@@ -87,3 +87,28 @@ def test_too_short_a_trace_is_a_clear_error(tmp_path):
     path.write_text(json.dumps({"traceEvents": _dflash_step(0, 0)}))
     with pytest.raises(ValueError, match="2 CUDA graph launches; need two steps of 2"):
         summarize_trace(load_events(str(path)), graphs_per_step=2)
+
+
+def _cpu_op(name: str, ts: float, dur: float, dims: list | None = None, tid: int = 1) -> dict:
+    args = {"Input Dims": dims} if dims is not None else {}
+    return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+
+def test_cpu_trace_self_times_and_typical_figures():
+    """Two steps: aten::linear (1000 us) calls aten::mm (800 us, one of them preempted to 10800 us); an
+    aten::add of 50 us on its own; an op on another thread overlapping in time is not anyone's child."""
+    events = []
+    for step, mm_us in ((0, 800), (1, 10800)):
+        start = step * 20000
+        events += [_cpu_op("aten::linear", start, mm_us + 200, [[16, 576], [3072, 576]]),
+                   _cpu_op("aten::mm", start + 100, mm_us, [[16, 576], [576, 3072]]),
+                   _cpu_op("aten::add", start + mm_us + 300, 50, [[16, 576], [16, 576]]),
+                   _cpu_op("aten::copy_", start + 150, 30, tid=2)]
+    summary = summarize_cpu_trace(events, num_steps=2)
+    assert summary["top_ops_self_ms_per_step"]["aten::mm"] == pytest.approx((800 + 10800) / 2 / 1e3)
+    assert summary["top_ops_self_ms_per_step"]["aten::linear"] == pytest.approx(0.2)  # its own 200 us per step
+    assert summary["top_ops_typical_ms_per_step"]["aten::mm"] == pytest.approx(2 * 5800 / 2 / 1e3)  # median x calls
+    assert summary["top_ops_self_ms_per_step"]["aten::copy_"] == pytest.approx(0.03)
+    key = "aten::add [[16, 576], [16, 576]]"
+    assert summary["top_shapes_typical_ms_per_step"][key] == pytest.approx(0.05) and summary["calls_per_step"][key] == 1
+    assert summary["op_ms_per_step"] == pytest.approx((1000 + 50 + 30 + 11000 + 50 + 30) / 2 / 1e3)

@@ -5,13 +5,17 @@ With ``DFLASH_STEP_PROFILE=PATH`` set, the worker marks the boundaries of each d
 (``mark``), and :class:`StepProfiler` times them with CUDA events on the GPU stream (``time.perf_counter``
 on a CPU), plus the step's wall time and the host time between the end of one step and the start of the
 next (the scheduler's own work). Every ``flush_every`` steps it appends one JSON line per batch size:
-``{"batch_size", "steps", "parts_ms": {part: mean}, "step_wall_ms", "between_steps_ms"}``.
+``{"batch_size", "steps", "parts_ms": {part: mean}, "step_wall_ms", "between_steps_ms"}``, plus the medians
+``parts_ms_median`` and ``step_wall_ms_median`` (on a shared CPU a step the OS preempts drags the mean; the
+median is the step as it runs), and on a CPU ``parts_cpu_ms_median``: the process's CPU time per part
+(``time.process_time``, all threads), which other processes' load does not inflate.
 Without the variable the worker gets :class:`NoProfiler`, whose methods do nothing.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections import defaultdict, deque
 
@@ -42,13 +46,14 @@ class StepProfiler(NoProfiler):
         self._pending: deque[tuple[int, list[tuple[str, object]], dict[str, float]]] = deque()
         self._sums: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._steps: dict[int, int] = defaultdict(int)
+        self._samples: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
     def _stamp(self) -> object:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
 
     def start_step(self) -> None:
         self._step_start = time.perf_counter()
@@ -74,21 +79,34 @@ class StepProfiler(NoProfiler):
         return not self.cuda or stamp.query()
 
     def _account(self, batch_size: int, marks: list[tuple[str, object]], walls: dict[str, float]) -> None:
-        sums = self._sums[batch_size]
+        sums, samples = self._sums[batch_size], self._samples[batch_size]
         for (_, begin), (part, end) in zip(marks, marks[1:]):
-            sums[part] += begin.elapsed_time(end) if self.cuda else (end - begin) * 1e3
+            if self.cuda:
+                ms = begin.elapsed_time(end)
+            else:
+                ms = (end[0] - begin[0]) * 1e3
+                samples[f"cpu:{part}"].append((end[1] - begin[1]) * 1e3)
+            sums[part] += ms
+            samples[part].append(ms)
         for key, value in walls.items():
             sums[key] += value
+            samples[key].append(value)
         self._steps[batch_size] += 1
         if self._steps[batch_size] % self.flush_every == 0:
             self._flush(batch_size)
 
     def _flush(self, batch_size: int) -> None:
-        steps, sums = self._steps[batch_size], self._sums.pop(batch_size)
+        steps, sums, samples = self._steps[batch_size], self._sums.pop(batch_size), self._samples.pop(batch_size)
         self._steps[batch_size] = 0
         walls = {key: sums.pop(key, 0.0) / steps for key in ("step_wall_ms", "between_steps_ms")}
+        medians = {key: statistics.median(values) for key, values in samples.items()}
         record = {"batch_size": batch_size, "steps": steps,
-                  "parts_ms": {part: total / steps for part, total in sums.items()}, **walls}
+                  "parts_ms": {part: total / steps for part, total in sums.items()}, **walls,
+                  "parts_ms_median": {part: medians[part] for part in sums},
+                  "step_wall_ms_median": medians["step_wall_ms"],
+                  "between_steps_ms_median": medians.get("between_steps_ms", 0.0)}
+        if not self.cuda:
+            record["parts_cpu_ms_median"] = {part: medians[f"cpu:{part}"] for part in sums}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -253,8 +253,12 @@ class DFlashWorker(TpModelWorker):
             attach_block_logprobs(logits_output, decode_batch, target_logits, emitted, self.logprobs_on_host)
         # Context K/V of the kept block tokens (t0 + emitted drafts); -1 slots write nothing. A request
         # that SGLang later cuts shorter (a stop string) frees those slots; nothing reads them unwritten.
-        self.draft_model.inject_context(logits_output.hidden_states.view(bs * block_size, -1), positions.view(-1),
-                                        keep_slots.view(-1), self.k_cache, self.v_cache)
+        features = logits_output.hidden_states.view(bs * block_size, -1)
+        inject_positions, inject_slots = positions.view(-1), keep_slots.view(-1)
+        if self.device_type == "cpu":  # NOTE: no stream to keep busy here: project only the kept rows
+            kept = (inject_slots >= 0).nonzero().view(-1)
+            features, inject_positions, inject_slots = features[kept], inject_positions[kept], inject_slots[kept]
+        self.draft_model.inject_context(features, inject_positions, inject_slots, self.k_cache, self.v_cache)
         logits_output.hidden_states = None
         self.profiler.mark("inject")
         return BlockStep(num_emitted, emitted, logits_output, can_run_cuda_graph)
