@@ -64,7 +64,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dflash_sglang.core.config import default_target_layer_ids  # noqa: E402
-from dflash_sglang.bench.trace import load_events, summarize_trace  # noqa: E402
+from dflash_sglang.bench.trace import load_events, profile_decode_steps, summarize_trace  # noqa: E402
 from dflash_sglang.deploy.launch import ServerProcess  # noqa: E402
 from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
 
@@ -229,21 +229,13 @@ def record_trace(server: ServerProcess, concurrency: int, args, speculative: boo
     ``--trace-dir`` and summarized (dflash_sglang.bench.trace)."""
     prompts = random_prompts(concurrency, args.input_len, rng)
     directory = os.path.abspath(os.path.join(args.trace_dir, name))
-    os.makedirs(directory, exist_ok=True)
-    server.post("/start_profile", {"output_dir": directory, "num_steps": args.trace_steps, "with_stack": False,
-                                   "record_shapes": False, "activities": ["CPU", "GPU"], "profile_prefix": name,
-                                   "profile_by_stage": True})
     # Enough tokens that the batch outlives the profiled steps even if every draft is accepted.
-    run_requests(server, prompts, max(args.long, 2 * args.trace_steps * 16), speculative)
-    for _ in range(60):  # the scheduler writes the trace after the last profiled step
-        traces = [f for f in os.listdir(directory) if f.endswith("-DECODE.trace.json.gz")]
-        if traces:
-            break
-        time.sleep(1.0)
-    else:
+    path = profile_decode_steps(
+        server, directory, name, args.trace_steps,
+        lambda: run_requests(server, prompts, max(args.long, 2 * args.trace_steps * 16), speculative),
+        activities=["CPU", "GPU"], record_shapes=False)
+    if path is None:
         return {"error": f"no decode trace written under {directory}"}
-    time.sleep(2.0)
-    path = os.path.join(directory, sorted(traces)[-1])
     try:
         return {"file": path, **summarize_trace(load_events(path), graphs_per_step=2 if speculative else 1)}
     except (ValueError, OSError, EOFError) as error:

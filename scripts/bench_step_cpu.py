@@ -42,7 +42,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
-from dflash_sglang.bench.trace import load_events, summarize_cpu_trace  # noqa: E402
+from dflash_sglang.bench.trace import load_events, profile_decode_steps, summarize_cpu_trace  # noqa: E402
 from dflash_sglang.deploy.deployment import (launch_env, load_deploy_config, resolve_backends,  # noqa: E402
                                              to_launch_args)
 from dflash_sglang.deploy.launch import ServerProcess, free_port  # noqa: E402
@@ -56,21 +56,12 @@ RUNS = {"dflash": (True, {}), "dflash_sglang_attention": (True, {"DFLASH_BLOCK_A
 def record_cpu_trace(server: ServerProcess, args, name: str) -> dict:
     """A CPU torch.profiler trace of ``--trace-steps`` decode steps at concurrency 1, summarized."""
     directory = os.path.abspath(os.path.join(args.work, f"trace-{name}"))
-    os.makedirs(directory, exist_ok=True)
-    server.post("/start_profile", {"output_dir": directory, "num_steps": args.trace_steps, "with_stack": False,
-                                   "record_shapes": True, "activities": ["CPU"], "profile_prefix": name,
-                                   "profile_by_stage": True})
     # Random drafts are ~never accepted: a step emits ~1 token, and the request outlives the traced steps.
-    stream_steps(server, _prompt(args, seed=7), args.trace_steps + 8)
-    for _ in range(120):  # the scheduler writes the trace after the last profiled step
-        traces = [f for f in os.listdir(directory) if f.endswith("-DECODE.trace.json.gz")]
-        if traces:
-            break
-        time.sleep(1.0)
-    else:
+    path = profile_decode_steps(server, directory, name, args.trace_steps,
+                                lambda: stream_steps(server, _prompt(args, seed=7), args.trace_steps + 8),
+                                activities=["CPU"], record_shapes=True, wait_s=120, settle_s=3.0)
+    if path is None:
         return {"error": f"no decode trace written under {directory}"}
-    time.sleep(3.0)
-    path = os.path.join(directory, sorted(traces)[-1])
     try:
         return summarize_cpu_trace(load_events(path), args.trace_steps)
     except (ValueError, OSError, EOFError) as error:

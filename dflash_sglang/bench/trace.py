@@ -15,6 +15,8 @@ starts at each launch of the step's first graph), and reports per step, as media
 * ``outside_graphs_ms``: GPU time of kernels launched eagerly (not by a graph), with the top ones by name, and
   ``outside_graphs_launches``: how many there are per step;
 * ``host``: the CUDA runtime calls the host spent the most time in (synchronizations, copies, launches).
+
+``profile_decode_steps`` records such a trace from a running server.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import os
 import statistics
-from typing import Any
+import time
+from typing import Any, Callable
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 GRAPH_LAUNCH = "cudaGraphLaunch"
@@ -34,6 +38,27 @@ def short_kernel_name(name: str) -> str:
     name = name.removeprefix("void ")
     cut = min((i for i in (name.find("<"), name.find("(")) if i > 0), default=len(name))
     return name[:cut]
+
+
+def profile_decode_steps(server, directory: str, prefix: str, num_steps: int, drive: Callable[[], object], *,
+                         activities: list[str], record_shapes: bool, wait_s: int = 60,
+                         settle_s: float = 2.0) -> str | None:
+    """Traces ``num_steps`` decode steps of ``server`` (a ``deploy.launch.ServerProcess``) into ``directory``
+    through SGLang's ``/start_profile`` by stage (prefill and decode steps go to separate files) while ``drive()``
+    sends requests that outlive those steps. Returns the decode trace's path once the scheduler has written it
+    (polled each second for ``wait_s`` seconds, then ``settle_s`` more for the write to finish), or None."""
+    os.makedirs(directory, exist_ok=True)
+    server.post("/start_profile", {"output_dir": directory, "num_steps": num_steps, "with_stack": False,
+                                   "record_shapes": record_shapes, "activities": activities,
+                                   "profile_prefix": prefix, "profile_by_stage": True})
+    drive()
+    for _ in range(wait_s):
+        traces = sorted(f for f in os.listdir(directory) if f.endswith("-DECODE.trace.json.gz"))
+        if traces:
+            time.sleep(settle_s)
+            return os.path.join(directory, traces[-1])
+        time.sleep(1.0)
+    return None
 
 
 def load_events(path: str) -> list[dict[str, Any]]:
