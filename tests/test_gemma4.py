@@ -20,34 +20,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import urllib.request
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from dflash_sglang.deploy.launch import ServerProcess
+from dflash_sglang.testing.gemma4_golden import golden_errors, write_golden_checkpoint
 from dflash_sglang.testing.tiny_gemma4 import THINK, write_gemma4_drafter, write_gemma4_tokenizer
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gemma4")
 COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "4096",
                "--random-seed", "0", "--sleep-on-idle"]  # an idle module-scoped server sleeps, not polls a core
 # Max |log-prob difference| vs the fp32 reference on the same (bf16-rounded) weights. fp32 serving: seen
 # < 1e-5. bf16 serving: seen 0.17 (prefill) and 0.08 (decode); the fp32 check is the one that pins the math.
 LOGPROB_ATOL = {"float32": 1e-3, "bfloat16": 0.3}
-HEAD_LOGPROB = -8.0  # compare where the reference gives a token more than e^-8 of the mass
-
-
-def _checkpoint(variant: str, root) -> str:
-    """The committed fixture plus the tiny Gemma tokenizer (written at run time), as a servable folder."""
-    path = str(root / variant)
-    shutil.copytree(os.path.join(FIXTURES, variant), path)
-    write_gemma4_tokenizer(path)
-    return path
 
 
 def _server(args: list[str], root, name: str, dtype: str = "bfloat16") -> ServerProcess:
@@ -58,7 +45,7 @@ def _server(args: list[str], root, name: str, dtype: str = "bfloat16") -> Server
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("gemma4")
     for variant in ("dense", "moe"):
-        _checkpoint(variant, root)
+        write_golden_checkpoint(variant, str(root / variant))
     return root
 
 
@@ -78,28 +65,6 @@ def fp32_server(request, root):
         yield variant, server
 
 
-def _generate(server: ServerProcess, body: dict) -> dict:
-    request = urllib.request.Request(f"{server.base_url}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.load(response)
-
-
-def _rows(entries: list, vocab_size: int) -> torch.Tensor:
-    """SGLang's per-position [(logprob, token id, text), ...] lists -> [positions, vocab] log-probs."""
-    rows = torch.full((len(entries), vocab_size), float("nan"))
-    for i, entry in enumerate(entries):
-        for logprob, token_id, *_ in entry:
-            rows[i, token_id] = logprob
-    return rows
-
-
-def _max_error(served: torch.Tensor, reference: torch.Tensor) -> float:
-    head = reference > HEAD_LOGPROB
-    assert not torch.isnan(served[head]).any(), "SGLang returned no log-prob for some compared tokens"
-    return float((served[head] - reference[head]).abs().max())
-
-
 @pytest.mark.parametrize("fp32_server", [("dense", 1), ("moe", 1), ("dense", 2), ("moe", 2)], indirect=True,
                          ids=["dense", "moe", "dense-tp2", "moe-tp2"])
 def test_golden_logprobs_fp32_serving(fp32_server):
@@ -114,25 +79,9 @@ def test_golden_logprobs_bf16_serving(dense):
 
 
 def _check_golden(server: ServerProcess, variant: str, dtype: str) -> None:
-    ref = load_file(os.path.join(FIXTURES, f"reference-{variant}.safetensors"))
-    prompt, vocab_size = ref["prompt_ids"].tolist(), ref["prefill_logprobs"].shape[1]
-    body = {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 0,
-            "token_ids_logprob": list(range(vocab_size)),
-            "sampling_params": {"temperature": 0, "max_new_tokens": ref["output_ids"].numel()}}
-    result = _generate(server, body)
-    meta = result["meta_info"]
-    assert result["output_ids"] == ref["output_ids"].tolist()
-    # input row i is the distribution of prompt token i given tokens < i (row 0 has none)
-    prefill_error = _max_error(_rows(meta["input_token_ids_logprobs"][1:], vocab_size), ref["prefill_logprobs"][:-1])
-    decode_error = _max_error(_rows(meta["output_token_ids_logprobs"], vocab_size), ref["decode_logprobs"])
-    # again without input log-probs: the prompt's KV now comes from the radix cache
-    cached = _generate(server, {**body, "logprob_start_len": -1})
-    assert cached["meta_info"]["cached_tokens"] > 0 and cached["output_ids"] == ref["output_ids"].tolist()
-    cached_error = _max_error(_rows(cached["meta_info"]["output_token_ids_logprobs"], vocab_size),
-                              ref["decode_logprobs"])
-    print(f"{variant} served in {dtype}: max |log-prob error| prefill {prefill_error:.2e}, decode {decode_error:.2e}, "
-          f"decode after a cached prompt {cached_error:.2e}")
-    assert max(prefill_error, decode_error, cached_error) < LOGPROB_ATOL[dtype]
+    errors = golden_errors(server.base_url, variant)
+    print(f"{variant} served in {dtype}: max |log-prob error| {errors}")
+    assert errors.worst() < LOGPROB_ATOL[dtype]
 
 
 def test_kv_pool_keeps_each_layer_type_at_its_shape(dense):
