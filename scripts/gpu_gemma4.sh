@@ -3,7 +3,8 @@
 #   GEMMA4_E2E="gemma4-dense gemma4-moe" COMMIT=abc1234 bash scripts/gpu_gemma4.sh [bench_step.py arguments...]
 # Installs (gpu_setup.sh); for each GEMMA4_E2E target serves the tiny checkpoint with and without DFLASH
 # (float16, CUDA graphs; scripts/gpu_e2e.py) and, with GEMMA4_GOLDEN=1, checks the GPU forward of the golden
-# fixtures against transformers (tests/test_gemma4_gpu.py); then, given arguments, runs scripts/bench_step.py.
+# fixtures against transformers (tests/test_gemma4_gpu.py). Given arguments, scripts/bench_step.py runs first
+# (within BENCH_TIMEOUT seconds, default 400; its JSON is written after each server).
 # Results in $OUT (at most 8 files come back): the JSON reports, and logs.tgz with every server log and trace
 # summary. Servers stop with their launcher (SIGTERM from a timeout included).
 set -uo pipefail
@@ -11,14 +12,14 @@ source scripts/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 logs=/tmp/gemma4-logs; mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$logs" . 2>/dev/null' EXIT
+if [ $# -gt 0 ]; then
+  timeout "${BENCH_TIMEOUT:-400}" python3 scripts/bench_step.py --out "$out/step.json" --logs "$logs/step" \
+    --trace-dir "$logs/traces" ${COMMIT:+--commit "$COMMIT"} "$@" 2>&1 | grep -v "^ " | tail -30
+fi
 for target in ${GEMMA4_E2E:-}; do
   timeout 200 python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
     --out "$out/gpu_e2e-$target.json" --logs "$logs/e2e-$target" ${COMMIT:+--commit "$COMMIT"} 2>&1 | tail -4
 done
 if [ "${GEMMA4_GOLDEN:-0}" = 1 ]; then
   timeout 240 python3 -m pytest -q -s tests/test_gemma4_gpu.py 2>&1 | tee "$logs/golden-gpu.log" | grep -E "served|passed|failed|Error" | tail -8
-fi
-if [ $# -gt 0 ]; then
-  python3 scripts/bench_step.py --out "$out/step.json" --logs "$logs/step" --trace-dir "$logs/traces" \
-    ${COMMIT:+--commit "$COMMIT"} "$@" 2>&1 | grep -v "^ " | tail -30
 fi
