@@ -9,7 +9,8 @@ call either way) and the experts run the CPU PyTorch loop (on a GPU: FusedMoE's 
 
 * ``aten``: every ATen op that runs on the CPU, views and empty allocations left out (no kernel);
 * ``gpu-proxy``: the same, but each call of an SGLang op module with a fused CUDA path (``MultiPlatformOp``:
-  RMSNorm, TopK, RoPE, GeluAndMul) counts as one launch, as its ``forward_cuda`` takes (``TopK``: ``topk_softmax``).
+  RMSNorm, TopK, RoPE, GeluAndMul) or of one of this project's Triton ops (``ops.residual_norm``,
+  ``ops.qkv_norm_rope``) counts as one launch, as on CUDA (``TopK``: ``topk_softmax``).
 
 Usage (the CPU stand-in for the GPU driver is set up by the script): ``python scripts/count_gemma4_layer_ops.py``.
 """
@@ -25,8 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = "DFLASH_COUNT_OPS_CHILD"
 
 
-def _count(layer, positions, hidden) -> dict[str, collections.Counter]:
+def _count(layer, positions, hidden, next_norm) -> dict[str, collections.Counter]:
     import torch
+
+    from dflash_sglang import ops
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from sglang.srt.layers.moe.topk import TopK
@@ -80,6 +83,16 @@ def _count(layer, positions, hidden) -> dict[str, collections.Counter]:
             leave_fused()
 
     forward_native = TopK.forward_native
+    triton_ops = {name: getattr(ops, name) for name in ("residual_norm", "qkv_norm_rope")}
+
+    def counted_as_one(op):
+        def run(*args, **kwargs):
+            enter_fused()
+            try:
+                return op(*args, **kwargs)
+            finally:
+                leave_fused()
+        return run
 
     parts = {"self_attn": "attention", "moe.router": "router", "moe": "experts", "mlp": "mlp"}
     for name, module in layer.named_modules():
@@ -87,11 +100,15 @@ def _count(layer, positions, hidden) -> dict[str, collections.Counter]:
         module.register_forward_pre_hook(enter(label, module))
         module.register_forward_hook(leave(module))
     TopK.forward_native = top_k_native
+    for name, op in triton_ops.items():
+        setattr(ops, name, counted_as_one(op))
     try:
         with Counter():
-            layer(positions, hidden, None)
+            layer(positions, hidden, hidden, None, next_norm)
     finally:
         TopK.forward_native = forward_native
+        for name, op in triton_ops.items():
+            setattr(ops, name, op)
     return counts
 
 
@@ -118,7 +135,7 @@ def main() -> None:
         layer = model.model.layers[layer_id]
         layer.self_attn.attn.forward = lambda q, k, v, forward_batch, **_: q  # noqa: E731 (the attention kernel)
         kind = model.config.layer_types[layer_id]
-        for name, counter in _count(layer, positions, hidden).items():
+        for name, counter in _count(layer, positions, hidden, model.model.norm).items():
             total = sum(counter.values())
             print(f"layer {layer_id} ({kind}) {name:9s}: total {total:3d}, without experts "
                   f"{total - counter['experts']:3d}; " + ", ".join(f"{k} {v}" for k, v in sorted(counter.items())))

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Gemma 4 on the GPU in one device call, from the repo root, with the kit carried (.gpu-kit):
 #   GEMMA4_E2E="gemma4-dense gemma4-moe" COMMIT=abc1234 bash scripts/gpu_gemma4.sh [bench_step.py arguments...]
-# Installs (gpu_setup.sh); for each GEMMA4_E2E target serves the tiny checkpoint with and without DFLASH
+# Installs (gpu_setup.sh); with GEMMA4_OPS=1 runs the GPU tests of the Gemma 4 Triton ops first; with
+# GEMMA4_TUNE_MOE="tune_moe.py arguments" tunes the fused-MoE kernel (the config lands in the package, so the
+# servers below use it; a copy comes back); for each GEMMA4_E2E target serves the tiny checkpoint with and without DFLASH
 # (float16, CUDA graphs; scripts/gpu_e2e.py) and, with GEMMA4_GOLDEN=1, checks the GPU forward of the golden
 # fixtures against transformers (tests/test_gemma4_gpu.py). Given arguments, scripts/bench_step.py runs first
 # (within BENCH_TIMEOUT seconds, default 400; its JSON is written after each server).
@@ -12,6 +14,15 @@ source scripts/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 logs=/tmp/gemma4-logs; mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$logs" . 2>/dev/null' EXIT
+if [ "${GEMMA4_OPS:-0}" = 1 ]; then
+  timeout 240 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py 2>&1 \
+    | tee "$logs/ops-gpu.log" | tail -4
+fi
+if [ -n "${GEMMA4_TUNE_MOE:-}" ]; then
+  timeout "${TUNE_TIMEOUT:-300}" python3 scripts/tune_moe.py $GEMMA4_TUNE_MOE --report "$out/tune_moe.json" \
+    ${COMMIT:+--commit "$COMMIT"} 2>&1 | tail -20
+  find dflash_sglang/serving/moe_configs -name '*.json' -newer scripts/gpu_gemma4.sh -exec cp {} "$out/" \;
+fi
 if [ $# -gt 0 ]; then
   timeout "${BENCH_TIMEOUT:-400}" python3 scripts/bench_step.py --out "$out/step.json" --logs "$logs/step" \
     --trace-dir "$logs/traces" ${COMMIT:+--commit "$COMMIT"} "$@" 2>&1 | grep -v "^ " | tail -30

@@ -29,6 +29,7 @@ if driver_present() or os.environ.get(CHILD):  # SGLang's layers load sgl_kernel
     from sglang.srt.model_loader.utils import set_default_torch_dtype  # or the CPU stand-in at start-up
     from sglang.srt.model_loader.weight_utils import initialize_dummy_weights
 
+    from dflash_sglang import ops
     from dflash_sglang.serving.models.gemma4 import Gemma4ForCausalLM
     from dflash_sglang.serving.models.gemma4_config import Gemma4Config, Gemma4TextConfig
     from dflash_sglang.serving.models.gemma4_layers import Gemma4MoE, Gemma4Router
@@ -106,6 +107,11 @@ def _reference_moe(checkpoint: dict[str, torch.Tensor], router_input: torch.Tens
     return torch.einsum("te,teh->th", dense, out)
 
 
+def _router_input(moe: Gemma4MoE, hidden: torch.Tensor) -> torch.Tensor:
+    """The residual through the router's norm, as the decoder layer's fused step hands it to the router."""
+    return ops.residual_norm(hidden, [moe.router.norm.weight], 1e-6)[1][0]
+
+
 def _hidden(tokens: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(tokens, HIDDEN, generator=generator) * (1 + 4 * torch.rand(tokens, 1, generator=generator))
@@ -118,7 +124,7 @@ def test_router_matches_the_unfused_formula():
     _load(moe, checkpoint, ["router.proj.weight", "router.scale", "router.per_expert_scale"])
     assert isinstance(moe.router, Gemma4Router)
     hidden = _hidden(64, seed=2)
-    routing = moe.router(hidden)
+    routing = moe.router(_router_input(moe, hidden))
     weights, ids = _reference_routing(checkpoint, hidden)
     assert torch.equal(routing.topk_ids.long(), ids)
     # the router's weights leave per_expert_scale to the experts' w2
@@ -138,8 +144,8 @@ def test_moe_output_with_folded_w2_equals_the_unfolded_computation():
     torch.testing.assert_close(moe.experts.w2_weight,
                                checkpoint["experts.down_proj"] * checkpoint["router.per_expert_scale"][:, None, None])
     router_input, expert_input = _hidden(16, seed=4), _hidden(16, seed=5)
-    torch.testing.assert_close(moe(router_input, expert_input), _reference_moe(checkpoint, router_input, expert_input),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe(_router_input(moe, router_input), expert_input),
+                               _reference_moe(checkpoint, router_input, expert_input), rtol=1e-5, atol=1e-5)
 
 
 @in_sglang

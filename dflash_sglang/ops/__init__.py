@@ -4,8 +4,9 @@
 Dispatch is explicit: CUDA tensors go to ``torch.ops.dflash.<op>`` when the extension loads (see
 ``DFLASH_KERNELS`` in ``config.py``); CPU tensors, or CUDA with ``DFLASH_KERNELS=off``, use
 ``ops.reference``. With ``DFLASH_KERNELS=auto`` a CUDA run without the extension says so once in the log.
-The Triton ops (``argmax``, ``block_inputs``, ``advance_state``, ``paged_kv_indices``; ``ops/argmax_kernel.py``,
-``ops/step_state.py``, ``ops/paged_kv.py``) need no build: they run on every CUDA tensor unless
+The Triton ops (``argmax``, ``block_inputs``, ``advance_state``, ``paged_kv_indices``, ``residual_norm``,
+``qkv_norm_rope``; ``ops/argmax_kernel.py``, ``ops/step_state.py``, ``ops/paged_kv.py``,
+``ops/residual_norm_kernel.py``, ``ops/qkv_norm_rope_kernel.py``) need no build: they run on every CUDA tensor unless
 ``DFLASH_KERNELS=off``.
 """
 
@@ -23,7 +24,7 @@ from dflash_sglang.ops._load import ExtensionUnavailable, load_ext
 logger = logging.getLogger(__name__)
 
 __all__ = ["inject_kv", "verify_block", "argmax", "block_inputs", "advance_state", "paged_kv_indices",
-           "kernels_available", "use_kernels_for"]
+           "residual_norm", "qkv_norm_rope", "kernels_available", "use_kernels_for"]
 
 
 @functools.cache
@@ -289,3 +290,71 @@ def paged_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                                   kv_indices)
     else:
         reference.paged_kv_indices_ref(req_to_token, req_pool_indices, seq_lens, kv_indptr, kv_indices)
+
+
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def residual_norm(residual: torch.Tensor, out_weights: list[torch.Tensor], eps: float, *,
+                  branches: list[torch.Tensor] = (), branch_weights: list[torch.Tensor] = (),
+                  combine_weight: torch.Tensor | None = None,
+                  scalar: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A residual add between RMSNorms: the new residual and its normalizations, as fresh tensors; see
+    :func:`dflash_sglang.ops.reference.residual_norm_ref`."""
+    device = residual.device
+    _check_tensor("residual", residual, 2, FLOATS, device)
+    tokens, hidden = residual.shape
+    _check(residual.stride(1) == 1, "residual needs unit stride in its last dim")
+    _check(len(branches) == len(branch_weights) and len(branches) <= 2,
+           f"give one weight per branch, at most two branches (got {len(branches)} and {len(branch_weights)})")
+    _check(len(out_weights) <= 3, f"at most three out weights, got {len(out_weights)}")
+    _check(combine_weight is None or len(branches) > 0, "combine_weight normalizes the branches' sum: give a branch")
+    for i, branch in enumerate(branches):
+        _check_tensor(f"branches[{i}]", branch, 2, (residual.dtype,), device)
+        _check(tuple(branch.shape) == (tokens, hidden) and branch.stride(1) == 1,
+               f"branches[{i}] must be [{tokens}, {hidden}] with unit stride in its last dim, got "
+               f"{tuple(branch.shape)} strides {branch.stride()}")
+    weights = [("out_weights", w) for w in out_weights] + [("branch_weights", w) for w in branch_weights] + (
+        [("combine_weight", combine_weight)] if combine_weight is not None else [])
+    for name, weight in weights:
+        _check_tensor(name, weight, 1, FLOATS, device)
+        _check(weight.shape[0] == hidden and weight.stride(0) == 1,
+               f"{name} must be contiguous [{hidden}], got {tuple(weight.shape)}")
+    _check(scalar is None or (isinstance(scalar, torch.Tensor) and scalar.numel() == 1 and scalar.device == device),
+           f"scalar must be a 1-element tensor on {device}")
+    if use_triton_for(residual):
+        from dflash_sglang.ops import residual_norm_kernel as kernel
+
+        return kernel.residual_norm(residual, list(out_weights), float(eps), list(branches), list(branch_weights),
+                                    combine_weight, scalar)
+    return reference.residual_norm_ref(residual, list(out_weights), eps, list(branches), list(branch_weights),
+                                       combine_weight, scalar)
+
+
+def qkv_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, k_eq_v: bool,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v from a fused QKV projection: per-head RMSNorm (v without a weight), RoPE on q and k; see
+    :func:`dflash_sglang.ops.reference.qkv_norm_rope_ref`."""
+    device = qkv.device
+    _check_tensor("qkv", qkv, 2, FLOATS, device)
+    width = (num_heads + num_kv_heads * (1 if k_eq_v else 2)) * head_dim
+    _check(qkv.shape[1] == width and qkv.stride(1) == 1,
+           f"qkv must be [T, {width}] (heads {num_heads} + {num_kv_heads} KV x {head_dim}, k_eq_v={k_eq_v}) with "
+           f"unit stride in its last dim, got {tuple(qkv.shape)}")
+    _check(head_dim % 2 == 0, f"head_dim must be even for RoPE, got {head_dim}")
+    _check_tensor("positions", positions, 1, (torch.int32, torch.int64), device)
+    _check(positions.shape[0] == qkv.shape[0], f"positions must have T={qkv.shape[0]} entries")
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
+        _check_tensor(name, weight, 1, FLOATS, device)
+        _check(weight.shape[0] == head_dim and weight.stride(0) == 1, f"{name} must be contiguous [{head_dim}]")
+    _check_tensor("cos_sin_cache", cos_sin_cache, 2, FLOATS, device)
+    _check(cos_sin_cache.shape[1] == head_dim and cos_sin_cache.is_contiguous(),
+           f"cos_sin_cache must be contiguous [max_position, {head_dim}], got {tuple(cos_sin_cache.shape)}")
+    if use_triton_for(qkv):
+        from dflash_sglang.ops import qkv_norm_rope_kernel as kernel
+
+        return kernel.qkv_norm_rope(qkv, positions.contiguous(), q_weight, k_weight, cos_sin_cache, num_heads,
+                                    num_kv_heads, head_dim, k_eq_v, float(eps))
+    return reference.qkv_norm_rope_ref(qkv, positions, q_weight, k_weight, cos_sin_cache, num_heads, num_kv_heads,
+                                       head_dim, k_eq_v, eps)

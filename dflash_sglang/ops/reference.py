@@ -16,6 +16,11 @@ written for clarity, with fp32 arithmetic.
   ``torch.argmax``): the Triton kernel of ``ops/argmax_kernel.py``.
 * :func:`paged_kv_indices_ref` -- a batch's paged prefix listing (``kv_indptr``, ``kv_indices``) as the
   attention kernels read it: the Triton kernel of ``ops/paged_kv.py``.
+* :func:`residual_norm_ref` -- a chain of RMSNorms around one residual add (Gemma 4's sandwich norms: the
+  branch outputs normalized, summed, added to the residual, scaled, and the new residual normalized for each
+  consumer): the Triton kernel of ``ops/residual_norm_kernel.py``.
+* :func:`qkv_norm_rope_ref` -- per-head RMSNorm of q, k and v from a fused QKV projection, then RoPE on q and
+  k: the Triton kernel of ``ops/qkv_norm_rope_kernel.py``.
 * :func:`block_inputs_ref` and :func:`advance_state_ref` -- the overlap loop's per-step bookkeeping on the
   device (the inputs of a step from the state the previous step left; that state advanced by the verdict):
   the Triton kernels of ``ops/step_state.py``.
@@ -283,3 +288,77 @@ def paged_kv_indices_ref(req_to_token: torch.Tensor, req_pool_indices: torch.Ten
     if rows:
         listing = torch.cat(rows)
         kv_indices[:listing.shape[0]] = listing.to(kv_indices.dtype)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32 (the weight multiplied in fp32, as SGLang's CUDA kernel does), rounded
+    once to ``x``'s dtype; ``weight`` None is a weight of ones."""
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (out if weight is None else out * weight.float()).to(x.dtype)
+
+
+def residual_norm_ref(residual: torch.Tensor, out_weights: list[torch.Tensor], eps: float,
+                      branches: list[torch.Tensor] = (), branch_weights: list[torch.Tensor] = (),
+                      combine_weight: torch.Tensor | None = None,
+                      scalar: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The new residual and its normalizations, every intermediate rounded to ``residual``'s dtype as the
+    op-by-op sequence rounds it::
+
+        m = sum_i rms(branches[i]) * branch_weights[i]        (no branches: m = 0)
+        m = rms(m) * combine_weight                             (when given)
+        new = (residual + m) * scalar                           (scalar: a 1-element tensor, when given)
+        outs = [rms(new) * w for w in out_weights]
+
+    Args:
+        residual: [T, H]; branches: up to two [T, H] (any row stride); weights [H]; eps: every norm's epsilon.
+    Returns:
+        (new [T, H], outs: one [T, H] per out weight), new tensors (the inputs are not written).
+    """
+    dtype = residual.dtype
+    new = residual
+    if branches:
+        mix = None
+        for branch, weight in zip(branches, branch_weights):
+            normed = rms_norm_ref(branch, weight, eps).to(dtype)
+            mix = normed if mix is None else (mix.float() + normed.float()).to(dtype)
+        if combine_weight is not None:
+            mix = rms_norm_ref(mix, combine_weight, eps)
+        new = (residual.float() + mix.float()).to(dtype)
+    if scalar is not None:
+        new = (new.float() * scalar.float()).to(dtype)
+    elif new is residual:
+        new = residual.clone()
+    return new, [rms_norm_ref(new, weight, eps) for weight in out_weights]
+
+
+def qkv_norm_rope_ref(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                      k_eq_v: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a fused QKV projection, each head RMS-normalized (q and k with their weights, v without one;
+    ``k_eq_v``: no v columns, v is the raw k), then NeoX (rotate-half) RoPE on q and k over the whole head.
+
+    Args:
+        qkv: [T, (num_heads + num_kv_heads * (1 if k_eq_v else 2)) * head_dim] (any row stride).
+        positions: [T] int64; q_weight, k_weight: [head_dim];
+        cos_sin_cache: [max_position, head_dim] (cos of the head_dim / 2 frequencies, then their sin).
+    Returns:
+        q [T, num_heads * head_dim], k and v [T, num_kv_heads * head_dim], contiguous, in ``qkv``'s dtype.
+    """
+    tokens, dtype = qkv.shape[0], qkv.dtype
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].reshape(tokens, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].reshape(tokens, num_kv_heads, head_dim)
+    v = k if k_eq_v else qkv[:, q_size + kv_size:q_size + 2 * kv_size].reshape(tokens, num_kv_heads, head_dim)
+    half = head_dim // 2
+    cos_sin = cos_sin_cache[positions].float()[:, None, :]
+    cos, sin = cos_sin[..., :half], cos_sin[..., half:]
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float()[..., :half], x.float()[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+
+    q = rope(rms_norm_ref(q, q_weight, eps))
+    k_out = rope(rms_norm_ref(k, k_weight, eps))
+    v = rms_norm_ref(v, None, eps)
+    return q.reshape(tokens, q_size), k_out.reshape(tokens, kv_size), v.reshape(tokens, kv_size)

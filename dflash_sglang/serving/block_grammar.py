@@ -44,7 +44,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-from xgrammar import apply_token_bitmask_inplace
 
 from dflash_sglang.core.sampling import processed_probs, sample_from
 from dflash_sglang.serving.kv_slots import upload
@@ -158,7 +157,13 @@ def _walk(grammar, logits: torch.Tensor, masks: torch.Tensor, row_params: Option
 
 def apply_masks(logits: torch.Tensor, masks: torch.Tensor) -> None:
     """-inf in ``logits`` [R, V] wherever ``masks`` [R, W] int32 has a 0 bit, and past its 32 * W tokens (as
-    llguidance's ``apply_token_bitmask_inplace`` does when the mask is narrower than the logits)."""
+    llguidance's ``apply_token_bitmask_inplace`` does when the mask is narrower than the logits).
+
+    xgrammar is imported here, at the first constrained step, not with the module: the worker imports this module
+    whatever the requests, and a server without xgrammar (SGLang imports its grammar backends lazily) must still
+    serve unconstrained requests."""
+    from xgrammar import apply_token_bitmask_inplace  # xgrammar's CPU kernel on a CPU, Triton on CUDA
+
     apply_token_bitmask_inplace(logits, masks)
     logits[:, 32 * masks.shape[-1]:] = float("-inf")
 

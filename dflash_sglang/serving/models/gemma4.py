@@ -10,6 +10,12 @@ A decoder layer (transformers' ``Gemma4TextDecoderLayer``)::
                  + post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(h), router(h)))
     h = (h + post_feedforward_layernorm(m)) * layer_scalar
 
+Between the GEMMs a layer runs two fused steps (``ops.residual_norm``, one kernel each on CUDA): from the
+attention output to the new residual and its feed-forward inputs (``pre_feedforward_layernorm``, and in MoE
+layers ``pre_feedforward_layernorm_2`` and the router's norm), and from the feed-forward outputs to the scaled
+residual and the next layer's ``input_layernorm`` of it (the final ``norm`` after the last layer). The
+embedding's scale and the first ``input_layernorm`` are one more.
+
 Embeddings are scaled by sqrt(hidden_size) (rounded to the weights' dtype, as transformers does); the LM
 head is the tied embedding; final logits are soft-capped by ``final_logit_softcapping``.
 
@@ -38,6 +44,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.utils import add_prefix
 
+from dflash_sglang import ops
 from dflash_sglang.core.checkpoint import check_state_dict
 from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig, check_servable, text_config_of
 from dflash_sglang.serving.models.gemma4_layers import Gemma4Attention, Gemma4MLP, Gemma4MoE
@@ -65,15 +72,32 @@ class Gemma4DecoderLayer(nn.Module):
             self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps=eps)
             self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps=eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        attn = self.self_attn(positions, self.input_layernorm(hidden), forward_batch)
-        hidden = hidden + self.post_attention_layernorm(attn)
-        mlp = self.mlp(self.pre_feedforward_layernorm(hidden))
-        if self.moe is not None:
-            experts = self.moe(hidden, self.pre_feedforward_layernorm_2(hidden))
-            mlp = self.post_feedforward_layernorm_1(mlp) + self.post_feedforward_layernorm_2(experts)
-        hidden = hidden + self.post_feedforward_layernorm(mlp)
-        return hidden * self.layer_scalar
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, normed: torch.Tensor,
+                forward_batch: ForwardBatch, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the residual after this layer, it through ``next_norm``) from the residual and ``normed``, the residual
+        through this layer's ``input_layernorm`` (which the previous fused step applied)."""
+        eps = self.input_layernorm.variance_epsilon
+        attn = self.self_attn(positions, normed, forward_batch)
+        if self.moe is None:
+            hidden, (mlp_input,) = ops.residual_norm(hidden, [self.pre_feedforward_layernorm.weight], eps,
+                                                     branches=[attn],
+                                                     branch_weights=[self.post_attention_layernorm.weight])
+            mlp = self.mlp(mlp_input)
+            hidden, (normed,) = ops.residual_norm(hidden, [next_norm.weight], eps, branches=[mlp],
+                                                  branch_weights=[self.post_feedforward_layernorm.weight],
+                                                  scalar=self.layer_scalar)
+            return hidden, normed
+        hidden, (mlp_input, expert_input, router_input) = ops.residual_norm(
+            hidden, [self.pre_feedforward_layernorm.weight, self.pre_feedforward_layernorm_2.weight,
+                     self.moe.router.norm.weight], eps,
+            branches=[attn], branch_weights=[self.post_attention_layernorm.weight])
+        mlp = self.mlp(mlp_input)
+        experts = self.moe(router_input, expert_input)
+        hidden, (normed,) = ops.residual_norm(
+            hidden, [next_norm.weight], eps, branches=[mlp, experts],
+            branch_weights=[self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight],
+            combine_weight=self.post_feedforward_layernorm.weight, scalar=self.layer_scalar)
+        return hidden, normed
 
 
 class Gemma4TextModel(nn.Module):
@@ -86,23 +110,28 @@ class Gemma4TextModel(nn.Module):
             Gemma4DecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # transformers multiplies by sqrt(hidden) cast to the weights' dtype (bf16: sqrt(2816) -> 53.0)
-        self.embed_scale = float(torch.tensor(config.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype))
+        # transformers multiplies by sqrt(hidden) cast to the weights' dtype (bf16: sqrt(2816) -> 53.0); a
+        # 1-element tensor, as ops.residual_norm takes its scalar
+        scale = float(torch.tensor(config.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype))
+        self.register_buffer("embed_scale", torch.tensor([scale]), persistent=False)
         self.layers_to_capture: list[int] = []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                 input_embeds: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        first_norm = [self.layers[0].input_layernorm.weight]
+        eps = self.norm.variance_epsilon
         if input_embeds is None:
-            hidden = self.embed_tokens(input_ids) * self.embed_scale
+            hidden, (normed,) = ops.residual_norm(self.embed_tokens(input_ids), first_norm, eps,
+                                                  scalar=self.embed_scale)
         else:
-            hidden = input_embeds
+            hidden, (normed,) = ops.residual_norm(input_embeds, first_norm, eps)
         aux_hidden_states = []
         for i, layer in enumerate(self.layers):
             if i in self.layers_to_capture:
                 aux_hidden_states.append(hidden)
-            hidden = layer(positions, hidden, forward_batch)
-        hidden = self.norm(hidden)
-        return (hidden, aux_hidden_states) if aux_hidden_states else hidden
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            hidden, normed = layer(positions, hidden, normed, forward_batch, next_norm)
+        return (normed, aux_hidden_states) if aux_hidden_states else normed
 
 
 class _SoftcapLogitsProcessor(LogitsProcessor):

@@ -12,13 +12,16 @@ Numerics follow transformers' ``models/gemma4/modeling_gemma4.py`` (>= 5.17):
 * MoE (26B-A4B): a router (weight-free RMSNorm, times ``scale * hidden^-0.5``, linear, softmax, top-k,
   renormalized, times ``per_expert_scale`` of the chosen experts) and GELU-gated experts.
 
-Fused for the decode step, with the same math up to floating-point rounding (each a few kernels per layer
-instead of ~30 elementwise ones): ``v_norm`` is SGLang's ``RMSNorm`` with a fixed ones weight; the router's
-norm is one ``RMSNorm`` whose weight is ``scale * hidden^-0.5``, folded when ``router.scale`` loads; softmax,
-top-k and renormalization are SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Qwen3-MoE's router;
-on the CPU its PyTorch ``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection
-``w2`` once after loading (:meth:`Gemma4MoE.fold_per_expert_scale`), which is exact because an expert's
-output is linear in its ``w2`` and scaled by its routing weight.
+Fused for the decode step, with the same math up to floating-point rounding (a few kernels per layer instead of
+~30 elementwise ones): q, k and v's per-head norms and RoPE are one kernel (``ops.qkv_norm_rope``; the norm
+modules hold the weights); the RMSNorms around the residual adds are the decoder layer's (``gemma4.py``, through
+``ops.residual_norm``), the router's included: its weight is ``scale * hidden^-0.5``, folded when
+``router.scale`` loads, so the router receives its normalized input; softmax, top-k and renormalization are
+SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Qwen3-MoE's router; on the CPU its PyTorch
+``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection ``w2`` once after loading
+(:meth:`Gemma4MoE.fold_per_expert_scale`), which is exact because an expert's output is linear in its ``w2`` and
+scaled by its routing weight. The proportional RoPE module (and its cos/sin cache) is shared by all layers of
+one shape (:func:`proportional_rope`).
 
 KV cache layout. Each layer attends with its own shape -- RadixAttention gets the layer's head size and KV
 heads (31B: sliding 16 x 256, full 4 x 512 with 32 query heads, so grouped-query ratios 2 and 8) -- and its
@@ -28,6 +31,8 @@ Sliding layers still keep every token's K/V (not only their window's).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.utils import add_prefix
 
+from dflash_sglang import ops
 from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig
 
 
@@ -61,6 +67,15 @@ class ProportionalRotaryEmbedding(RotaryEmbedding):
         inv_freq = super()._compute_inv_freq(base)
         inv_freq[self._num_rotated:] = 0.0
         return inv_freq
+
+
+@functools.cache
+def proportional_rope(head_dim: int, max_position: int, base: float, rotary_fraction: float,
+                      dtype: torch.dtype) -> ProportionalRotaryEmbedding:
+    """One module per shape, shared by every layer that uses it, as SGLang's ``get_rope`` shares its own: the cos/sin
+    cache is [max_position, head_dim] fp32 on CUDA (512 MiB for Gemma 4's 262144 positions x 512), which a module
+    per full-attention layer would repeat (31B: 10 layers, 5 GiB taken from the KV cache)."""
+    return ProportionalRotaryEmbedding(head_dim, max_position, base, rotary_fraction, dtype)
 
 
 class Gemma4Attention(nn.Module):
@@ -82,13 +97,15 @@ class Gemma4Attention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         bias=config.attention_bias, quant_config=quant_config,
                                         prefix=add_prefix("o_proj", prefix))
+        # the weights of the per-head norms (checkpoint names q_norm.weight, k_norm.weight), applied by
+        # ops.qkv_norm_rope with the eps below; v's norm has no weight
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.v_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, has_weight=False)  # ones, not loaded
+        self.eps = config.rms_norm_eps
         max_position = config.max_position_embeddings
         if spec.rotary_fraction < 1.0:
-            self.rotary_emb = ProportionalRotaryEmbedding(self.head_dim, max_position, spec.rope_theta,
-                                                          spec.rotary_fraction, torch.get_default_dtype())
+            self.rotary_emb = proportional_rope(self.head_dim, max_position, spec.rope_theta, spec.rotary_fraction,
+                                                torch.get_default_dtype())
         else:
             self.rotary_emb = get_rope(self.head_dim, rotary_dim=self.head_dim, max_position=max_position,
                                        base=spec.rope_theta, is_neox_style=True)
@@ -98,14 +115,11 @@ class Gemma4Attention(nn.Module):
                                    layer_id=layer_id, sliding_window_size=window, prefix=add_prefix("attn", prefix))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        """``hidden``: the layer's normalized input (``input_layernorm`` ran in the previous fused step)."""
         qkv, _ = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, 0 if self.k_eq_v else self.kv_size], dim=-1)
-        if self.k_eq_v:
-            v = k
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
-        v = self.v_norm(v.reshape(-1, self.head_dim)).view(-1, self.kv_size)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k, v = ops.qkv_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight,
+                                    self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads, self.head_dim,
+                                    self.k_eq_v, self.eps)
         out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
         return out
 
@@ -151,14 +165,16 @@ class Gemma4Router(nn.Module):
     def _load_scale(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight.float() * self.input_scale)
 
-    def forward(self, hidden: torch.Tensor) -> StandardTopKOutput:
-        """[tokens, hidden] -> fp32 routing weights [tokens, k] (without ``per_expert_scale``) and expert ids."""
-        logits, _ = self.proj(self.norm(hidden))
-        if hidden.is_cuda:
-            return self.topk(hidden, logits)
+    def forward(self, normed: torch.Tensor) -> StandardTopKOutput:
+        """``normed`` [tokens, hidden], the residual through this router's norm (``self.norm``'s weight, applied by
+        the decoder layer's fused step) -> fp32 routing weights [tokens, k] (without ``per_expert_scale``) and
+        expert ids."""
+        logits, _ = self.proj(normed)
+        if normed.is_cuda:
+            return self.topk(normed, logits)
         # NOTE(gemma4): SGLang's TopK.forward_cpu calls the CUDA top-k kernel unless the CPU has AMX; its
         # forward_native is the same math in PyTorch (fp32 softmax, torch.topk, divide by the sum)
-        return self.topk.forward_native(hidden, logits)
+        return self.topk.forward_native(normed, logits)
 
 
 class Gemma4MoE(nn.Module):
@@ -216,6 +232,8 @@ class Gemma4MoE(nn.Module):
             self.w2_folded_scale[local] = target[local]
 
     def forward(self, router_input: torch.Tensor, expert_input: torch.Tensor) -> torch.Tensor:
+        """``router_input``: the residual through the router's norm; ``expert_input``: through
+        ``pre_feedforward_layernorm_2``."""
         routing = self.router(router_input)
         if expert_input.is_cuda:
             return self.experts(expert_input, routing)
