@@ -28,7 +28,7 @@ if [ $# -gt 0 ]; then
     --trace-dir "$logs/traces" ${COMMIT:+--commit "$COMMIT"} "$@" 2>&1 | grep -v "^ " | tail -30
 fi
 for target in ${GEMMA4_E2E:-}; do
-  timeout 200 python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
+  timeout "${E2E_TIMEOUT:-300}" python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
     --out "$out/gpu_e2e-$target.json" --logs "$logs/e2e-$target" ${COMMIT:+--commit "$COMMIT"} 2>&1 | tail -4
 done
 if [ "${GEMMA4_GOLDEN:-0}" = 1 ]; then

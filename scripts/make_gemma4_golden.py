@@ -43,7 +43,9 @@ def build_checkpoint(variant: str, out: str, seed: int) -> dict:
 
     with tempfile.TemporaryDirectory() as scratch:
         ids, vocab_size = write_gemma4_tokenizer(scratch, seed=0)
-    config = gemma4_config(variant, vocab_size, ids)
+    # head sizes 16 (sliding) and 32 (full): SGLang's triton attention kernels need >= 16 (a tl.dot's K), so
+    # the same fixtures serve the GPU golden test (tests/test_gemma4_gpu.py)
+    config = gemma4_config(variant, vocab_size, ids, head_dim=16, global_head_dim=32)
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(Gemma4Config.from_dict(config))
     text = {name: t.to(torch.bfloat16).float()
