@@ -85,8 +85,8 @@ def _check_golden(server: ServerProcess, variant: str, dtype: str) -> None:
 
 
 def test_kv_pool_keeps_each_layer_type_at_its_shape(dense):
-    """No padding: sliding layers 2 KV heads x 8, full layers 2 x 16 (``Gemma4KVPool``), 4096 slots each."""
-    assert "Gemma 4 KV pool: 4096 tokens; sliding layers [0, 2]: 2 x 8; full layers [1, 3]: 2 x 16" in dense.log_text()
+    """No padding: sliding layers 2 KV heads x 16, full layers 2 x 32 (``Gemma4KVPool``), 4096 slots each."""
+    assert "Gemma 4 KV pool: 4096 tokens; sliding layers [0, 2]: 2 x 16; full layers [1, 3]: 2 x 32" in dense.log_text()
 
 
 def test_vision_tower_is_skipped_and_said_in_the_log(dense):
