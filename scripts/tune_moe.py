@@ -27,15 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dflash_sglang.bench.provenance import provenance, write_report  # noqa: E402
 from dflash_sglang.serving.patches.moe import PACKAGED_MOE_CONFIGS, triton_version_folder  # noqa: E402
 
-DEFAULT_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512]
+# DFLASH's verify counts (16 x batch) and decode counts first, so a time-limited run tunes what it serves most
+DEFAULT_TOKENS = [16, 128, 1, 8, 32, 512, 2, 4, 64, 256, 24, 48, 96]
 
 
-def search_space(tokens: int) -> list[dict]:
-    """Kernel configs worth timing at ``tokens`` tokens: block rows up to what the routed rows per expert fill."""
-    rows = [m for m in (16, 32, 64, 128) if m <= max(16, tokens * 2)]
+def search_space(tokens: int, experts: int, top_k: int) -> list[dict]:
+    """Kernel configs worth timing at ``tokens`` tokens. Block rows: up to twice the rows an expert gets on average
+    (``tokens * top_k / experts``, at least 16), so small counts share one set of compiled kernels (the Triton
+    compile, about a second a config, is what a tuning run spends most on: M is not a compile-time constant)."""
+    rows_per_expert = -(-tokens * top_k // experts)
+    rows = [m for m in (16, 32, 64, 128) if m <= max(16, 2 * rows_per_expert)]
     space = []
-    for block_m, block_n, block_k, warps, stages in itertools.product(rows, (64, 128, 256), (64, 128, 256), (4, 8),
-                                                                      (3, 4)):
+    for block_m, block_n, block_k, warps, stages in itertools.product(rows, (32, 64, 128), (64, 128, 256), (4, 8),
+                                                                      (2, 3, 4)):
         space.append({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n, "BLOCK_SIZE_K": block_k,
                       "GROUP_SIZE_M": 1 if tokens < 256 else 16, "num_warps": warps, "num_stages": stages})
     return space
@@ -113,7 +117,7 @@ def main() -> int:
         default = get_default_config(tokens, e, n, hidden, top_k, None, False, None)
         default_ms = time_config(default)
         timings = []
-        for config in search_space(tokens):
+        for config in search_space(tokens, e, top_k):
             try:
                 timings.append((time_config(config), config))
             except (triton.runtime.errors.OutOfResources, RuntimeError):  # too much shared memory or registers
