@@ -320,7 +320,7 @@ def residual_norm_ref(residual: torch.Tensor, out_weights: list[torch.Tensor], e
     if branches:
         mix = None
         for branch, weight in zip(branches, branch_weights):
-            normed = rms_norm_ref(branch, weight, eps).to(dtype)
+            normed = rms_norm_ref(branch, weight, eps)
             mix = normed if mix is None else (mix.float() + normed.float()).to(dtype)
         if combine_weight is not None:
             mix = rms_norm_ref(mix, combine_weight, eps)
