@@ -50,11 +50,11 @@ def test_kv_pool_keeps_every_layer_at_its_own_shape(tmp_path, variant, monkeypat
                       enable_memory_saver=False, start_layer=0, end_layer=text.num_hidden_layers)
     assert isinstance(pool, Gemma4KVPool) and pool.size == pool.size_swa == size
     shapes = [(text.layer_attention(i).num_kv_heads, text.layer_attention(i).head_dim) for i in range(4)]
-    assert shapes == [(2, 8), (1 if variant == "moe" else 2, 16)] * 2  # k_eq_v full layers have 1 KV head
+    assert shapes == [(2, 16), (1 if variant == "moe" else 2, 32)] * 2  # k_eq_v full layers have 1 KV head
     for i, shape in enumerate(shapes):
         assert tuple(pool.get_key_buffer(i).shape) == tuple(pool.get_value_buffer(i).shape) == (size + 1, *shape)
     assert sum(pool.get_kv_size_bytes()) == (size + 1) * text.kv_bytes_per_token(4)
-    assert pool.max_v_head_dim == 16
+    assert pool.max_v_head_dim == 32
 
     # every layer writes the same slots of its own buffers; an offload/reload copy moves all of them
     slots, written = torch.tensor([3, 17]), {}

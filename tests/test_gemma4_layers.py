@@ -216,3 +216,17 @@ def test_model_load_weights_folds_once_under_the_checkpoint_names():
         torch.testing.assert_close(moe.experts.w2_weight, expected_w2)
     hidden = model.config.hidden_size
     torch.testing.assert_close(moe.router.norm.weight, tensors[prefix + "router.scale"].float() * hidden ** -0.5)
+
+
+@in_sglang
+def test_full_attention_layers_share_one_rope_table():
+    """Each proportional-RoPE module holds a [max_position, head_dim] fp32 cos/sin table (512 MiB at Gemma 4's
+    262144 x 512): the full-attention layers must share one module, as the sliding layers share get_rope's."""
+    with open(os.path.join(MOE_FIXTURE, "config.json"), encoding="utf-8") as handle:
+        model = Gemma4ForCausalLM(Gemma4Config.from_dict(json.load(handle)))
+    by_type: dict[str, set[int]] = {}
+    for layer, kind in zip(model.model.layers, model.config.layer_types):
+        by_type.setdefault(kind, set()).add(id(layer.self_attn.rotary_emb.cos_sin_cache))
+    assert sorted(by_type) == ["full_attention", "sliding_attention"]
+    assert all(len(tables) == 1 for tables in by_type.values()), by_type
+    assert model.config.layer_types.count("full_attention") >= 2  # the fixture has something to share

@@ -1,15 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
 """ServerProcess stops its server's process group when the launching program is stopped by SIGTERM (as
 ``timeout`` does on the device machine): the group is a session of its own and would otherwise outlive the
-launcher and hold the GPU."""
+launcher and hold the GPU. And a real SGLang server whose picked port is taken before it binds is started again
+on another port (a CI run lost a module's servers to that race)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+
+import pytest
+
+from dflash_sglang.deploy.launch import ServerProcess, ServerStartError
+from test_server_e2e import COMMON_ARGS
 
 LAUNCHER = r'''
 import sys
@@ -49,3 +56,27 @@ def test_sigterm_to_the_launcher_stops_the_server(tmp_path):
         assert not _alive(server_pid), "the server outlived its launcher"
     finally:
         launcher.kill()
+
+
+def _occupied_port() -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+@pytest.mark.slow
+def test_a_server_that_loses_its_picked_port_starts_on_another(tiny_checkpoints, tmp_path):
+    args = ["--model-path", tiny_checkpoints["target"], *COMMON_ARGS]
+    with _occupied_port() as listener:
+        taken = listener.getsockname()[1]
+        server = ServerProcess(args, log_path=str(tmp_path / "server.log"))
+        server.port = taken  # as if another process had bound the picked port before the server did
+        with server:
+            assert server.port != taken
+            ids, _ = server.generate_greedy("hello", 4)
+            assert len(ids) == 4
+        # a port the caller chose is the caller's: no retry, the error names the bind failure
+        pinned = ServerProcess(args, log_path=str(tmp_path / "pinned.log"), port=taken)
+        with pytest.raises(ServerStartError, match="address already in use"):
+            pinned.start()

@@ -35,6 +35,7 @@ class ServerStartError(RuntimeError):
 
 
 LAUNCH_SERVER = (sys.executable, "-m", "sglang.launch_server")
+PORT_RETRIES = 2
 SGLANG_SERVE = (os.path.join(os.path.dirname(sys.executable), "sglang"), "serve")
 
 
@@ -46,8 +47,9 @@ class ServerProcess:
                  env: dict[str, str] | None = None, launcher: Sequence[str] = LAUNCH_SERVER) -> None:
         self.launcher = list(launcher)
         self.host = host
+        self.port_given = port is not None
         self.port = port or free_port()
-        self.args = [*args, "--host", host, "--port", str(self.port)]
+        self.server_args = list(args)
         self.log_path = log_path
         base_env = dict(os.environ if env is None else env)
         tp_size = int(_arg_value(args, "--tp-size") or _arg_value(args, "--tensor-parallel-size") or 1)
@@ -58,17 +60,37 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def args(self) -> list[str]:
+        return [*self.server_args, "--host", self.host, "--port", str(self.port)]
+
     def start(self, timeout_s: float = 600.0) -> "ServerProcess":
+        """Starts the server and waits until it answers. A port this object picked itself can be taken between
+        the pick and the server's bind (by another process, or by one of the ports SGLang picks at random for
+        its own processes): the server then exits saying so, and it is started again on a new port, up to
+        ``PORT_RETRIES`` times."""
         _exit_on_sigterm()
-        with open(self.log_path, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen([*self.launcher, *self.args], stdout=log,
-                                            stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        try:
-            self._wait_healthy(timeout_s)
-        except BaseException:  # not started in time, or interrupted (SIGTERM, Ctrl-C): __exit__ will not run
-            self.stop()
-            raise
-        return self
+        retries = 0
+        while True:
+            with open(self.log_path, "w", encoding="utf-8") as log:
+                self.process = subprocess.Popen([*self.launcher, *self.args], stdout=log,
+                                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            try:
+                self._wait_healthy(timeout_s)
+                return self
+            except ServerStartError:
+                self.stop()
+                if self.port_given or retries == PORT_RETRIES or not self._lost_its_port():
+                    raise
+                retries += 1
+                self.port = free_port()
+            except BaseException:  # interrupted (SIGTERM, Ctrl-C): __exit__ will not run
+                self.stop()
+                raise
+
+    def _lost_its_port(self) -> bool:
+        log = self.log_text()
+        return "address already in use" in log and f"'{self.host}', {self.port})" in log
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
