@@ -28,12 +28,12 @@ CHILD = "DFLASH_COUNT_OPS_CHILD"
 
 def _count(layer, positions, hidden, next_norm) -> dict[str, collections.Counter]:
     import torch
-
-    from dflash_sglang import ops
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from sglang.srt.layers.moe.topk import TopK
     from sglang.srt.layers.utils import MultiPlatformOp
+
+    from dflash_sglang import ops
 
     aten = torch.ops.aten
     no_kernel = {aten.detach, aten.lift_fresh, aten.empty, aten.empty_like, aten.empty_strided}
@@ -75,17 +75,9 @@ def _count(layer, positions, hidden, next_norm) -> dict[str, collections.Counter
                 leave_fused()
         return hook
 
-    def top_k_native(self, *args, **kwargs):  # called directly on the CPU, where the module call would be on CUDA
-        enter_fused()
-        try:
-            return forward_native(self, *args, **kwargs)
-        finally:
-            leave_fused()
-
-    forward_native = TopK.forward_native
-    triton_ops = {name: getattr(ops, name) for name in ("residual_norm", "qkv_norm_rope")}
-
     def counted_as_one(op):
+        """``op`` counted as one launch (TopK's native path is called directly on the CPU, where on CUDA the module
+        call would run ``topk_softmax``; the Triton ops are one kernel on CUDA)."""
         def run(*args, **kwargs):
             enter_fused()
             try:
@@ -94,12 +86,15 @@ def _count(layer, positions, hidden, next_norm) -> dict[str, collections.Counter
                 leave_fused()
         return run
 
+    forward_native = TopK.forward_native
+    triton_ops = {name: getattr(ops, name) for name in ("residual_norm", "qkv_norm_rope")}
+
     parts = {"self_attn": "attention", "moe.router": "router", "moe": "experts", "mlp": "mlp"}
     for name, module in layer.named_modules():
         label = parts.get(name, "")
         module.register_forward_pre_hook(enter(label, module))
         module.register_forward_hook(leave(module))
-    TopK.forward_native = top_k_native
+    TopK.forward_native = counted_as_one(forward_native)
     for name, op in triton_ops.items():
         setattr(ops, name, counted_as_one(op))
     try:

@@ -35,8 +35,8 @@ class ServerStartError(RuntimeError):
 
 
 LAUNCH_SERVER = (sys.executable, "-m", "sglang.launch_server")
-PORT_RETRIES = 2
 SGLANG_SERVE = (os.path.join(os.path.dirname(sys.executable), "sglang"), "serve")
+PORT_RETRIES = 2  # new ports tried when the picked one is taken before the server binds it
 
 
 class ServerProcess:

@@ -74,8 +74,7 @@ def residual_norm(residual: torch.Tensor, out_weights: list[torch.Tensor], eps: 
         return new, outs
     block = triton.next_power_of_2(hidden)
     padded_branches = list(branches) + [residual] * (MAX_BRANCHES - len(branches))
-    padded_branch_weights = list(branch_weights) + [out_weights[0] if out_weights else residual] * (
-        MAX_BRANCHES - len(branch_weights))
+    padded_branch_weights = list(branch_weights) + [residual] * (MAX_BRANCHES - len(branch_weights))
     padded_weights = list(out_weights) + [residual] * (MAX_OUTS - len(out_weights))
     padded_outs = outs + [new] * (MAX_OUTS - len(outs))
     _residual_norm_kernel[(tokens,)](

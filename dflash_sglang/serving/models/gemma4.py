@@ -78,25 +78,21 @@ class Gemma4DecoderLayer(nn.Module):
         through this layer's ``input_layernorm`` (which the previous fused step applied)."""
         eps = self.input_layernorm.variance_epsilon
         attn = self.self_attn(positions, normed, forward_batch)
+        ff_norms = [self.pre_feedforward_layernorm.weight]
+        if self.moe is not None:
+            ff_norms += [self.pre_feedforward_layernorm_2.weight, self.moe.router.norm.weight]
+        hidden, ff_inputs = ops.residual_norm(hidden, ff_norms, eps, branches=[attn],
+                                              branch_weights=[self.post_attention_layernorm.weight])
+        branches = [self.mlp(ff_inputs[0])]
         if self.moe is None:
-            hidden, (mlp_input,) = ops.residual_norm(hidden, [self.pre_feedforward_layernorm.weight], eps,
-                                                     branches=[attn],
-                                                     branch_weights=[self.post_attention_layernorm.weight])
-            mlp = self.mlp(mlp_input)
-            hidden, (normed,) = ops.residual_norm(hidden, [next_norm.weight], eps, branches=[mlp],
-                                                  branch_weights=[self.post_feedforward_layernorm.weight],
-                                                  scalar=self.layer_scalar)
-            return hidden, normed
-        hidden, (mlp_input, expert_input, router_input) = ops.residual_norm(
-            hidden, [self.pre_feedforward_layernorm.weight, self.pre_feedforward_layernorm_2.weight,
-                     self.moe.router.norm.weight], eps,
-            branches=[attn], branch_weights=[self.post_attention_layernorm.weight])
-        mlp = self.mlp(mlp_input)
-        experts = self.moe(router_input, expert_input)
-        hidden, (normed,) = ops.residual_norm(
-            hidden, [next_norm.weight], eps, branches=[mlp, experts],
-            branch_weights=[self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight],
-            combine_weight=self.post_feedforward_layernorm.weight, scalar=self.layer_scalar)
+            branch_weights, combine_weight = [self.post_feedforward_layernorm.weight], None
+        else:  # ff_inputs: mlp, experts, router
+            branches.append(self.moe(ff_inputs[2], ff_inputs[1]))
+            branch_weights = [self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight]
+            combine_weight = self.post_feedforward_layernorm.weight
+        hidden, (normed,) = ops.residual_norm(hidden, [next_norm.weight], eps, branches=branches,
+                                              branch_weights=branch_weights, combine_weight=combine_weight,
+                                              scalar=self.layer_scalar)
         return hidden, normed
 
 

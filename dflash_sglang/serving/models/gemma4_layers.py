@@ -97,11 +97,10 @@ class Gemma4Attention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         bias=config.attention_bias, quant_config=quant_config,
                                         prefix=add_prefix("o_proj", prefix))
-        # the weights of the per-head norms (checkpoint names q_norm.weight, k_norm.weight), applied by
-        # ops.qkv_norm_rope with the eps below; v's norm has no weight
+        # the weights and eps of the per-head norms (checkpoint names q_norm.weight, k_norm.weight), applied by
+        # ops.qkv_norm_rope; v's norm has no weight
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.eps = config.rms_norm_eps
         max_position = config.max_position_embeddings
         if spec.rotary_fraction < 1.0:
             self.rotary_emb = proportional_rope(self.head_dim, max_position, spec.rope_theta, spec.rotary_fraction,
@@ -119,7 +118,7 @@ class Gemma4Attention(nn.Module):
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = ops.qkv_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight,
                                     self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads, self.head_dim,
-                                    self.k_eq_v, self.eps)
+                                    self.k_eq_v, self.q_norm.variance_epsilon)
         out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
         return out
 
