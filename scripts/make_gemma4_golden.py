@@ -36,6 +36,9 @@ from dflash_sglang.testing.tiny_gemma4 import VARIANTS, gemma4_config, gemma4_te
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "gemma4")
 PROMPT_LEN, NUM_OUTPUT, MIN_MARGIN = 24, 8, 0.05
+# shorter than the prompt: the sliding layers' window (a query sees itself and the 7 keys before it) bounds the
+# prefill and every decode step, which the served model must reproduce through its sliding-window KV pool
+SLIDING_WINDOW = 8
 
 
 def build_checkpoint(variant: str, out: str, seed: int) -> dict:
@@ -45,7 +48,7 @@ def build_checkpoint(variant: str, out: str, seed: int) -> dict:
         ids, vocab_size = write_gemma4_tokenizer(scratch, seed=0)
     # head sizes 16 (sliding) and 32 (full): SGLang's triton attention kernels need >= 16 (a tl.dot's K), so
     # the same fixtures serve the GPU golden test (tests/test_gemma4_gpu.py)
-    config = gemma4_config(variant, vocab_size, ids, head_dim=16, global_head_dim=32)
+    config = gemma4_config(variant, vocab_size, ids, head_dim=16, global_head_dim=32, sliding_window=SLIDING_WINDOW)
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(Gemma4Config.from_dict(config))
     text = {name: t.to(torch.bfloat16).float()

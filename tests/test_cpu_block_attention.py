@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The CPU block attention of TARGET_VERIFY passes (``patches.cpu.block_attention_cpu``) against SGLang's
-torch_native loop that it replaces (``DFLASH_BLOCK_ATTENTION=off``): the same output for the target's causal
-chain and the drafter's non-causal block, at batch sizes 1 and 3 with unequal prefixes, with GQA; and the
+"""The CPU block attention of TARGET_VERIFY passes (``patches.cpu_attention.block_attention_cpu``) against
+SGLang's torch_native loop that it replaces (``DFLASH_BLOCK_ATTENTION=off``): the same output for the target's
+causal chain and the drafter's non-causal block, at batch sizes 1 and 3 with unequal prefixes, with GQA; and the
 block's K/V written to the pool at ``out_cache_loc`` either way."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _run(prefix_lens: list[int], causal: bool, mode: str, monkeypatch) -> tuple[
         req_to_token_pool=SimpleNamespace(req_to_token=req_to_token), token_to_kv_pool=pool,
         out_cache_loc=out_cache_loc, encoder_out_cache_loc=None)
     layer = SimpleNamespace(layer_id=0, tp_q_head_num=heads, tp_k_head_num=kv_heads, qk_head_dim=dim, v_head_dim=dim,
-                            scaling=dim ** -0.5, is_cross_attention=False,
+                            scaling=dim ** -0.5, is_cross_attention=False, sliding_window_size=-1,
                             attn_type=AttentionType.DECODER if causal else AttentionType.ENCODER_ONLY)
     q = torch.randn(bs * block, heads * dim)
     k, v = torch.randn(bs * block, kv_heads, dim), torch.randn(bs * block, kv_heads, dim)

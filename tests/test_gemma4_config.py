@@ -130,6 +130,6 @@ def test_sglang_model_config_sees_text_only_gemma4_with_kv_shapes_per_layer_type
     assert model_config.get_num_kv_heads(1) == raw["num_global_key_value_heads"]  # k_eq_v full layers: 1
     assert model_config.swa_head_dim == model_config.swa_v_head_dim == raw["head_dim"]
     assert model_config.get_swa_num_kv_heads(1) == raw["num_key_value_heads"]
-    assert not model_config.is_hybrid_swa  # one slot space: SGLang's plain allocator and radix cache
+    assert model_config.is_hybrid_swa  # the sliding layers' own pool (tests/test_gemma4_kv_pool.py)
     assert model_config.num_hidden_layers == raw["num_hidden_layers"]
 

@@ -44,6 +44,33 @@ def _inputs(lengths: list[int], block_size: int, num_heads: int, num_kv_heads: i
     }
 
 
+def _swa_pool(args: dict, window: int, map_dtype: torch.dtype, seed: int = 0) -> dict:
+    """``args`` with the cache moved into a sliding-window sub-pool as SGLang's ``SWAKVPool`` keeps it:
+    ``kv_indices`` still list full-pool slots, ``kv_slot_map`` gives each one's row in a smaller pool of shuffled
+    rows. Under a ``window`` the keys before each request's window are evicted (map entry 0). Every pool row no
+    live key owns, row 0 included, holds NaN: a kernel that reads one writes NaN."""
+    device = args["k_cache"].device
+    indptr, listed = args["kv_indptr"].cpu().tolist(), args["kv_indices"].cpu().long()
+    firsts = [start + max(end - start - window, 0) if window >= 0 else start  # a request's first live key
+              for start, end in zip(indptr[:-1], indptr[1:])]
+    live = torch.cat([listed[first:end] for first, end in zip(firsts, indptr[1:])])
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(live) + 8, generator=generator)[:len(live)] + 1  # a pool with spare rows past 0
+    slot_map = torch.zeros(args["k_cache"].shape[0], dtype=map_dtype)
+    slot_map[live] = rows.to(map_dtype)
+    pool = {}
+    for name in ("k_cache", "v_cache"):
+        cache = args[name].cpu()
+        pool[name] = torch.full((len(live) + 9, *cache.shape[1:]), float("nan"), dtype=cache.dtype)
+        pool[name][rows] = cache[live]
+    return {**args, "k_cache": pool["k_cache"].to(device), "v_cache": pool["v_cache"].to(device),
+            "kv_slot_map": slot_map.to(device)}
+
+
+def _on_cpu(args: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
 # ------------------------------------------------------------------------------------------------------
 # Reference pins (CPU).
 
@@ -99,6 +126,21 @@ def test_ref_matches_sdpa(causal, window):
         expected = torch.nn.functional.scaled_dot_product_attention(
             args["q"][rows].transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
         torch.testing.assert_close(out[rows], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [-1, 3, 20])
+@pytest.mark.parametrize("map_dtype", [torch.int32, torch.int64], ids=str)
+def test_ref_slot_map_reads_the_mapped_rows(causal, window, map_dtype):
+    """Through ``kv_slot_map`` over a shuffled sub-pool the reference gives exactly what it gives on the full
+    cache: same keys, same positions, same window; the evicted keys' entries (0, a NaN row) are never read."""
+    args = _inputs([5, 0, 17], 8, 8, 2, head_dim=64, dtype=torch.float32, seed=2)
+    mapped = _swa_pool(args, window, map_dtype, seed=3)
+    if window == 3:  # 17 - 3 keys of the last request evicted
+        assert (mapped["kv_slot_map"][args["kv_indices"][5:5 + 14]] == 0).all()
+    expected = block_attention_ref(**args, causal=causal, window=window)
+    out = block_attention_ref(**mapped, causal=causal, window=window)
+    assert torch.equal(out, expected)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -177,6 +219,37 @@ def test_kernel_matches_reference_under_a_window(kernels, case, causal, dtype, s
     torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
 
 
+# (prefix lengths, block size, query heads, KV heads, head_dim, window) for a sliding-window sub-pool: windows
+# shorter than a prefix (its earlier keys evicted), none (a shuffled pool); GQA and wide heads on the GPU.
+SLOT_MAP_CASES = [
+    ([150, 9, 0], 16, 4, 2, 64, 40),
+    ([70, 5], 8, 2, 1, 128, -1),
+    ([60], 4, 2, 1, 256, 20),
+]
+if CUDA:
+    SLOT_MAP_CASES += [([150], 16, 32, 8, 128, -1), ([40, 0], 16, 16, 2, 512, -1),
+                       ([3000, 1100, 1024, 17], 16, 32, 16, 256, 1023), ([2500], 16, 32, 16, 512, 1023)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", SLOT_MAP_CASES,
+                         ids=lambda c: f"bs{len(c[0])}-B{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-w{c[5]}")
+@pytest.mark.parametrize(("splits", "map_dtype"), [(1, torch.int64), (3, torch.int32)], ids=["s1-i64", "s3-i32"])
+def test_kernel_matches_reference_through_a_slot_map(kernels, case, causal, dtype, splits, map_dtype):
+    """With ``kv_slot_map`` over a sub-pool whose unowned rows (row 0, where evicted keys point) are NaN: the
+    reference's output, and bit for bit the kernel's own on the full cache (same keys in the same order)."""
+    lengths, block, heads, kv_heads, head_dim, window = case
+    args = _inputs(lengths, block, heads, kv_heads, head_dim, dtype, device=DEVICE, seed=head_dim + 1)
+    mapped = _swa_pool(args, window, map_dtype, seed=len(lengths))
+    out = kernels.block_attention(**mapped, causal=causal, window=window, splits=splits)
+    expected = block_attention_ref(**_on_cpu(mapped), causal=causal, window=window)
+    assert not expected.isnan().any()
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
+    assert torch.equal(out, kernels.block_attention(**args, causal=causal, window=window, splits=splits))
+
+
 def test_row_tiles_cap_the_accumulator():
     kernels = pytest.importorskip("dflash_sglang.ops.block_attention")
     assert kernels.row_tile(16, 4, 128) == 64  # Qwen3-8B: one program holds the KV head's 64 rows
@@ -204,6 +277,21 @@ def test_kernel_rejects_shapes_it_does_not_cover(kernels):
     args = _inputs([4], 8, 4, 2, 32, torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim 32"):
         kernels.block_attention(**args, causal=True)
+
+
+def test_slot_map_arguments_are_checked():
+    """A bad ``kv_slot_map`` is refused before any launch (CPU too), with a message naming it and the fix."""
+    kernels = pytest.importorskip("dflash_sglang.ops.block_attention")
+    args = _inputs([4], 8, 4, 2, 64, torch.float16)
+    good = torch.arange(args["k_cache"].shape[0])
+    bad = [(good.tolist(), TypeError, "kv_slot_map must be a tensor"),
+           (good.to("meta"), ValueError, "kv_slot_map is on meta but kv_indices is on cpu"),
+           (good[None], ValueError, r"kv_slot_map must be a 1-D int32/int64 tensor .* shape \(1, 68\)"),
+           (good.float(), ValueError, "kv_slot_map must be a 1-D int32/int64 tensor .* got torch.float32"),
+           (good.repeat(2)[::2], ValueError, r"kv_slot_map must be contiguous: pass kv_slot_map.contiguous\(\)")]
+    for slot_map, error, message in bad:
+        with pytest.raises(error, match=message):
+            kernels.block_attention(**args, causal=True, kv_slot_map=slot_map)
 
 
 def test_split_count_fills_the_gpu():

@@ -7,7 +7,6 @@ apply wrongly are refused. The attention itself is tested against the plain draf
 
 from __future__ import annotations
 
-import logging
 import os
 from types import SimpleNamespace
 
@@ -94,14 +93,3 @@ def test_non_causal_windows_shorter_than_a_block_need_the_block_kernel_on_triton
     check_windows_on_backends(_config(is_causal=False), {"triton"})
     with pytest.raises(NotImplementedError, match="block_size"):
         check_windows_on_backends(_config(is_causal=False, sliding_window=3), {"triton"})
-
-
-@in_sglang
-def test_torch_native_says_it_ignores_windows(caplog):
-    with caplog.at_level(logging.WARNING):
-        check_windows_on_backends(_config(), {"torch_native"})
-    assert "ignores sliding windows" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        check_windows_on_backends(_config(layer_types=["full_attention"] * 2), {"torch_native"})
-    assert not caplog.text

@@ -371,6 +371,6 @@ BLOCK_ATTENTION_MODES = ("on", "off")
 def block_attention_mode() -> str:
     """``DFLASH_BLOCK_ATTENTION``: ``on`` (default: DFLASH's block passes on the triton backend use the split-KV
     block kernel of ``ops/block_attention.py``, and on the CPU's torch_native backend one SDPA call over the
-    block's queries, ``patches.cpu.block_attention_cpu``) or ``off`` (SGLang's extend kernel / torch_native's
-    per-request loop, e.g. to compare)."""
+    block's queries, ``patches.cpu_attention.block_attention_cpu``) or ``off`` (SGLang's extend kernel /
+    torch_native's per-request loop, e.g. to compare)."""
     return _env_choice("DFLASH_BLOCK_ATTENTION", BLOCK_ATTENTION_MODES)

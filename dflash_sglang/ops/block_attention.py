@@ -26,9 +26,13 @@ for a block instead:
 Gemma-style layers: a sliding ``window`` (SGLang's convention: a query sees the ``window`` keys before it and
 itself; non-causal rows also only the ``window`` keys after it) bounds each row's keys, and the prefix loop
 starts at the first key the block's first row sees, so a windowed layer reads at most ``window`` prefix keys
-whatever the context length. Row chunks: a program holds at most ``MAX_TILE_ELEMENTS`` query-row x head-dim
-accumulator entries, so wide heads (512) or large groups split a KV head's ``B x G`` rows over several programs
-(each re-reads the KV head's keys, mostly from L2).
+whatever the context length. Slot translation: SGLang's ``SWAKVPool`` keeps the sliding layers' K/V in a
+window-sized pool, so an optional ``kv_slot_map`` (``full_to_swa_index_mapping``) gives the cache row of each
+listed full-pool slot; positions and the window still count by listing offset. The map is read under the K/V
+loads' mask, only for the keys the prefix loop loads, so the entries of keys evicted from the window (0, a row
+that may hold anything) are never used. Row chunks: a program holds at most ``MAX_TILE_ELEMENTS`` query-row x
+head-dim accumulator entries, so wide heads (512) or large groups split a KV head's ``B x G`` rows over several
+programs (each re-reads the KV head's keys, mostly from L2).
 
 The split count ``S`` depends only on the batch size and head count (so a CUDA graph captures a fixed grid)
 and is a runtime argument (one compiled kernel for every batch size above one split); the prefix slice of
@@ -103,12 +107,13 @@ def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit(do_not_specialize=["num_splits", "window"])
-def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_part, Lse_part, O, qk_scale, num_splits,
-             window, stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok, stride_vb_head,
-             stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head, stride_o_tok, stride_o_head,
-             BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr):
+def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_slot_map, O_part, Lse_part, O, qk_scale,
+             num_splits, window, stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok,
+             stride_vb_head, stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head, stride_o_tok,
+             stride_o_head, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ROW_CHUNKS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+             DIRECT: tl.constexpr):
     req = tl.program_id(0)
     unit = tl.program_id(1)  # (KV head, chunk of its query rows)
     kv_head = unit // ROW_CHUNKS
@@ -150,6 +155,8 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, O_par
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         slots = tl.load(kv_indices + start + cols, mask=col_ok, other=0).to(tl.int64)
+        if HAS_SLOT_MAP:  # the listing holds full-pool slots; this cache is indexed by their mapped rows
+            slots = tl.load(kv_slot_map + slots, mask=col_ok, other=0).to(tl.int64)
         tile_ok = col_ok[:, None] & dim_ok[None, :]
         k = tl.load(K_cache + slots[:, None] * stride_kc_slot + kv_head * stride_kc_head + dims[None, :],
                     mask=tile_ok, other=0.0)
@@ -232,18 +239,35 @@ def split_count(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     return max(1, min(MAX_SPLITS, 2 * num_sms // (batch_size * num_kv_heads)))
 
 
+def _check_slot_map(kv_slot_map, device: torch.device) -> None:
+    if not isinstance(kv_slot_map, torch.Tensor):
+        raise TypeError(f"block_attention: kv_slot_map must be a tensor (SGLang's full_to_swa_index_mapping) or "
+                        f"None, got {type(kv_slot_map).__name__}")
+    if kv_slot_map.device != device:
+        raise ValueError(f"block_attention: kv_slot_map is on {kv_slot_map.device} but kv_indices is on {device}: "
+                         "move it there")
+    if kv_slot_map.dim() != 1 or kv_slot_map.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_attention: kv_slot_map must be a 1-D int32/int64 tensor [full_slots], got "
+                         f"{kv_slot_map.dtype} of shape {tuple(kv_slot_map.shape)}")
+    if kv_slot_map.stride(0) != 1:
+        raise ValueError("block_attention: kv_slot_map must be contiguous: pass kv_slot_map.contiguous()")
+
+
 def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
                     causal: bool, sm_scale: float, window: int = NO_WINDOW, out: torch.Tensor | None = None,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, kv_slot_map: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``bs`` blocks of ``block_size`` query tokens; see ``block_attention_ref`` for the shapes.
 
     ``q`` [bs * B, Hq, D] and ``k_block``, ``v_block`` [bs * B, Hkv, D] may be strided views (unit stride in
     the last dim); ``k_cache``, ``v_cache`` [slots, Hkv, D]; ``kv_indptr`` [bs + 1] int32 and ``kv_indices``
     (int32/int64) list each request's prefix slots (under a ``window``, its last keys at least). ``window``:
     keys a query sees on each side of it (SGLang's ``sliding_window_size``), -1 for all. ``splits``: prefix
-    splits per (request, KV head), by default :func:`split_count` for this device. Returns ``out`` (or a new
-    tensor) [bs * B, Hq, D].
+    splits per (request, KV head), by default :func:`split_count` for this device. ``kv_slot_map``
+    [full_slots] int32/int64 (contiguous): the listed key at ``kv_indices[j]`` is cache row
+    ``kv_slot_map[kv_indices[j]]`` (SGLang's full-to-SWA slot translation); read only for the keys the kernel
+    loads, those the block's first row sees onwards. None: the listing holds cache rows. Returns ``out`` (or a
+    new tensor) [bs * B, Hq, D].
     """
     batch_size = kv_indptr.numel() - 1
     num_tokens, num_heads, head_dim = q.shape
@@ -258,6 +282,8 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
                          ("v_cache", v_cache)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"block_attention: {name} needs unit stride in its last dim")
+    if kv_slot_map is not None:
+        _check_slot_map(kv_slot_map, kv_indices.device)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     block_d = triton.next_power_of_2(head_dim)
@@ -276,12 +302,14 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     # Wide tiles hold a [BLOCK_M, BLOCK_D] fp32 accumulator of up to MAX_TILE_ELEMENTS: fewer warps would spill.
     num_warps = 8 if block_m * block_d >= MAX_TILE_ELEMENTS else 4
     num_stages = pipeline_stages(block_d, q.element_size(), _device.shared_memory_per_block(q.device))
+    # No map: None specializes the pointer away, so the kernel is the unmapped one, argument for argument.
     _partial[(batch_size, units, splits)](
-        q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, o_part, lse_part, out, sm_scale * LOG2E,
-        splits, window_arg, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
-        v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), CAUSAL=causal, BLOCK_KB=max(16, triton.next_power_of_2(block_size)),
-        DIRECT=direct, **shape, num_warps=num_warps, num_stages=num_stages)
+        q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, kv_slot_map, o_part, lse_part, out,
+        sm_scale * LOG2E, splits, window_arg, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1),
+        v_block.stride(0), v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+        v_cache.stride(1), out.stride(0), out.stride(1), CAUSAL=causal, HAS_SLOT_MAP=kv_slot_map is not None,
+        BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, **shape, num_warps=num_warps,
+        num_stages=num_stages)
     if not direct:
         _merge[(batch_size, units, block_m // MERGE_ROWS)](
             o_part, lse_part, out, kv_indptr, splits, window_arg, out.stride(0), out.stride(1), **shape,

@@ -177,7 +177,8 @@ def sample_inverse_cdf(weights: torch.Tensor, uniform: float) -> int:
 
 def block_attention_ref(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
-                        causal: bool, sm_scale: float, window: int = -1) -> torch.Tensor:
+                        causal: bool, sm_scale: float, window: int = -1,
+                        kv_slot_map: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``bs`` blocks of ``B = block_size`` query tokens (the Triton kernel of
     ``ops/block_attention.py``).
 
@@ -193,6 +194,11 @@ def block_attention_ref(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.T
         sm_scale: the softmax scale.
         window: a sliding window as SGLang counts it (``sliding_window_size``: transformers' window - 1): a
             query sees the keys at most ``window`` positions before it, and (non-causal) after it; -1 for all.
+            Prefix keys before the first one the block's first query sees (position ``P - window``) are not read.
+        kv_slot_map: [full_slots] int32/int64 or None. Given, ``kv_indices`` lists full-pool slots and the key
+            listed as slot s is cache row ``kv_slot_map[s]`` (SGLang's ``full_to_swa_index_mapping``: the
+            sliding layers' window-sized pool); positions and the window still count by listing offset. Only the
+            keys read are mapped, so keys evicted from the window (map entry 0) never reach the output.
     Returns:
         [bs * B, Hq, D] in q's dtype: each block token attends to the visible prefix and block keys.
     """
@@ -202,12 +208,15 @@ def block_attention_ref(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.T
     tokens = torch.arange(block_size)
     for r in range(batch_size):
         rows = slice(r * block_size, (r + 1) * block_size)
-        prefix = kv_indices[int(kv_indptr[r]):int(kv_indptr[r + 1])].long()
-        keys = torch.cat([k_cache[prefix], k_block[rows]]).float().repeat_interleave(group, dim=1)  # [P+B, Hq, D]
+        listed = kv_indices[int(kv_indptr[r]):int(kv_indptr[r + 1])].long()
+        first = max(len(listed) - window, 0) if window >= 0 else 0  # keys before it: no query sees them
+        prefix = listed[first:] if kv_slot_map is None else kv_slot_map[listed[first:]].long()  # cache rows
+        # the K = P - first + B keys read, by position
+        keys = torch.cat([k_cache[prefix], k_block[rows]]).float().repeat_interleave(group, dim=1)  # [K, Hq, D]
         values = torch.cat([v_cache[prefix], v_block[rows]]).float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("thd,shd->hts", q[rows].float(), keys) * sm_scale  # [Hq, B, P+B]
-        key_positions = torch.arange(len(prefix) + block_size)
-        distance = (len(prefix) + tokens)[:, None] - key_positions[None, :]  # query minus key position [B, P+B]
+        scores = torch.einsum("thd,shd->hts", q[rows].float(), keys) * sm_scale  # [Hq, B, K]
+        key_positions = torch.arange(first, len(listed) + block_size)
+        distance = (len(listed) + tokens)[:, None] - key_positions[None, :]  # query minus key position [B, K]
         visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
         if window >= 0:
             visible &= distance.abs() <= window

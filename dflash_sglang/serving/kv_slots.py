@@ -15,6 +15,11 @@ A request's ``req_to_token`` row maps positions to KV slots. With ``page_size`` 
 
 The drafter's KV pool is indexed by the same slots (same size, ``size + page_size`` rows), so it needs nothing
 extra; the attention backends DFLASH runs (triton, torch_native) list KV per token from ``req_to_token``.
+
+Hybrid sliding-window pools (Gemma 4; ``models/gemma4_kv_pool.py``): SGLang's ``SWATokenToKVPoolAllocator`` gives
+every slot above a second slot in the sliding layers' smaller pool, and allocation and ``free`` cover both. A
+request's sliding slots below its window are freed by SGLang's ``ScheduleBatch.maybe_evict_swa`` in plain
+decoding, which DFLASH's workers bypass: :func:`evict_swa_slots` does it for them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from __future__ import annotations
 import torch
 
 from sglang.srt.mem_cache.common import alloc_paged_token_slots_extend, alloc_token_slots, get_last_loc
+
+# Sliding-window slots are freed in runs of at least this many tokens a request (a run per step would be a
+# tiny free per request per step); a request then holds at most window + slack + stride + 2 blocks of them.
+SWA_EVICT_STRIDE = 64
 
 
 def assign_row_slots(tree_cache, req_to_token: torch.Tensor, rows: list[int], starts: list[int],
@@ -67,3 +76,43 @@ def upload(host: torch.Tensor, device_type: str, device) -> torch.Tensor:
     if device_type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def evict_swa_slots(batch, slack: int, skip_first_decode: bool) -> None:
+    """Frees each request's sliding-window slots below ``kv_committed_len - window - slack`` (a hybrid-SWA pool;
+    otherwise nothing), as SGLang's ``ScheduleBatch._evict_swa`` does for plain decoding, in runs of at least
+    ``SWA_EVICT_STRIDE`` tokens (a whole page with ``--page-size`` > 1).
+
+    ``slack`` keeps the window whole for what may still read it: under the overlap scheduler the step in flight
+    reads keys from its own prefix length (the host's ``kv_committed_len``) minus the window; a stop string can
+    pull ``kv_committed_len`` back by up to a block, and a finished request must still end in a whole window for
+    the radix cache to match it. ``skip_first_decode``: leave requests whose prefill may still be running
+    (overlap: ``decode_batch_idx == 0``). The slots from ``cache_protected_len`` on belong to the request (those
+    before it, to the radix cache); ``req.swa_evicted_seqlen`` records how far the request's are freed.
+    With single-token pages no host wait: every slot in the freed range still has its sliding slot."""
+    tree_cache = batch.tree_cache
+    if not tree_cache.supports_swa():
+        return
+    window, page_size = tree_cache.sliding_window_size, tree_cache.page_size
+    stride = max(page_size, SWA_EVICT_STRIDE)
+    req_to_token = batch.req_to_token_pool.req_to_token
+    freed = []
+    for req in batch.reqs:
+        if skip_first_decode and req.decode_batch_idx == 0:
+            continue
+        start = max(req.swa_evicted_seqlen, req.cache_protected_len)
+        end = (req.kv_committed_len - window - slack) // page_size * page_size
+        if end - start >= stride:
+            freed.append(req_to_token[req.req_pool_idx, start:end])
+            start = end
+        req.swa_evicted_seqlen = start
+    if not freed:
+        return
+    allocator = batch.token_to_kv_pool_allocator
+    slots = torch.cat(freed).to(torch.int64)
+    if page_size > 1:
+        allocator.free_swa(slots)  # whole pages (upstream's path; its page dedup reads the GPU)
+        return
+    mapping = allocator.full_to_swa_index_mapping
+    allocator.swa_attn_allocator.free(mapping[slots])
+    mapping[slots] = 0

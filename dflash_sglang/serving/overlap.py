@@ -40,7 +40,7 @@ import torch
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
-from dflash_sglang.serving.kv_slots import assign_row_slots
+from dflash_sglang.serving.kv_slots import assign_row_slots, evict_swa_slots
 
 EXACT_LENS_BACKEND = "triton"  # the attention backend whose block passes need no host sequence lengths
 
@@ -133,6 +133,8 @@ class DFlashDraftInput(SpecInput):
         """Assigns every request ``kv_committed_len + 2B`` KV slots (module docstring) and sets the batch's
         host sequence lengths: exact, or an upper bound when the backends need none."""
         batch.maybe_wait_verify_done()
+        # the step in flight reads keys from the host's committed length (one step behind) minus the window
+        evict_swa_slots(batch, slack=self.block_size, skip_first_decode=True)
         req_to_token = batch.req_to_token_pool.req_to_token
         width = req_to_token.shape[1]
         rows, starts, ends = [], [], []

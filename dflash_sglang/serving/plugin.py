@@ -18,7 +18,9 @@ SGLang version first):
 * ``sglang.srt.models.registry`` -- registers the models of ``dflash_sglang.serving.models`` (the drafter, and
   targets SGLang lacks) with ``ModelRegistry.register``, as ``SGLANG_EXTERNAL_MODEL_PACKAGE`` would.
 * ``sglang.srt.layers.attention.torch_native_backend`` -- wraps ``TorchNativeAttnBackend.forward_extend``
-  so the CPU backend can run mask-free TARGET_VERIFY passes (upstream supports them on GPU backends only).
+  and ``forward_decode`` so the CPU backend runs mask-free TARGET_VERIFY passes (upstream supports them on
+  GPU backends only) and applies sliding windows, reading SWA-pooled layers through the full-to-SWA slot
+  mapping (upstream ignores both).
 * ``sglang.srt.mem_cache.memory_pool`` -- skips ``MHATokenToKVPool._init_kv_copy_and_warmup`` (a Triton
   warm-up for paged KV moves) on CPU devices, where Triton cannot launch.
 * ``sglang.srt.mem_cache.allocator`` -- wraps ``PagedTokenToKVPoolAllocator.alloc_extend`` and ``alloc_decode``
@@ -88,7 +90,7 @@ PATCHES: dict[str, str] = {
     "sglang.srt.managers.scheduler": "algorithm:patch_scheduler",
     "sglang.srt.layers.utils.logprob": "algorithm:patch_token_ids_logprobs",
     "sglang.srt.entrypoints.openai.serving_chat": "algorithm:patch_serving_chat",
-    "sglang.srt.layers.attention.torch_native_backend": "cpu:patch_torch_native_backend",
+    "sglang.srt.layers.attention.torch_native_backend": "cpu_attention:patch_torch_native_backend",
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",
     "sglang.srt.mem_cache.allocator": "cpu:patch_paged_allocator",
     "sglang.srt.constrained.xgrammar_backend": "cpu:patch_xgrammar_grammar",

@@ -13,7 +13,8 @@ One decode step, for a batch whose requests have ``seq_lens`` committed tokens a
 (``req.output_ids[-1]``, no KV yet):
 
 1. allocate ``block_size`` slots per request for positions ``seq_len .. seq_len + B - 1`` (page-aligned
-   with ``--page-size`` > 1: ``kv_slots.assign_row_slots``);
+   with ``--page-size`` > 1: ``kv_slots.assign_row_slots``), after freeing a hybrid sliding-window pool's
+   slots below the window (``kv_slots.evict_swa_slots``);
 2. draft: one pass of the drafter over [t0, mask, ...] (non-causal, prefix = injected context), writing
    the block's drafter K/V into those slots; drafts = argmax (or samples) of positions 1..B-1;
 3. verify: one pass of the target over [t0, d1, ...] into the same slots (a causal chain), capturing
@@ -54,7 +55,7 @@ from dflash_sglang.serving.info import DFlashVerifyInput
 from dflash_sglang.core.sampling import processed_probs, sample_from
 from dflash_sglang.serving.block_logit_processing import BlockLogitProcessor, row_sampling
 from dflash_sglang.serving.draft_attention import describe_draft_attention
-from dflash_sglang.serving.kv_slots import assign_row_slots, first_freeable_offsets, upload
+from dflash_sglang.serving.kv_slots import assign_row_slots, evict_swa_slots, first_freeable_offsets, upload
 from dflash_sglang.serving.logprobs import append_request_logprobs, attach_block_logprobs
 from dflash_sglang.serving.server_defaults import load_draft_config
 from dflash_sglang.serving.step_profile import make_profiler
@@ -159,6 +160,7 @@ class DFlashWorker(TpModelWorker):
         prefix_lens = batch.seq_lens.to(torch.int64)  # committed tokens per request
         positions = prefix_lens[:, None] + self.block_offsets[None, :]  # [bs, B]
         prefix_lens_cpu = batch.seq_lens_cpu.to(torch.int64)
+        evict_swa_slots(batch, slack=block, skip_first_decode=False)
         block_slots = assign_row_slots(batch.tree_cache, self.req_to_token_pool.req_to_token,
                                        [req.req_pool_idx for req in batch.reqs], prefix_lens_cpu.tolist(),
                                        (prefix_lens_cpu + block).tolist()).view(bs, block)

@@ -250,9 +250,11 @@ def target_weights(vocab_size: int, zero_rows: list[int], generator: torch.Gener
 def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], block_size: int, *,
                    bos: str = ENDOFTEXT, eos: str = IM_END, hidden_size: int = HIDDEN_SIZE,
                    num_target_layers: int = NUM_TARGET_LAYERS, head_dim: int = HEAD_DIM,
-                   dflash_extra: dict | None = None) -> DFlashDraftConfig:
+                   dflash_extra: dict | None = None, sliding_window: int | None = None) -> DFlashDraftConfig:
     """The drafters' config, laid out like z-lab's classic releases (``block_size`` also at the top level).
-    ``dflash_extra`` adds ``dflash_config`` keys (a Gemma target's ``input_embedding_scale``, ...)."""
+    ``dflash_extra`` adds ``dflash_config`` keys (a Gemma target's ``input_embedding_scale``, ...). With
+    ``sliding_window`` every layer but the last is a sliding-window layer, as in z-lab's Gemma 4 drafters."""
+    first_layers = "full_attention" if sliding_window is None else "sliding_attention"
     raw = {
         "architectures": ["DFlashDraftModel"],
         "attention_bias": False,
@@ -268,7 +270,7 @@ def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], blo
         "hidden_size": hidden_size,
         "initializer_range": INIT_STD,
         "intermediate_size": INTERMEDIATE_SIZE,
-        "layer_types": ["full_attention"] * NUM_DRAFT_LAYERS,
+        "layer_types": [first_layers] * (NUM_DRAFT_LAYERS - 1) + ["full_attention"],
         "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
         "max_window_layers": NUM_DRAFT_LAYERS,
         "model_type": "qwen3",
@@ -280,11 +282,11 @@ def drafter_config(vocab_size: int, mask_token_id: int, ids: dict[str, int], blo
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_scaling": None,
         "rope_theta": ROPE_THETA,
-        "sliding_window": None,
+        "sliding_window": sliding_window,
         "tie_word_embeddings": False,
         "transformers_version": _transformers_version(),
         "use_cache": True,
-        "use_sliding_window": False,
+        "use_sliding_window": sliding_window is not None,
         "vocab_size": vocab_size,
     }
     return DFlashDraftConfig.from_dict(raw)

@@ -161,13 +161,15 @@ def gemma4_text_weights(config: dict, generator: torch.Generator) -> dict[str, t
 
 
 def write_gemma4_drafter(out: str, target_config: dict, ids: dict[str, int], *, block_size: int = 8,
-                         seed: int = 0) -> str:
-    """A random DFlash drafter for ``target_config`` (a Gemma 4 ``config.json`` dict) into ``out``."""
+                         seed: int = 0, sliding_window: int | None = None) -> str:
+    """A random DFlash drafter for ``target_config`` (a Gemma 4 ``config.json`` dict) into ``out``; with
+    ``sliding_window``, sliding-window layers and then a full-attention one (``drafter_config``)."""
     text = target_config["text_config"]
     config = drafter_config(text["vocab_size"], ids[MASK], ids, block_size, bos=BOS, eos=TURN_END,
                             hidden_size=text["hidden_size"], num_target_layers=text["num_hidden_layers"],
                             dflash_extra={"input_embedding_scale": math.sqrt(text["hidden_size"]),
-                                          "final_logit_softcapping": text["final_logit_softcapping"]})
+                                          "final_logit_softcapping": text["final_logit_softcapping"]},
+                            sliding_window=sliding_window)
     generator = torch.Generator().manual_seed(seed)
     save_drafter(random_drafter(config, generator).to(torch.bfloat16), out)
     return out

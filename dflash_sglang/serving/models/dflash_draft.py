@@ -33,7 +33,7 @@ fa3/fa4 apply a window as ``(window, 0)``, i.e. causally (``draft_attention`` sw
 the block-attention kernel bounds both sides of the window, and SGLang's extend kernel
 (``DFLASH_BLOCK_ATTENTION=off``) only the left side, which matches the reference while ``sliding_window >=
 block_size``; other combinations are refused at load. torch_native
-(the CPU backend) ignores windows, so it is exact only while the context is shorter than the window (logged).
+(the CPU backend) bounds both sides of the window in every pass (``patches/cpu_attention.py``).
 
 Embedding and LM head are the target's tensors (:meth:`set_embed_and_head`), shared, not copied.
 """
@@ -293,14 +293,10 @@ def sglang_window(sliding_window: int | None) -> int:
 
 def check_windows_on_backends(draft: DFlashDraftConfig, backends: set[str]) -> None:
     """Refuses drafter layers whose sliding window one of the draft attention ``backends`` would apply wrongly
-    (see the module docstring); logs that torch_native ignores windows."""
+    (see the module docstring)."""
     windowed = [i for i in range(draft.num_hidden_layers) if draft.layer_sliding_window(i) is not None]
     if not windowed:
         return
-    if "torch_native" in backends:
-        logger.warning("DFLASH: the torch_native attention backend ignores sliding windows; drafter layers %s "
-                       "see the whole context (exact while it is shorter than %d tokens)", windowed,
-                       draft.sliding_window)
     non_causal = [i for i in windowed if not draft.layer_is_causal(i)]
     if not non_causal:
         return

@@ -142,10 +142,27 @@ class Gemma4TextConfig(PretrainedConfig):
         spec = self.layer_attention(self.layer_types.index(layer_type))
         return max(1, spec.num_kv_heads // tp_size), spec.head_dim
 
+    # SGLang's names for the two layer types' KV shapes (``ModelConfig.get_swa_num_kv_heads``, and the
+    # hybrid-SWA pool that ``ModelRunnerKVCacheMixin._init_pools`` builds): ``swa_*`` the sliding layers',
+    # ``v_head_dim`` the full-attention layers' (``head_dim`` is the sliding layers' in Gemma 4's config).
     @property
     def swa_num_key_value_heads(self) -> int:
-        """SGLang's name (``ModelConfig.get_swa_num_kv_heads``) for the sliding layers' KV heads."""
-        return self.kv_shape(SLIDING)[0] if SLIDING in self.layer_types else self.kv_shape(FULL)[0]
+        return self.kv_shape(self._swa_type())[0]
+
+    @property
+    def swa_head_dim(self) -> int:
+        return self.kv_shape(self._swa_type())[1]
+
+    @property
+    def swa_v_head_dim(self) -> int:
+        return self.swa_head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.kv_shape(FULL if FULL in self.layer_types else SLIDING)[1]
+
+    def _swa_type(self) -> str:
+        return SLIDING if SLIDING in self.layer_types else FULL
 
     def kv_bytes_per_token(self, element_size: int, tp_size: int = 1) -> int:
         """K + V bytes one token takes over all layers on one of ``tp_size`` ranks, each layer at its own shape
@@ -246,6 +263,5 @@ def adapt_model_config(model_config: Any) -> None:
     for flag in ("is_multimodal", "is_audio_model", "is_image_understandable_model",
                  "is_audio_understandable_model", "is_multimodal_chunked_prefill_supported"):
         setattr(model_config, flag, False)
-    model_config.head_dim = model_config.v_head_dim = text.kv_shape(FULL)[1]
-    swa_type = SLIDING if SLIDING in text.layer_types else FULL
-    model_config.swa_head_dim = model_config.swa_v_head_dim = text.kv_shape(swa_type)[1]
+    model_config.head_dim = model_config.v_head_dim = text.v_head_dim
+    model_config.swa_head_dim = model_config.swa_v_head_dim = text.swa_head_dim

@@ -1,45 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The Gemma 4 target's KV pool: every layer at its own shape, in SGLang's ``SWAKVPool``.
+"""The Gemma 4 target's KV memory: sliding layers in a window-sized pool, no layer padded to another's shape.
 
 Gemma 4's sliding and full-attention layers differ in KV heads and head size (31B: 16 x 256 sliding,
-4 x 512 full; 26B-A4B: 8 x 256 and 2 x 512). SGLang 0.5.10.post1's ``SWAKVPool``
-(``mem_cache/swa_memory_pool.py``) already keeps two ``MHATokenToKVPool`` sub-pools, one per layer type, each
-with its own ``head_num`` / ``head_dim`` / ``v_head_dim`` (upstream passes ``swa_head_num``, ``swa_head_dim``,
-``swa_v_head_dim`` for ``is_hybrid_swa_compress`` models, MiMo-V2-Flash), and routes ``get_key_buffer`` /
-``get_value_buffer`` / ``set_kv_buffer`` by layer id. :class:`Gemma4KVPool` uses it with both sub-pools at the
-same size and the SAME slot indices (no full-to-SWA index mapping): the model runner keeps its plain
-``TokenToKVPoolAllocator`` and radix cache, and every other user of slot indices (the DFLASH worker, the
-drafter's pool, the attention backends' ``req_to_token`` gathers) is unchanged. Layer ``i``'s buffers are
-``[size + page_size, kv_heads(i), head_dim(i)]``.
+4 x 512 full; 26B-A4B: 8 x 256 and 2 x 512), and a sliding layer only reads the last ``sliding_window`` tokens
+of a request. By default a Gemma 4 target is served as SGLang 0.5.10.post1 serves its own hybrid sliding-window
+models (gpt-oss, MiMo-V2-Flash; ``mem_cache/swa_memory_pool.py``): ``patches/gemma4.py`` marks the model config
+``is_hybrid_swa`` (with ``is_hybrid_swa_compress``, so each layer type keeps its own shape), and upstream then
+builds an ``SWAKVPool`` (full layers: ``full`` slots; sliding layers: ``swa = ratio x full`` slots), the
+``SWATokenToKVPoolAllocator`` (a token gets a full slot and a sliding slot, ``full_to_swa_index_mapping``) and
+the ``SWARadixCache``. ``ratio`` is ``--swa-full-tokens-ratio``. Sliding slots below a request's window are
+freed as it decodes: by upstream for plain decoding, by ``kv_slots.evict_swa_slots`` for DFLASH, whose workers
+bypass upstream's decode allocation. The drafter's pool stays indexed by full slots (its layers read the whole
+context) and has ``full`` rows.
 
-Not done yet: sliding layers in a window-sized sub-pool. SGLang turns that on for its hybrid-SWA models
-(``ModelConfig.is_hybrid_swa``: gpt-oss, Llama 4, MiMo-V2-Flash, Step-3.5; Gemma 2/3 have it switched off in
-``ServerArgs``): ``SWATokenToKVPoolAllocator`` gives each token a full slot and a SWA slot
-(``full_to_swa_index_mapping``), ``SWARadixCache`` keeps tombstones for evicted SWA KV, and
-``ScheduleBatch._evict_swa`` frees a running request's SWA slots below ``seq_len - window``; the pool split is
-``--swa-full-tokens-ratio`` (SWA slots / full slots, default 0.8). For Gemma 4 with DFLASH that needs:
+:func:`split_swa_tokens` is the memory split (upstream's ``_resolve_hybrid_swa_tokens`` plus the drafter's KV,
+which a DFLASH server keeps per full slot): it replaces upstream's for Gemma 4.
 
-1. config: ``is_hybrid_swa`` and the two layer-id lists set in ``ModelConfig._derive_hybrid_model`` (an
-   architecture list upstream), ``is_hybrid_swa_compress`` so ``_init_pools`` passes the sliding shapes, read
-   from ``hf_text_config.swa_head_dim`` / ``swa_v_head_dim`` / ``v_head_dim`` (Gemma4TextConfig's ``head_dim``
-   is the sliding one: these need the two shapes apart); this module's pool and cell size then go away;
-2. workers: allocation (``alloc_token_slots``) and ``free`` of block slots already go through the allocator
-   and so through both slot spaces; what is missing is eviction: SGLang evicts in ``alloc_for_decode``, which
-   DFLASH's workers bypass, so each step must call ``batch._evict_swa(req, committed_len)`` (v1) or, under the
-   overlap scheduler, evict below the host's lagging committed length minus the window (the step in flight
-   reads keys at or above the device's length minus the window, and freed SWA slots are rewritten only by
-   later steps on the same stream). The drafter's pool stays indexed by full slots (its layers attend the
-   whole context), at ``max_total_num_tokens`` full slots;
-3. attention: sliding layers must read SWA slots: upstream triton builds translated
-   ``window_kv_indptr`` / ``window_kv_indices`` (``update_sliding_window_buffer``), so the block kernel's
-   sliding-layer path must read those (not ``kv_indices``) eagerly and in its CUDA-graph replay; writes are
-   translated by ``SWAKVPool.set_kv_buffer`` (``ForwardBatch.out_cache_loc_swa``, or a gather through the
-   mapping inside graphs captured while ``swa_loc`` is still None); torch_native (CPU) translates nothing and
-   ignores windows, so it needs a patch that reads each sliding layer's last ``window`` tokens through the
-   mapping;
-4. tests: lossless DFLASH vs plain decoding past the window (prompts > 1024 tokens) on the GPU, and radix-cache
-   hits on evicted prefixes. At ``--swa-full-tokens-ratio`` r the 31B takes 81920 + r x 819200 bytes per full
-   slot (bf16), e.g. r = 0.1: 5.5x the tokens of this pool.
+``--disable-hybrid-swa-memory`` keeps :class:`Gemma4KVPool`: both layer types at their own shapes in one slot
+space (``SWAKVPool`` with ``size_swa == size`` and no index mapping), under SGLang's plain allocator and radix
+cache.
 """
 
 from __future__ import annotations
@@ -50,15 +29,36 @@ import torch
 
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
+from dflash_sglang.core.config import DFlashDraftConfig
 from dflash_sglang.serving.models.gemma4_config import FULL, SLIDING, Gemma4TextConfig
 
 logger = logging.getLogger(__name__)
 
 
 def uses_layer_type_pool(config) -> bool:
-    """Whether a model's KV pool is a :class:`Gemma4KVPool`: a Gemma 4 text config with sliding layers
-    (a Gemma 4 with full-attention layers only has one shape, which SGLang's own pool serves)."""
+    """Whether a model's KV layers come in two types (an ``SWAKVPool``: the hybrid one or :class:`Gemma4KVPool`): a
+    Gemma 4 text config with sliding layers (a Gemma 4 with full-attention layers only has one shape, which
+    SGLang's own pool serves)."""
     return isinstance(config, Gemma4TextConfig) and bool(config.layer_ids(SLIDING))
+
+
+def draft_kv_bytes_per_token(draft: DFlashDraftConfig, element_size: int, tp_size: int) -> int:
+    """K + V bytes a DFLASH drafter's pool takes per full slot on one of ``tp_size`` attention ranks."""
+    return draft.num_hidden_layers * 2 * max(1, draft.num_key_value_heads // tp_size) * draft.head_dim * element_size
+
+
+def split_swa_tokens(capacity: int, config: Gemma4TextConfig, element_size: int, tp_size: int, ratio: float,
+                     page_size: int, draft_bytes: int = 0) -> tuple[int, int]:
+    """(full slots, sliding slots) for memory that holds ``capacity`` tokens at ``kv_bytes_per_token +
+    draft_bytes`` each: ``full x (F + ratio x S + D) = capacity x (F + S + D)``, where F and S are the full and
+    sliding layers' bytes per token and D the drafter's; ``sliding = ratio x full``; both page-aligned."""
+    full_heads, full_dim = config.kv_shape(FULL, tp_size)
+    swa_heads, swa_dim = config.kv_shape(SLIDING, tp_size)
+    full_bytes = 2 * full_heads * full_dim * element_size * len(config.layer_ids(FULL))
+    swa_bytes = 2 * swa_heads * swa_dim * element_size * len(config.layer_ids(SLIDING))
+    memory = capacity * (full_bytes + swa_bytes + draft_bytes)
+    full = int(memory / (full_bytes + ratio * swa_bytes + draft_bytes)) // page_size * page_size
+    return full, int(full * ratio) // page_size * page_size
 
 
 class Gemma4KVPool(SWAKVPool):
@@ -78,13 +78,6 @@ class Gemma4KVPool(SWAKVPool):
                          full_attention_layer_ids=config.layer_ids(FULL), enable_kvcache_transpose=False,
                          device=device, enable_alt_stream=enable_alt_stream,
                          enable_kv_cache_copy=enable_kv_cache_copy)
-        logger.info("Gemma 4 KV pool: %d tokens; sliding layers %s: %d x %d; full layers %s: %d x %d; K+V %.2f GB",
-                    size, config.layer_ids(SLIDING), swa_heads, swa_dim, config.layer_ids(FULL), full_heads,
-                    full_dim, self.mem_usage)
-
-    @property
-    def max_v_head_dim(self) -> int:
-        return max(self.full_kv_pool.v_head_dim, self.swa_kv_pool.v_head_dim)
 
     def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
         return kv_indices  # one slot space (class invariant)

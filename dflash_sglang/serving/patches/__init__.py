@@ -4,7 +4,8 @@ the ``patches`` decorator that makes every patch check that version and apply on
 
 The import hook (``dflash_sglang.serving.plugin``) calls a patch with the SGLang module it belongs to, right after
 SGLang imported it. Modules: ``algorithm`` (DFLASH as an algorithm, its arguments and requests), ``cpu``
-(what SGLang's CPU path lacks, grammars included), ``cuda_graphs`` (both block passes in CUDA graphs; attention
+(what SGLang's CPU path lacks, grammars included), ``cpu_attention`` (the torch_native attention backend:
+block passes, sliding windows, SWA pools), ``cuda_graphs`` (both block passes in CUDA graphs; attention
 backends), ``gemma4`` (Gemma 4 configs, KV pool), ``moe`` (packaged fused-MoE kernel configs), ``overlap`` (the
 overlap scheduler's step state). No module here imports SGLang or torch at import time.
 """

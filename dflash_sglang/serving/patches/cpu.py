@@ -1,118 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What SGLang's CPU path lacks, for DFLASH and for the plain server the tests compare it with: mask-free
-TARGET_VERIFY passes in the torch_native attention backend, a KV pool that does not warm up a Triton kernel
-on a CPU device, a paged KV allocator (``--page-size > 1``) that does not launch Triton kernels there,
-xgrammar's token bitmask applied to CPU logits (structured output), and ``--tp-size > 1`` process groups that
-do not open an NCCL communicator on a CPU device."""
+"""What SGLang's CPU path lacks, for DFLASH and for the plain server the tests compare it with: a KV pool that
+does not warm up a Triton kernel on a CPU device, a paged KV allocator (``--page-size > 1``) that does not
+launch Triton kernels there, xgrammar's token bitmask applied to CPU logits (structured output), and
+``--tp-size > 1`` process groups that do not open an NCCL communicator on a CPU device. The torch_native
+attention backend's patches (block passes, sliding windows, SWA pools): ``cpu_attention.py``."""
 
 from __future__ import annotations
 
 from dflash_sglang.serving.patches import patches
-
-
-@patches(lambda module: module.TorchNativeAttnBackend)
-def patch_torch_native_backend(backend) -> None:
-    """Lets ``TorchNativeAttnBackend.forward_extend`` run TARGET_VERIFY passes without a tree mask.
-
-    SGLang's torch_native backend reads ``extend_prefix_lens``/``extend_seq_lens`` and ``seq_lens`` as the
-    total KV length, which a TARGET_VERIFY ForwardBatch does not set (there ``seq_lens`` is the committed
-    prefix). For verify inputs without a custom mask (DFLASH's causal chain, and the drafter's non-causal
-    block) this runs :func:`block_attention_cpu` on CPU tensors (``DFLASH_BLOCK_ATTENTION=off``: upstream's
-    loop), and elsewhere fills those lengths in for upstream's loop; tree-masked verification (EAGLE) is left
-    as upstream has it.
-    """
-    from dflash_sglang.core.config import block_attention_mode
-
-    original_forward_extend = backend.forward_extend
-
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        spec_info = forward_batch.spec_info
-        if not forward_batch.forward_mode.is_target_verify() or getattr(spec_info, "custom_mask", 0) is not None:
-            return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache)
-        if (q.device.type == "cpu" and not layer.is_cross_attention and layer.qk_head_dim == layer.v_head_dim
-                and block_attention_mode() == "on"):
-            return block_attention_cpu(q, k, v, layer, forward_batch, spec_info.draft_token_num, save_kv_cache)
-        import torch
-
-        saved = forward_batch.seq_lens, forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens
-        prefix_lens = forward_batch.seq_lens
-        forward_batch.extend_prefix_lens = prefix_lens
-        forward_batch.extend_seq_lens = torch.full_like(prefix_lens, spec_info.draft_token_num)
-        forward_batch.seq_lens = prefix_lens + spec_info.draft_token_num
-        try:
-            return original_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache)
-        finally:
-            forward_batch.seq_lens, forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens = saved
-
-    backend.forward_extend = forward_extend
-
-
-def block_attention_cpu(q, k, v, layer, forward_batch, block_size: int, save_kv_cache: bool):
-    """Attention of a TARGET_VERIFY pass on the CPU: each request's ``block_size`` queries against its committed
-    prefix and its block, in ONE ``scaled_dot_product_attention`` call for the whole batch.
-
-    Upstream's ``_run_sdpa_forward_extend`` pads every request's queries to its whole KV length (prefix + block)
-    so that SDPA's square causal mask lines up, and loops over requests: a verify pass then computes
-    (prefix + B)^2 scores per head instead of B * (prefix + B), ~20x the work at a 300-token prefix. Here the
-    queries stay B per request; the mask (built once per pass and kept on the ForwardBatch, as are the
-    gathered KV slots) lets query i of a request see its keys 0 .. prefix + i (causal layers: the target) or
-    all prefix + B (``ENCODER_ONLY``: the drafter), and hides the padding of shorter requests.
-
-    Args:
-        q: [bs * B, num_heads * head_dim] (or [bs * B, num_heads, head_dim]); k, v: [bs * B, num_kv_heads,
-            head_dim], this layer's block K/V, written to the pool at ``out_cache_loc`` first.
-    Returns:
-        the attention output in q's shape and dtype.
-    """
-    import torch
-    from torch.nn.functional import scaled_dot_product_attention
-
-    from sglang.srt.layers.radix_attention import AttentionType
-
-    pool = forward_batch.token_to_kv_pool
-    if save_kv_cache:
-        pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-    causal = layer.attn_type != AttentionType.ENCODER_ONLY
-    key_slots, mask = _block_attention_inputs(forward_batch, block_size, causal)
-    bs, max_len = key_slots.shape
-    heads, kv_heads, dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-    query = q.view(bs, block_size, heads, dim).transpose(1, 2)  # [bs, H, B, D]
-    key = pool.get_key_buffer(layer.layer_id)[key_slots.view(-1)].view(bs, max_len, kv_heads, dim).transpose(1, 2)
-    value = pool.get_value_buffer(layer.layer_id)[key_slots.view(-1)].view(bs, max_len, kv_heads, dim).transpose(1, 2)
-    if key.dtype != query.dtype:  # as upstream: SDPA wants one dtype
-        key, value = key.to(query.dtype), value.to(query.dtype)
-    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=layer.scaling,
-                                       enable_gqa=heads != kv_heads)
-    return out.transpose(1, 2).reshape(q.shape)
-
-
-def _block_attention_inputs(forward_batch, block_size: int, causal: bool):
-    """Per pass (every layer reads the same): the KV slots of each request's prefix + block, [bs, max_len]
-    int64 (past a shorter request's length, whatever its ``req_to_token`` row holds: pool slots, masked), and
-    the [bs, 1, B, max_len] bool mask (None where nothing is hidden)."""
-    import torch
-
-    cache = getattr(forward_batch, "_dflash_block_attention", None)
-    if cache is None:
-        cache = forward_batch._dflash_block_attention = {}
-    if causal in cache:
-        return cache[causal]
-    prefix_lens = forward_batch.seq_lens.to(torch.int64)  # committed tokens per request
-    kv_lens = prefix_lens + block_size
-    max_len = int(kv_lens.max())
-    key_slots = forward_batch.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :max_len].to(torch.int64)
-    columns = torch.arange(max_len, device=kv_lens.device)
-    if causal:  # query i (position prefix + i) sees keys 0 .. prefix + i
-        limits = prefix_lens[:, None] + torch.arange(block_size, device=kv_lens.device)[None, :]  # [bs, B]
-        mask = columns[None, None, :] <= limits[:, :, None]
-    elif bool((kv_lens != max_len).any()):
-        mask = (columns[None, :] < kv_lens[:, None])[:, None, :].expand(-1, block_size, -1)
-    else:
-        mask = None
-    if mask is not None:
-        mask = mask[:, None]
-    cache[causal] = key_slots, mask
-    return key_slots, mask
 
 
 @patches(lambda module: module.MHATokenToKVPool)

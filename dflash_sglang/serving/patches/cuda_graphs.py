@@ -112,10 +112,16 @@ def _layer_window(layer) -> int:
     return window if window is not None and window > -1 else -1
 
 
-def _has_swa_pool(backend) -> bool:
-    """Whether sliding layers keep their own (window-sized) KV pool, indexed through SGLang's full-to-SWA slot
-    translation: then their block passes read the window listing upstream's metadata builds."""
-    return hasattr(backend.token_to_kv_pool_allocator, "translate_loc_from_full_to_swa")
+def _swa_slot_map(backend, layer, forward_batch):
+    """For a layer whose K/V live in a hybrid pool's window-sized sliding pool (SGLang's ``SWAKVPool`` under its
+    ``SWATokenToKVPoolAllocator``): the full-to-sliding slot map the block kernel reads its listed slots
+    through (the allocator's tensor, updated in place, so a captured graph reads the current one); else None.
+    A DFLASH drafter's backend has no allocator (``patches/gemma4.py``): its pool is indexed by full slots."""
+    mapping = getattr(backend.token_to_kv_pool_allocator, "full_to_swa_index_mapping", None)
+    layers = getattr(forward_batch.token_to_kv_pool, "layers_mapping", None)
+    if mapping is None or layers is None or not layers[layer.layer_id][1]:
+        return None
+    return mapping
 
 
 @patches(lambda module: module.TritonAttnBackend)
@@ -150,13 +156,13 @@ def patch_triton_backend(backend) -> None:
         if not _mask_free(forward_mode, spec_info):
             return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
                                    spec_info, seq_lens_cpu)
-        if self.sliding_window_size is not None and self.sliding_window_size > 0 and (
-                _has_swa_pool(self) or getattr(self, "_dflash_reads_window_listing", False)):
+        if (self.sliding_window_size is not None and self.sliding_window_size > 0
+                and getattr(self, "_dflash_reads_window_listing", False)):
             return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
                                    _WithoutCustomMask(spec_info), seq_lens_cpu)
         # The graph reads kv_indptr / kv_indices (sliding layers too: the block kernel applies their window to
-        # the full listing); its qo_indptr (i * B) was written at capture, and the mask index is unread
-        # without a mask.
+        # the full listing, and translates a sliding pool's slots itself); its qo_indptr (i * B) was written at
+        # capture, and the mask index is unread without a mask.
         bs = len(req_pool_indices)
         ops.paged_kv_indices(self.req_to_token, req_pool_indices, seq_lens[:bs], self.kv_indptr[:bs + 1],
                              self.cuda_graph_kv_indices)
@@ -170,18 +176,15 @@ def patch_triton_backend(backend) -> None:
         if save_kv_cache:
             forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         head_dim = layer.qk_head_dim
-        window = _layer_window(layer)
         metadata = self.forward_metadata
-        windowed_pool = window >= 0 and _has_swa_pool(self)
         out = block_attention(
             q.view(-1, layer.tp_q_head_num, head_dim), k.view(-1, layer.tp_k_head_num, head_dim),
             v.view(-1, layer.tp_v_head_num, head_dim),
             forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            metadata.window_kv_indptr if windowed_pool else metadata.kv_indptr,
-            metadata.window_kv_indices if windowed_pool else metadata.kv_indices,
-            block_size=metadata.max_extend_len, causal=layer.attn_type != AttentionType.ENCODER_ONLY,
-            sm_scale=layer.scaling, window=window)
+            forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id), metadata.kv_indptr,
+            metadata.kv_indices, block_size=metadata.max_extend_len,
+            causal=layer.attn_type != AttentionType.ENCODER_ONLY, sm_scale=layer.scaling, window=_layer_window(layer),
+            kv_slot_map=_swa_slot_map(self, layer, forward_batch))
         return out.view(q.shape)
 
     backend.init_forward_metadata_capture_cuda_graph = init_forward_metadata_capture_cuda_graph
