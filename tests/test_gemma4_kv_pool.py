@@ -303,4 +303,5 @@ def test_dflash_steps_free_sliding_slots_below_the_window_and_keep_the_rest(monk
     # (their pages) gives back everything, sliding slots included (evicted ones map to 0 and are skipped)
     for req in batch.reqs:
         allocator.free(req_to_token[req.req_pool_idx, :req.kv_committed_len].to(torch.int64))
-    assert (allocator.full_available_size(), allocator.swa_available_size()) == (allocator.size_full, allocator.size_swa)
+    free_sizes = allocator.full_available_size(), allocator.swa_available_size()
+    assert free_sizes == (allocator.size_full, allocator.size_swa)
