@@ -9,7 +9,7 @@ outputs over a batch of concurrent prompts, for each requested draft attention b
 
 ``--target gemma4-*``: a tiny Gemma 4 (dense, or with the 26B-A4B MoE block) with sliding layers of head size
 64 and a 32-token window (shorter than prompt + output, so both passes' windows act) and full layers of 128
-(GQA 4:1), and a random drafter.
+(GQA 4:1), and a random drafter with sliding layers of the same window.
 
 ``--request-options``: sampling options added to every request (``REQUEST_OPTIONS``: penalties, logit bias,
 min_new_tokens, a regex grammar), served on the GPU by ``serving/block_logit_processing.py`` and

@@ -178,7 +178,8 @@ def write_gemma4_drafter(out: str, target_config: dict, ids: dict[str, int], *, 
 def write_tiny_gemma4(out_dir: str, variant: str, *, head_dim: int, global_head_dim: int, sliding_window: int,
                       seed: int = 0, block_size: int = 8) -> dict[str, str]:
     """Writes ``target/`` (config.json, model.safetensors with the text decoder in bf16, tokenizer) and
-    ``drafter/`` under ``out_dir``; returns ``{"target": path, "drafter": path}``. SGLang serves the target
+    ``drafter/`` (with sliding layers of the same window, as z-lab's Gemma 4 drafters have) under ``out_dir``;
+    returns ``{"target": path, "drafter": path}``. SGLang serves the target
     text-only (the vision tower's weights are not written: it skips them)."""
     from safetensors.torch import save_file
 
@@ -192,5 +193,6 @@ def write_tiny_gemma4(out_dir: str, variant: str, *, head_dim: int, global_head_
     weights = gemma4_text_weights(config, torch.Generator().manual_seed(seed))
     save_file({name: t.to(torch.bfloat16).contiguous() for name, t in weights.items()},
               os.path.join(target, "model.safetensors"))
-    drafter = write_gemma4_drafter(os.path.join(out_dir, "drafter"), config, ids, block_size=block_size, seed=seed)
+    drafter = write_gemma4_drafter(os.path.join(out_dir, "drafter"), config, ids, block_size=block_size, seed=seed,
+                                   sliding_window=sliding_window)
     return {"target": target, "drafter": drafter}
