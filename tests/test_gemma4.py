@@ -69,12 +69,13 @@ def fp32_server(request, root):
         yield variant, server
 
 
-@pytest.mark.parametrize("fp32_server", [("dense", 1, []), ("moe", 1, []), ("dense", 2, []), ("moe", 2, []),
+@pytest.mark.parametrize("fp32_server", [("dense", 1, []), ("moe", 1, []), ("moe", 2, []),
                                          ("dense", 1, ["--disable-hybrid-swa-memory"])], indirect=True,
-                         ids=["dense", "moe", "dense-tp2", "moe-tp2", "dense-one-slot-space"])
+                         ids=["dense", "moe", "moe-tp2", "dense-one-slot-space"])
 def test_golden_logprobs_fp32_serving(fp32_server):
-    """At TP 2 the full-attention layers' one KV head (MoE variant) is replicated on both ranks and the experts'
-    columns are split. ``--disable-hybrid-swa-memory``: sliding layers in the full slot space (``Gemma4KVPool``)."""
+    """At TP 2 (MoE variant, which covers the dense layers' split too) the sliding layers' two KV heads are split
+    over the ranks, the full-attention layers' one KV head is replicated on both and the experts' columns are
+    split. ``--disable-hybrid-swa-memory``: sliding layers in the full slot space (``Gemma4KVPool``)."""
     variant, server = fp32_server
     _check_golden(server, variant, "float32")
 
