@@ -167,11 +167,15 @@ class Gemma4TextConfig(PretrainedConfig):
     def kv_bytes_per_token(self, element_size: int, tp_size: int = 1) -> int:
         """K + V bytes one token takes over all layers on one of ``tp_size`` ranks, each layer at its own shape
         (no padding)."""
-        total = 0
-        for layer_type in set(self.layer_types[:self.num_hidden_layers]):
-            heads, dim = self.kv_shape(layer_type, tp_size)
-            total += 2 * heads * dim * element_size * len(self.layer_ids(layer_type))
-        return total
+        return sum(self.layer_type_kv_bytes(layer_type, element_size, tp_size)
+                   for layer_type in set(self.layer_types[:self.num_hidden_layers]))
+
+    def layer_type_kv_bytes(self, layer_type: str, element_size: int, tp_size: int = 1) -> int:
+        """K + V bytes one token takes over the ``layer_type`` layers on one of ``tp_size`` ranks (0 if none)."""
+        if layer_type not in self.layer_types[:self.num_hidden_layers]:
+            return 0
+        heads, dim = self.kv_shape(layer_type, tp_size)
+        return 2 * heads * dim * element_size * len(self.layer_ids(layer_type))
 
 
 class Gemma4VisionConfig(PretrainedConfig):

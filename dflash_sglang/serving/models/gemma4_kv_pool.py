@@ -52,10 +52,8 @@ def split_swa_tokens(capacity: int, config: Gemma4TextConfig, element_size: int,
     """(full slots, sliding slots) for memory that holds ``capacity`` tokens at ``kv_bytes_per_token +
     draft_bytes`` each: ``full x (F + ratio x S + D) = capacity x (F + S + D)``, where F and S are the full and
     sliding layers' bytes per token and D the drafter's; ``sliding = ratio x full``; both page-aligned."""
-    full_heads, full_dim = config.kv_shape(FULL, tp_size)
-    swa_heads, swa_dim = config.kv_shape(SLIDING, tp_size)
-    full_bytes = 2 * full_heads * full_dim * element_size * len(config.layer_ids(FULL))
-    swa_bytes = 2 * swa_heads * swa_dim * element_size * len(config.layer_ids(SLIDING))
+    full_bytes = config.layer_type_kv_bytes(FULL, element_size, tp_size)
+    swa_bytes = config.layer_type_kv_bytes(SLIDING, element_size, tp_size)
     memory = capacity * (full_bytes + swa_bytes + draft_bytes)
     full = int(memory / (full_bytes + ratio * swa_bytes + draft_bytes)) // page_size * page_size
     return full, int(full * ratio) // page_size * page_size

@@ -133,7 +133,7 @@ def patch_kv_cache_mixin(module) -> None:
                                      module.get_attention_tp_size(), ratio, self.server_args.page_size,
                                      _draft_bytes(self, module))
         logger.info("Gemma 4 KV pool: %d full slots, %d sliding slots (--swa-full-tokens-ratio %s), sliding "
-                           "window %s", full, swa, ratio, self.sliding_window_size)
+                    "window %s", full, swa, ratio, self.sliding_window_size)
         return full, full, swa
 
     def init_pools(self) -> None:
