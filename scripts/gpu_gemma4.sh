@@ -4,7 +4,7 @@
 # Installs (gpu_setup.sh); with GEMMA4_OPS=1 runs the GPU tests of the Gemma 4 Triton ops first; with
 # GEMMA4_TUNE_MOE="tune_moe.py arguments" tunes the fused-MoE kernel (the config lands in the package, so the
 # servers below use it; a copy comes back); for each GEMMA4_E2E target serves the tiny checkpoint with and without DFLASH
-# (float16, CUDA graphs; scripts/gpu_e2e.py, plus E2E_ARGS) and, with GEMMA4_GOLDEN=1, checks the GPU forward of the golden
+# (float16, CUDA graphs; scripts/gpu_e2e.py, plus E2E_ARGS; E2E_LOOPS="overlap v1" picks SGLang's loops) and, with GEMMA4_GOLDEN=1, checks the GPU forward of the golden
 # fixtures against transformers (tests/test_gemma4_gpu.py). Given arguments, scripts/bench_step.py runs first
 # (within BENCH_TIMEOUT seconds, default 400; its JSON is written after each server).
 # Results in $OUT (at most 8 files come back): the JSON reports, and logs.tgz with every server log and trace
@@ -15,8 +15,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,nohea
 logs=/tmp/gemma4-logs; mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$logs" . 2>/dev/null' EXIT
 if [ "${GEMMA4_OPS:-0}" = 1 ]; then
-  timeout 240 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py 2>&1 \
-    | tee "$logs/ops-gpu.log" | tail -4
+  { timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py
+    timeout 150 python3 -m pytest -q tests/test_op_block_attention.py -k "slot_map or window"; } 2>&1 \
+    | tee "$logs/ops-gpu.log" | grep -E "passed|failed|Error"
 fi
 if [ -n "${GEMMA4_TUNE_MOE:-}" ]; then
   timeout "${TUNE_TIMEOUT:-300}" python3 scripts/tune_moe.py $GEMMA4_TUNE_MOE --report "$out/tune_moe.json" \
@@ -28,9 +29,12 @@ if [ $# -gt 0 ]; then
     --trace-dir "$logs/traces" ${COMMIT:+--commit "$COMMIT"} "$@" 2>&1 | grep -v "^ " | tail -30
 fi
 for target in ${GEMMA4_E2E:-}; do
-  timeout "${E2E_TIMEOUT:-300}" python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
-    --out "$out/gpu_e2e-$target.json" --logs "$logs/e2e-$target" ${COMMIT:+--commit "$COMMIT"} ${E2E_ARGS:-} \
-    2>&1 | tail -4
+  for loop in ${E2E_LOOPS:-overlap}; do
+    loop_args=(); [ "$loop" = v1 ] && loop_args=(--disable-overlap-schedule)
+    timeout "${E2E_TIMEOUT:-300}" python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
+      "${loop_args[@]}" --out "$out/gpu_e2e-$target-$loop.json" --logs "$logs/e2e-$target-$loop" \
+      ${COMMIT:+--commit "$COMMIT"} ${E2E_ARGS:-} 2>&1 | tail -4
+  done
 done
 if [ "${GEMMA4_GOLDEN:-0}" = 1 ]; then
   timeout 240 python3 -m pytest -q -s tests/test_gemma4_gpu.py 2>&1 | tee "$logs/golden-gpu.log" | grep -E "served|passed|failed|Error" | tail -8
