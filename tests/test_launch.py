@@ -59,24 +59,38 @@ def test_sigterm_to_the_launcher_stops_the_server(tmp_path):
 
 
 def _occupied_port() -> socket.socket:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    return listener
+    """A port bound by another socket. Not listening: a health poll to it is refused at once rather than waiting
+    out its timeout on a connection nobody answers (the bind conflict is the same)."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    return holder
 
 
 @pytest.mark.slow
 def test_a_server_that_loses_its_picked_port_starts_on_another(tiny_checkpoints, tmp_path):
     args = ["--model-path", tiny_checkpoints["target"], *COMMON_ARGS]
-    with _occupied_port() as listener:
-        taken = listener.getsockname()[1]
+    with _occupied_port() as holder:
+        taken = holder.getsockname()[1]
         server = ServerProcess(args, log_path=str(tmp_path / "server.log"))
         server.port = taken  # as if another process had bound the picked port before the server did
         with server:
             assert server.port != taken
             ids, _ = server.generate_greedy("hello", 4)
             assert len(ids) == 4
-        # a port the caller chose is the caller's: no retry, the error names the bind failure
-        pinned = ServerProcess(args, log_path=str(tmp_path / "pinned.log"), port=taken)
+
+
+# Binds --port as uvicorn does (asyncio's create_server): on a taken port it exits with asyncio's own bind error,
+# the message a real server's log ends with.
+BINDING_LAUNCHER = [sys.executable, "-c", "import asyncio, sys; port = int(sys.argv[sys.argv.index('--port') + 1]); "
+                    "asyncio.run(asyncio.start_server(lambda reader, writer: None, '127.0.0.1', port)); "
+                    "print('bound', flush=True); sys.exit(3)"]
+
+
+def test_a_port_the_caller_chose_is_not_retried(tmp_path):
+    """A port the caller chose is the caller's: one start, and the error names the bind failure."""
+    with _occupied_port() as holder:
+        taken = holder.getsockname()[1]
+        pinned = ServerProcess([], log_path=str(tmp_path / "pinned.log"), port=taken, launcher=BINDING_LAUNCHER)
         with pytest.raises(ServerStartError, match="address already in use"):
             pinned.start()
+        assert pinned.port == taken and "bound" not in pinned.log_text()
