@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Gemma 4 on the GPU in one device call, from the repo root, with the kit carried (.gpu-kit):
 #   GEMMA4_E2E="gemma4-dense gemma4-moe" COMMIT=abc1234 bash scripts/gpu_gemma4.sh [bench_step.py arguments...]
-# Installs (gpu_setup.sh); with GEMMA4_OPS=1 runs the GPU tests of the Gemma 4 Triton ops first; with
-# GEMMA4_TUNE_MOE="tune_moe.py arguments" tunes the fused-MoE kernel (the config lands in the package, so the
-# servers below use it; a copy comes back); for each GEMMA4_E2E target serves the tiny checkpoint with and without DFLASH
-# (float16, CUDA graphs; scripts/gpu_e2e.py, plus E2E_ARGS; E2E_LOOPS="overlap v1" picks SGLang's loops) and, with GEMMA4_GOLDEN=1, checks the GPU forward of the golden
-# fixtures against transformers (tests/test_gemma4_gpu.py). Given arguments, scripts/bench_step.py runs first
-# (within BENCH_TIMEOUT seconds, default 400; its JSON is written after each server).
+# Installs (gpu_setup.sh), then runs these steps, in the order GEMMA4_STEPS names them (default
+# "ops tune bench e2e golden"; a step without its setting is skipped):
+#   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops and the block kernel's window / slot-map cases;
+#   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
+#          the config lands in the package, so later servers use it; a copy comes back);
+#   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
+#          written after each server);
+#   e2e    for each GEMMA4_E2E target and each of E2E_LOOPS (default "overlap"; "v1" is SGLang's loop without
+#          overlap): the tiny checkpoint served with and without DFLASH (float16, CUDA graphs; scripts/gpu_e2e.py
+#          within E2E_TIMEOUT, default 300 s, plus E2E_ARGS);
+#   golden GEMMA4_GOLDEN=1: the GPU forward of the golden fixtures against transformers (tests/test_gemma4_gpu.py).
 # Results in $OUT (at most 8 files come back): the JSON reports, and logs.tgz with every server log and trace
 # summary. Servers stop with their launcher (SIGTERM from a timeout included).
 set -uo pipefail
@@ -14,28 +19,46 @@ source scripts/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 logs=/tmp/gemma4-logs; mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$logs" . 2>/dev/null' EXIT
-if [ "${GEMMA4_OPS:-0}" = 1 ]; then
+
+step_ops() {
+  [ "${GEMMA4_OPS:-0}" = 1 ] || return 0
   { timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py
     timeout 150 python3 -m pytest -q tests/test_op_block_attention.py -k "slot_map or window"; } 2>&1 \
     | tee "$logs/ops-gpu.log" | grep -E "passed|failed|Error"
-fi
-if [ -n "${GEMMA4_TUNE_MOE:-}" ]; then
+}
+
+step_tune() {
+  [ -n "${GEMMA4_TUNE_MOE:-}" ] || return 0
   timeout "${TUNE_TIMEOUT:-300}" python3 scripts/tune_moe.py $GEMMA4_TUNE_MOE --report "$out/tune_moe.json" \
     ${COMMIT:+--commit "$COMMIT"} 2>&1 | tail -20
   find dflash_sglang/serving/moe_configs -name '*.json' -newer scripts/gpu_gemma4.sh -exec cp {} "$out/" \;
-fi
-if [ $# -gt 0 ]; then
+}
+
+step_bench() {
+  [ $# -gt 0 ] || return 0
   timeout "${BENCH_TIMEOUT:-400}" python3 scripts/bench_step.py --out "$out/step.json" --logs "$logs/step" \
     --trace-dir "$logs/traces" ${COMMIT:+--commit "$COMMIT"} "$@" 2>&1 | grep -v "^ " | tail -30
-fi
-for target in ${GEMMA4_E2E:-}; do
-  for loop in ${E2E_LOOPS:-overlap}; do
-    loop_args=(); [ "$loop" = v1 ] && loop_args=(--disable-overlap-schedule)
-    timeout "${E2E_TIMEOUT:-300}" python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
-      "${loop_args[@]}" --out "$out/gpu_e2e-$target-$loop.json" --logs "$logs/e2e-$target-$loop" \
-      ${COMMIT:+--commit "$COMMIT"} ${E2E_ARGS:-} 2>&1 | tail -4
+}
+
+step_e2e() {
+  local target loop loop_args
+  for target in ${GEMMA4_E2E:-}; do
+    for loop in ${E2E_LOOPS:-overlap}; do
+      loop_args=(); [ "$loop" = v1 ] && loop_args=(--disable-overlap-schedule)
+      timeout "${E2E_TIMEOUT:-300}" python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
+        "${loop_args[@]}" --out "$out/gpu_e2e-$target-$loop.json" --logs "$logs/e2e-$target-$loop" \
+        ${COMMIT:+--commit "$COMMIT"} ${E2E_ARGS:-} 2>&1 | tail -4
+    done
   done
+}
+
+step_golden() {
+  [ "${GEMMA4_GOLDEN:-0}" = 1 ] || return 0
+  timeout 240 python3 -m pytest -q -s tests/test_gemma4_gpu.py 2>&1 | tee "$logs/golden-gpu.log" \
+    | grep -E "served|passed|failed|Error" | tail -8
+}
+
+for step in ${GEMMA4_STEPS:-ops tune bench e2e golden}; do
+  echo "== $step ($(date +%T))"
+  "step_$step" "$@"
 done
-if [ "${GEMMA4_GOLDEN:-0}" = 1 ]; then
-  timeout 240 python3 -m pytest -q -s tests/test_gemma4_gpu.py 2>&1 | tee "$logs/golden-gpu.log" | grep -E "served|passed|failed|Error" | tail -8
-fi
