@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared pytest configuration: the markers used across the test suite, the tiny checkpoints and the real model."""
+"""Shared pytest configuration: the markers used across the test suite, the tiny checkpoints, the real model, and
+the tiny SGLang servers that several end-to-end modules compare against."""
 
 import pytest
+
+from tiny_servers import DFLASH_MATRIX, GRAMMAR_ARGS, dflash_args, tiny_server
 
 
 def pytest_configure(config):
@@ -42,3 +45,32 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def plain_server(tiny_checkpoints, tmp_path_factory):
+    """SGLang alone on the tiny target (overlap loop): the reference of the server, grammar, logprobs and TP
+    modules, started once for the run."""
+    with tiny_server(tiny_checkpoints, tmp_path_factory, "plain", GRAMMAR_ARGS) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def plain_server_no_overlap(tiny_checkpoints, tmp_path_factory):
+    """SGLang alone on the tiny target in its loop without overlap (the penalties' reference)."""
+    with tiny_server(tiny_checkpoints, tmp_path_factory, "plain-no-overlap",
+                     [*GRAMMAR_ARGS, "--disable-overlap-schedule"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="session", params=DFLASH_MATRIX, ids=lambda p: f"{p[0]}-{p[1]}")
+def dflash_server(request, tiny_checkpoints, tmp_path_factory):
+    """DFLASH on the tiny target for each (drafter, loop) of ``DFLASH_MATRIX``; ``.drafter`` names the drafter.
+    Session-scoped and parametrized, so pytest runs every module's tests of one (drafter, loop) together: each
+    server starts once for the run and one runs at a time. A test that takes it takes no module-scoped server
+    (pytest would start that again for each group)."""
+    drafter, loop = request.param
+    with tiny_server(tiny_checkpoints, tmp_path_factory, f"dflash-{drafter}-{loop}",
+                     [*GRAMMAR_ARGS, *dflash_args(tiny_checkpoints, drafter, loop)]) as server:
+        server.drafter = drafter
+        yield server

@@ -4,12 +4,12 @@ server's (xgrammar, SGLang's default grammar backend), both started from the sam
 in both DFLASH loops (overlap, the default, and the host-committed loop of ``--disable-overlap-schedule``),
 with a drafter that agrees with the target (the grammar acts inside accepted blocks) and a random one.
 
-Every kind of grammar a client reaches (and their output logprobs): response_format json_schema (strict and not), json_object and
-structural_tag on chat, regex and ebnf on completions, tool calling with tool_choice "required" and a named
-function; streaming and not, alone and concurrently with an unconstrained request. Greedy answers must be
-identical; the JSON answers parse and validate against their schema; a sampled json_schema answer validates.
-The plain server's answers also check the CPU patch (``patches/cpu.py``: upstream dies on the first grammar
-on a CPU). The tiny model's text is noise, so the grammars are small and bounded (enums, short regexes);
+Every kind of grammar a client reaches (and their output logprobs): response_format json_schema (strict and
+not), json_object and structural_tag on chat, regex and ebnf on completions, tool calling with tool_choice
+"required" and a named function; streaming and not, alone and concurrently with an unconstrained request. Greedy
+answers must be identical; the JSON answers parse and validate against their schema; a sampled json_schema
+answer validates. The plain server's answers also check the CPU patch (``patches/cpu.py``: upstream dies on the
+first grammar on a CPU). The tiny model's text is noise, so the grammars are small and bounded (enums, short regexes);
 ``--constrained-json-disable-any-whitespace`` keeps the repeat-prone model from filling JSON with blanks.
 """
 
@@ -24,11 +24,10 @@ import openai
 import pytest
 
 from openai_client import client as _client
-from test_server_e2e import _assert_no_leak, _server
+from tiny_servers import GRAMMAR_ARGS, assert_no_leak, cached_answer, dflash_args, tiny_server
 
 pytestmark = pytest.mark.slow
 
-GRAMMAR_ARGS = ["--constrained-json-disable-any-whitespace"]
 MAX_TOKENS = 64
 PROMPT = "Speculative decoding drafts a block of tokens and"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["color", "size", "ok"],
@@ -44,25 +43,14 @@ TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
     for name, key, values in (("set_color", "color", ["red", "green"]), ("set_size", "size", ["S", "M", "L"]))]
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_checkpoints, tmp_path_factory):
-    with _server(tiny_checkpoints, tmp_path_factory, "baseline", GRAMMAR_ARGS) as server:
-        yield server
+@pytest.fixture
+def baseline(plain_server):
+    return plain_server
 
 
-# (drafter, loop): one DFLASH server at a time; the module's tests run against each in turn.
-@pytest.fixture(scope="module", params=[("drafter-agree", "overlap"), ("drafter", "overlap"),
-                                        ("drafter-agree", "no-overlap"), ("drafter", "no-overlap")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def dflash(request, tiny_checkpoints, tmp_path_factory):
-    drafter, loop = request.param
-    extra = [*GRAMMAR_ARGS, "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path",
-             tiny_checkpoints[drafter]]
-    if loop == "no-overlap":
-        extra.append("--disable-overlap-schedule")
-    with _server(tiny_checkpoints, tmp_path_factory, f"dflash-{drafter}-{loop}", extra) as server:
-        server.drafter = drafter
-        yield server
+@pytest.fixture
+def dflash(dflash_server):
+    return dflash_server
 
 
 def _json_schema(strict: bool) -> dict:
@@ -110,10 +98,8 @@ _BASELINE: dict[tuple, tuple[str, str]] = {}
 
 
 def _base(baseline, case: str, stream: bool = False) -> tuple[str, str]:
-    """The plain server's answer, asked once for every DFLASH server the module runs against."""
-    if (case, stream) not in _BASELINE:
-        _BASELINE[case, stream] = _ask(baseline, case, stream)
-    return _BASELINE[case, stream]
+    """The plain server's answer, asked once for every DFLASH server it is compared with."""
+    return cached_answer(baseline, ("grammar", case, stream), lambda: _ask(baseline, case, stream))
 
 
 def _assert_valid(case: str, text: str) -> None:
@@ -192,7 +178,7 @@ def test_drafts_accepted_inside_grammars_and_no_leak(baseline, dflash):
     assert result["output_ids"] == base["output_ids"]
     if dflash.drafter == "drafter-agree":
         assert result["meta_info"]["spec_accept_length"] > 2, result["meta_info"]
-    _assert_no_leak(dflash)
+    assert_no_leak(dflash)
 
 
 def test_llguidance_backend(tiny_checkpoints, tmp_path_factory):
@@ -201,12 +187,12 @@ def test_llguidance_backend(tiny_checkpoints, tmp_path_factory):
     agreeing drafter (one server at a time)."""
     cases = ["json_schema_strict", "regex", "ebnf"]
     args = [*GRAMMAR_ARGS, "--grammar-backend", "llguidance"]
-    with _server(tiny_checkpoints, tmp_path_factory, "baseline-llguidance", args) as server:
+    with tiny_server(tiny_checkpoints, tmp_path_factory, "baseline-llguidance", args) as server:
         expected = [_ask(server, case) for case in cases]
-    args += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", tiny_checkpoints["drafter-agree"]]
-    with _server(tiny_checkpoints, tmp_path_factory, "dflash-llguidance", args) as server:
+    args += dflash_args(tiny_checkpoints, "drafter-agree")
+    with tiny_server(tiny_checkpoints, tmp_path_factory, "dflash-llguidance", args) as server:
         assert [_ask(server, case) for case in cases] == expected
-        _assert_no_leak(server)
+        assert_no_leak(server)
     for case, (text, finish) in zip(cases, expected):
         assert finish == "stop", (case, text)
         _assert_valid(case, text)
@@ -216,9 +202,8 @@ def test_llguidance_backend(tiny_checkpoints, tmp_path_factory):
 def test_grammar_backend_without_rollback_is_refused(tiny_checkpoints, tmp_path_factory):
     """outlines' grammars cannot roll back over rejected drafts: a DFLASH server answers its grammar requests
     with HTTP 400 naming the backend, and keeps serving."""
-    args = ["--grammar-backend", "outlines", "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path",
-            tiny_checkpoints["drafter"]]
-    with _server(tiny_checkpoints, tmp_path_factory, "dflash-outlines", args) as server:
+    args = ["--grammar-backend", "outlines", *dflash_args(tiny_checkpoints, "drafter")]
+    with tiny_server(tiny_checkpoints, tmp_path_factory, "dflash-outlines", args) as server:
         with pytest.raises(openai.BadRequestError, match="--grammar-backend outlines"):
             _ask(server, "regex")
         assert _ask(server, "unconstrained")[0]

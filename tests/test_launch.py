@@ -16,7 +16,7 @@ import time
 import pytest
 
 from dflash_sglang.deploy.launch import ServerProcess, ServerStartError
-from test_server_e2e import COMMON_ARGS
+from tiny_servers import COMMON_ARGS
 
 LAUNCHER = r'''
 import sys

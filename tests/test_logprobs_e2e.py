@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import urllib.request
 
 import pytest
 
 from openai_client import client as _client
+from tiny_servers import cached_answer
 
 from dflash_sglang.deploy.launch import ServerProcess
 
@@ -27,38 +27,18 @@ pytestmark = pytest.mark.slow
 
 TOL = 1e-4
 MAX_TOKENS = 20
-COMMON_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-               "--skip-server-warmup", "--mem-fraction-static", "0.1", "--max-total-tokens", "8192",
-               "--dtype", "float32", "--random-seed", "0", "--chunked-prefill-size", "32",
-               "--context-length", "1024", "--sleep-on-idle"]
 PROMPTS = ["the quick brown fox", "Speculative decoding drafts a block of tokens and", "hello"]
 TOKEN_IDS = [3, 10, 42]  # token_ids_logprob: the same few ids at every position
 
 
-def _start(checkpoints, tmp_path_factory, name: str, extra: list[str]) -> ServerProcess:
-    log = str(tmp_path_factory.mktemp("logs") / f"{name}.log")
-    env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1")
-    return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env)
+@pytest.fixture
+def baseline(plain_server):
+    return plain_server
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_checkpoints, tmp_path_factory):
-    with _start(tiny_checkpoints, tmp_path_factory, "baseline", []) as server:
-        yield server
-
-
-# (drafter, loop): one DFLASH server at a time; the module's tests run against each in turn.
-@pytest.fixture(scope="module", params=[("drafter-agree", "overlap"), ("drafter", "overlap"),
-                                        ("drafter-agree", "no-overlap"), ("drafter", "no-overlap")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def dflash(request, tiny_checkpoints, tmp_path_factory):
-    drafter, loop = request.param
-    extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", tiny_checkpoints[drafter]]
-    if loop == "no-overlap":
-        extra.append("--disable-overlap-schedule")
-    with _start(tiny_checkpoints, tmp_path_factory, f"dflash-{drafter}-{loop}", extra) as server:
-        server.drafter = drafter
-        yield server
+@pytest.fixture
+def dflash(dflash_server):
+    return dflash_server
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,15 +91,6 @@ def _generate_stream(server: ServerProcess, body: dict) -> dict:
     return last
 
 
-_BASELINE_CACHE: dict[str, object] = {}
-
-
-def _cached(baseline: ServerProcess, key, compute):
-    """The plain server's answer, computed once for every DFLASH server the module runs against."""
-    key = json.dumps(key, sort_keys=True)
-    if key not in _BASELINE_CACHE:
-        _BASELINE_CACHE[key] = compute()
-    return _BASELINE_CACHE[key]
 
 
 
@@ -159,7 +130,7 @@ def _assert_same_openai(spec: tuple[str, list], base: tuple[str, list], what: st
 def test_generate_logprobs_match_the_plain_server(baseline, dflash):
     for prompt in PROMPTS[:2]:
         body = _generate_body(prompt, logprob_start_len=0)  # prompt logprobs too
-        spec, base = dflash.generate(body), _cached(baseline, body, lambda: baseline.generate(body))
+        spec, base = dflash.generate(body), cached_answer(baseline, body, lambda: baseline.generate(body))
         assert spec["output_ids"] == base["output_ids"], prompt
         assert len(spec["meta_info"]["output_token_logprobs"]) == len(spec["output_ids"])
         assert len(spec["meta_info"]["input_token_logprobs"]) == spec["meta_info"]["prompt_tokens"]
@@ -170,7 +141,7 @@ def test_generate_logprobs_match_the_plain_server(baseline, dflash):
 
 def test_streamed_generate_logprobs_match_the_plain_server(baseline, dflash):
     body = _generate_body(PROMPTS[2], top=2)
-    spec, base = _generate_stream(dflash, body), _cached(baseline, body, lambda: baseline.generate(body))
+    spec, base = _generate_stream(dflash, body), cached_answer(baseline, body, lambda: baseline.generate(body))
     assert spec["output_ids"] == base["output_ids"]
     _assert_same_generate_meta(spec["meta_info"], base["meta_info"], "stream")
 
@@ -179,9 +150,9 @@ def test_streamed_generate_logprobs_match_the_plain_server(baseline, dflash):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_openai_logprobs_match_the_plain_server(baseline, dflash, kind, stream):
     prompt = PROMPTS[1]
-    _assert_same_openai(_openai_logprobs(dflash, kind, prompt, stream),
-                        _cached(baseline, [kind, prompt], lambda: _openai_logprobs(baseline, kind, prompt, False)),
-                        f"{kind} stream={stream}")
+    expected = cached_answer(baseline, ["logprobs", kind, prompt],
+                             lambda: _openai_logprobs(baseline, kind, prompt, False))
+    _assert_same_openai(_openai_logprobs(dflash, kind, prompt, stream), expected, f"{kind} stream={stream}")
 
 
 def _mixed_bodies() -> list[dict]:
@@ -197,7 +168,7 @@ def test_concurrent_requests_with_and_without_logprobs(baseline, dflash):
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         spec = list(pool.map(dflash.generate, bodies))
     for body, result in zip(bodies, spec):
-        base = _cached(baseline, body, lambda: baseline.generate(body))
+        base = cached_answer(baseline, body, lambda: baseline.generate(body))
         assert result["output_ids"] == base["output_ids"], body
         if body.get("return_logprob"):
             _assert_same_generate_meta(result["meta_info"], base["meta_info"], body["text"])
@@ -212,7 +183,7 @@ def test_plain_server_survives_a_mix_of_token_ids_logprob_requests(baseline):
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(baseline.generate, bodies))
     for body, result in zip(bodies, together):
-        alone = _cached(baseline, body, lambda: baseline.generate(body))
+        alone = cached_answer(baseline, body, lambda: baseline.generate(body))
         assert result["output_ids"] == alone["output_ids"], body
         if body.get("token_ids_logprob"):
             assert len(result["meta_info"]["output_token_ids_logprobs"]) == len(result["output_ids"])

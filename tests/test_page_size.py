@@ -15,7 +15,9 @@ import concurrent.futures
 
 import pytest
 
-from test_server_e2e import PROMPTS, _assert_no_leak, _complete, _server
+from openai_client import greedy_completion as _complete
+from test_server_e2e import PROMPTS
+from tiny_servers import assert_no_leak, dflash_args, tiny_server
 
 pytestmark = pytest.mark.slow
 PAGE_SIZES = [16, 64]
@@ -26,16 +28,15 @@ LONG_PROMPT = " ".join(PROMPTS * 8)  # well over two 64-token pages, prefilled i
 def servers(request, tiny_checkpoints, tmp_path_factory):
     # SGLang wants prefill chunks of whole pages: 32-token chunks (COMMON_ARGS) at page 16, one page at 64.
     page = ["--page-size", str(request.param), "--chunked-prefill-size", str(max(32, request.param))]
-    dflash = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path"]
     specs = {
         "baseline": page,
-        "overlap": [*page, *dflash, tiny_checkpoints["drafter-agree"]],
-        "v1": [*page, *dflash, tiny_checkpoints["drafter"], "--disable-overlap-schedule"],
+        "overlap": [*page, *dflash_args(tiny_checkpoints, "drafter-agree")],
+        "v1": [*page, *dflash_args(tiny_checkpoints, "drafter", "no-overlap")],
     }
     started = {}
     try:
         for name, extra in specs.items():
-            started[name] = _server(tiny_checkpoints, tmp_path_factory, f"{name}-page{request.param}", extra)
+            started[name] = tiny_server(tiny_checkpoints, tmp_path_factory, f"{name}-page{request.param}", extra)
             started[name].__enter__()
         yield started
     finally:
@@ -90,4 +91,4 @@ def test_prefix_cache_reuse(servers):
 
 def test_no_leaked_pages(servers):
     for name, server in _both(servers):
-        _assert_no_leak(server)
+        assert_no_leak(server)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
 
 import pytest
 from scipy import stats
 
 from openai_client import client as _client
-from test_server_e2e import _server
+from tiny_servers import cached_answer, dflash_args, tiny_server
 
 from dflash_sglang.deploy.launch import ServerProcess
 
@@ -49,34 +48,14 @@ OPTIONS = {
 # penalizers in the iteration order of a set of classes, which varies between server processes.
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_checkpoints, tmp_path_factory):
-    with _server(tiny_checkpoints, tmp_path_factory, "baseline", ["--disable-overlap-schedule"]) as server:
-        yield server
+@pytest.fixture
+def baseline(plain_server_no_overlap):
+    return plain_server_no_overlap
 
 
-@pytest.fixture(scope="module", params=[("drafter-agree", "overlap"), ("drafter", "overlap"),
-                                        ("drafter-agree", "no-overlap"), ("drafter", "no-overlap")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def dflash(request, tiny_checkpoints, tmp_path_factory):
-    drafter, loop = request.param
-    extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", tiny_checkpoints[drafter]]
-    if loop == "no-overlap":
-        extra.append("--disable-overlap-schedule")
-    with _server(tiny_checkpoints, tmp_path_factory, f"dflash-{drafter}-{loop}", extra) as server:
-        server.drafter = drafter
-        yield server
-
-
-_BASELINE_CACHE: dict[str, object] = {}
-
-
-def _cached(key, compute):
-    """The plain server's answer, computed once for every DFLASH server the module runs against."""
-    key = json.dumps(key, sort_keys=True)
-    if key not in _BASELINE_CACHE:
-        _BASELINE_CACHE[key] = compute()
-    return _BASELINE_CACHE[key]
+@pytest.fixture
+def dflash(dflash_server):
+    return dflash_server
 
 
 def _body(prompt: str, options: dict, max_tokens: int = MAX_TOKENS) -> dict:
@@ -87,7 +66,7 @@ def _body(prompt: str, options: dict, max_tokens: int = MAX_TOKENS) -> dict:
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_each_option_greedy_matches_the_plain_server(baseline, dflash, option):
     body = _body(PROMPTS[0], OPTIONS[option])
-    spec, base = dflash.generate(body), _cached(body, lambda: baseline.generate(body))
+    spec, base = dflash.generate(body), cached_answer(baseline, body, lambda: baseline.generate(body))
     assert spec["output_ids"] == base["output_ids"], option
     if option == "min_new_tokens":
         assert base["output_ids"][-1] == EOS and len(base["output_ids"]) == 13, "EOS right after min_new_tokens"
@@ -100,7 +79,7 @@ def test_logprobs_are_those_of_the_processed_logits(baseline, dflash):
     SGLang's sampler returns them (fp32 on the CPU: equal within 1e-4, as in test_logprobs_e2e)."""
     body = _body(PROMPTS[0], {"frequency_penalty": 0.8, "logit_bias": {"132": 3.0}})
     body.update(return_logprob=True, top_logprobs_num=3)
-    spec, base = dflash.generate(body), _cached(body, lambda: baseline.generate(body))
+    spec, base = dflash.generate(body), cached_answer(baseline, body, lambda: baseline.generate(body))
     assert spec["output_ids"] == base["output_ids"]
     spec_meta, base_meta = spec["meta_info"], base["meta_info"]
     assert len(spec_meta["output_token_logprobs"]) == len(spec["output_ids"])
@@ -130,7 +109,7 @@ def _openai_text(server: ServerProcess, kind: str, prompt: str, stream: bool) ->
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_openai_chat_and_completion_match_the_plain_server(baseline, dflash, kind, stream):
     prompt = PROMPTS[1]
-    expected = _cached([kind, prompt], lambda: _openai_text(baseline, kind, prompt, False))
+    expected = cached_answer(baseline, ["text", kind, prompt], lambda: _openai_text(baseline, kind, prompt, False))
     assert expected
     assert _openai_text(dflash, kind, prompt, stream) == expected
 
@@ -144,24 +123,25 @@ def test_sixteen_concurrent_requests_with_mixed_options(baseline, dflash):
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         spec = list(pool.map(dflash.generate, bodies))
     for body, result in zip(bodies, spec):
-        assert result["output_ids"] == _cached(body, lambda: baseline.generate(body))["output_ids"], body
+        expected = cached_answer(baseline, body, lambda: baseline.generate(body))
+        assert result["output_ids"] == expected["output_ids"], body
 
 
 def test_retracted_requests_keep_their_penalties(baseline, tiny_checkpoints, tmp_path_factory):
     """SGLang's retraction test mode (every 3rd step retracts running requests, prefilled again later): each
     request's output is the plain server's without retraction (SGLang itself restarts its penalizers then)."""
-    extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", tiny_checkpoints["drafter-agree"]]
     prompts = PROMPTS + [" ".join([PROMPTS[1]] * 6)]  # the last one prefilled in 32-token chunks
     bodies = [{"text": prompts, "sampling_params": {"max_new_tokens": 40, "temperature": 0, **OPTIONS[name]}}
               for name in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens")]
-    with _server(tiny_checkpoints, tmp_path_factory, "dflash-retracting", extra,
-                {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}) as server:
+    extra = dflash_args(tiny_checkpoints, "drafter-agree")
+    with tiny_server(tiny_checkpoints, tmp_path_factory, "dflash-retracting", extra,
+                     {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}) as server:
         spec = [server.generate(body) for body in bodies]
         retracted = sum(int(line.split("#retracted_reqs: ")[1].split(",")[0])
                         for line in server.log_text().splitlines() if "#retracted_reqs: " in line)
     assert retracted > 0, "SGLang's test mode retracted no request"
     for body, results in zip(bodies, spec):
-        expected = _cached(body, lambda: baseline.generate(body))
+        expected = cached_answer(baseline, body, lambda: baseline.generate(body))
         assert [r["output_ids"] for r in results] == [r["output_ids"] for r in expected], body["sampling_params"]
 
 
@@ -181,7 +161,7 @@ def test_sampling_with_penalties_follows_the_target_distribution(baseline, dflas
         pytest.skip("the agreeing drafter puts the penalized tokens inside accepted blocks")
     count = 400
     spec = _sampled_triples(dflash, count)
-    base = _cached(["triples", count], lambda: _sampled_triples(baseline, count))
+    base = cached_answer(baseline, ["triples", count], lambda: _sampled_triples(baseline, count))
     cells = sorted(set(spec) | set(base), key=lambda cell: -(spec[cell] + base[cell]))
     frequent = [cell for cell in cells if spec[cell] + base[cell] >= 10]
     table = [[spec[cell] for cell in frequent] + [sum(spec[c] for c in cells if c not in frequent)],

@@ -12,44 +12,35 @@ that parted would hang on their next collective), and SGLang's strict idle check
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 
 import pytest
 
 from openai_client import greedy_completion as _complete
-from test_server_e2e import COMMON_ARGS, PROMPTS
+from test_server_e2e import PROMPTS
+from tiny_servers import dflash_args, tiny_server
 
-from dflash_sglang.deploy.launch import ServerProcess
 
-pytestmark = pytest.mark.slow
+# DFLASH at TP 1 is the shared server with the agreeing drafter in the overlap loop (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("dflash_server", [("drafter-agree", "overlap")], indirect=True,
+                                                        ids=["drafter-agree-overlap"])]
 MAX_TOKENS = 24
 
 
-def _server(checkpoints, tmp_path_factory, name: str, tp_size: int, drafter: str | None):
-    extra = ["--tp-size", str(tp_size)]
-    if drafter:
-        extra += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints[drafter]]
-    env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1")
-    log = str(tmp_path_factory.mktemp("logs") / f"{name}.log")
-    return ServerProcess(["--model-path", checkpoints["target"], *COMMON_ARGS, *extra], log_path=log, env=env)
+@pytest.fixture
+def plain(plain_server):
+    return plain_server
 
 
-@pytest.fixture(scope="module")
-def plain(tiny_checkpoints, tmp_path_factory):
-    with _server(tiny_checkpoints, tmp_path_factory, "plain-tp1", 1, None) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def dflash_tp1(tiny_checkpoints, tmp_path_factory):
-    with _server(tiny_checkpoints, tmp_path_factory, "dflash-tp1", 1, "drafter-agree") as server:
-        yield server
+@pytest.fixture
+def dflash_tp1(dflash_server):
+    return dflash_server
 
 
 @pytest.fixture(scope="module")
 def dflash_tp2(tiny_checkpoints, tmp_path_factory):
-    with _server(tiny_checkpoints, tmp_path_factory, "dflash-tp2", 2, "drafter-agree") as server:
+    extra = ["--tp-size", "2", *dflash_args(tiny_checkpoints, "drafter-agree")]
+    with tiny_server(tiny_checkpoints, tmp_path_factory, "dflash-tp2", extra) as server:
         yield server
 
 
@@ -64,7 +55,7 @@ def test_tp2_greedy_is_token_identical_and_accepted_as_at_tp1(plain, dflash_tp1,
     assert "TP1" in dflash_tp2.log_text(), "the TP 2 server runs a second rank"
 
 
-def test_tp2_concurrent_greedy_and_sampled_requests(plain, dflash_tp2):
+def test_tp2_concurrent_greedy_and_sampled_requests(plain, dflash_tp1, dflash_tp2):
     prompts = [f"{' '.join(['word'] * (i + 1))} {PROMPTS[i % len(PROMPTS)]}" for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         greedy = pool.map(lambda p: _complete(dflash_tp2, p, MAX_TOKENS), prompts)
@@ -72,6 +63,8 @@ def test_tp2_concurrent_greedy_and_sampled_requests(plain, dflash_tp2):
             "max_new_tokens": MAX_TOKENS, "temperature": 0.8, "top_p": 0.9, "top_k": 20}}), prompts)
         greedy, sampled = list(greedy), list(sampled)
     assert greedy == [_complete(plain, p, MAX_TOKENS) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda p: _complete(dflash_tp1, p, MAX_TOKENS), prompts)) == greedy
     assert all(1 <= len(result["output_ids"]) <= MAX_TOKENS for result in sampled)
     time.sleep(3)  # SGLang's strict mode checks the pools when idle and raises on a leak
     assert dflash_tp2.healthy(), dflash_tp2.log_tail()
