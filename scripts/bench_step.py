@@ -7,7 +7,9 @@
 Each pair is a target and its DFlash drafter at their published shapes, served by SGLang with
 ``--load-format dummy`` (random weights, so nothing is downloaded) and CUDA graphs on. For each pair the
 script starts, one after another: the target alone (AR), the target with DFLASH using the CUDA extension
-(once per ``--draft-attention-backends`` entry; SGLang's overlap scheduler on, as for AR), with
+(once per ``--draft-attention-backends`` entry; SGLang's overlap scheduler on, as for AR; none with
+``--ar-only``), with ``--ar-kv-splits N ...`` the target alone again at each of those
+``--triton-attention-num-kv-splits`` (reported against the first AR run), with
 ``--v1-loop`` DFLASH's host-committed loop (``--disable-overlap-schedule``), and (unless ``--no-torch-path``)
 DFLASH with ``DFLASH_KERNELS=off`` (the PyTorch path). At every
 concurrency c it sends c requests of ``--input-len`` random tokens twice, with ``--short`` and ``--long``
@@ -302,6 +304,10 @@ def main() -> int:
     parser.add_argument("--v1-loop", action="store_true",
                         help="also run DFLASH without the overlap scheduler (--disable-overlap-schedule: the "
                              "host-committed v1 loop), with the first drafter backend")
+    parser.add_argument("--ar-kv-splits", nargs="+", type=int, default=[],
+                        help="also serve AR with these --triton-attention-num-kv-splits (the decode attention's "
+                             "most KV splits; SGLang's default 8 leaves most SMs idle at small batches)")
+    parser.add_argument("--ar-only", action="store_true", help="serve no DFLASH server (AR variants only)")
     parser.add_argument("--logs", default=None)
     parser.add_argument("--trace-steps", type=int, default=0,
                         help="also record a torch.profiler trace of this many decode steps per server and summarize it")
@@ -334,7 +340,9 @@ def main() -> int:
                   # Prefill is not measured: its piecewise graphs took 214 s of a 31B server's start on an H200.
                   "--disable-piecewise-cuda-graph"]
         runs = {"ar": (common, {}, False)}
-        for i, backend in enumerate(args.draft_attention_backends):
+        for splits in args.ar_kv_splits:  # SGLang's default is 8: the AR runs this option adds beside "ar"
+            runs[f"ar_kv_splits_{splits}"] = (common + ["--triton-attention-num-kv-splits", str(splits)], {}, False)
+        for i, backend in enumerate([] if args.ar_only else args.draft_attention_backends):
             dflash = common + ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", drafter,
                                "--speculative-draft-attention-backend", backend]
             suffix = "" if i == 0 else f"_{backend}_draft"
@@ -368,7 +376,10 @@ def summarize(results: dict, pair: Pair, bandwidth_gbs: float) -> dict:
                "ar_weight_floor_ms": ar_floor_ms, "ar_over_floor": ar["step_ms"] / ar_floor_ms,
                "verify_weight_floor_ms": verify_floor_ms}
         for mode in results:
-            if mode != "ar":
+            if mode.startswith("ar_"):
+                row[f"step_{mode}_ms"] = results[mode][c]["step_ms"]
+                row[f"ratio_{mode}_over_ar"] = results[mode][c]["step_ms"] / ar["step_ms"]
+            elif mode != "ar":
                 ratio = results[mode][c]["step_ms"] / ar["step_ms"]
                 row[f"step_{mode}_ms"] = results[mode][c]["step_ms"]
                 row[f"ratio_{mode}_over_ar"] = ratio
