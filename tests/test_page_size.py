@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DFLASH with SGLang's paged KV allocator (``--page-size`` 16 and 64), end to end on the CPU.
 
-Per page size three servers on the tiny checkpoints: the target alone, DFLASH under the overlap scheduler
+Per page size two DFLASH servers on the tiny checkpoints, against the shared plain server (conftest.py; the
+target alone, whose greedy tokens do not depend on the page size): DFLASH under the overlap scheduler
 (the default loop; the agreeing drafter, so blocks are accepted and cross page boundaries) and DFLASH's
 host-committed loop (``--disable-overlap-schedule``; the random drafter, so most of each block is rejected and
 the pages past the last kept token are freed every step). Greedy outputs must be the target's, one at a time
@@ -25,23 +26,23 @@ LONG_PROMPT = " ".join(PROMPTS * 8)  # well over two 64-token pages, prefilled i
 
 
 @pytest.fixture(scope="module", params=PAGE_SIZES, ids=lambda p: f"page{p}")
-def servers(request, tiny_checkpoints, tmp_path_factory):
+def servers(request, tiny_checkpoints, tmp_path_factory, plain_server):
     # SGLang wants prefill chunks of whole pages: 32-token chunks (COMMON_ARGS) at page 16, one page at 64.
     page = ["--page-size", str(request.param), "--chunked-prefill-size", str(max(32, request.param))]
     specs = {
-        "baseline": page,
         "overlap": [*page, *dflash_args(tiny_checkpoints, "drafter-agree")],
         "v1": [*page, *dflash_args(tiny_checkpoints, "drafter", "no-overlap")],
     }
-    started = {}
+    started = {"baseline": plain_server}
     try:
         for name, extra in specs.items():
             started[name] = tiny_server(tiny_checkpoints, tmp_path_factory, f"{name}-page{request.param}", extra)
             started[name].__enter__()
         yield started
     finally:
-        for server in reversed(list(started.values())):
-            server.__exit__(None, None, None)
+        for name, server in reversed(started.items()):
+            if name != "baseline":
+                server.__exit__(None, None, None)
 
 
 def _both(servers):
