@@ -23,10 +23,15 @@ MAX_OUTS = 3
 
 
 @triton.jit
-def _rms(x, weight_ptr, cols, mask, hidden, eps):
-    """fp32 RMSNorm of a row held in registers (masked lanes hold 0), times its weight."""
+def _rms(x, weight, hidden, eps):
+    """fp32 RMSNorm of a row held in registers (masked lanes hold 0), times its weight (loaded, fp32)."""
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / hidden + eps)
-    return x * inv * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return x * inv * weight
+
+
+@triton.jit
+def _load_row(ptr, cols, mask):
+    return tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -39,26 +44,42 @@ def _residual_norm_kernel(Residual, Branch0, Branch1, BranchWeight0, BranchWeigh
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     dtype = New.dtype.element_ty
-    new = tl.load(Residual + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
+    # Every load first: the chain's reductions are serial, and a load issued after one would add its memory
+    # latency to the chain (at decode the whole kernel is a few of those latencies).
+    new = _load_row(Residual + row * stride_residual, cols, mask)
     if NUM_BRANCHES > 0:
-        branch = tl.load(Branch0 + row * stride_branch0 + cols, mask=mask, other=0.0).to(tl.float32)
-        mix = _rms(branch, BranchWeight0, cols, mask, hidden, eps).to(dtype).to(tl.float32)
+        branch0 = _load_row(Branch0 + row * stride_branch0, cols, mask)
+        branch_weight0 = _load_row(BranchWeight0, cols, mask)
+    if NUM_BRANCHES > 1:
+        branch1 = _load_row(Branch1 + row * stride_branch1, cols, mask)
+        branch_weight1 = _load_row(BranchWeight1, cols, mask)
+    if HAS_COMBINE:
+        combine_weight = _load_row(CombineWeight, cols, mask)
+    if HAS_SCALAR:
+        scalar = tl.load(Scalar).to(tl.float32)
+    if NUM_OUTS > 0:
+        out_weight0 = _load_row(OutWeight0, cols, mask)
+    if NUM_OUTS > 1:
+        out_weight1 = _load_row(OutWeight1, cols, mask)
+    if NUM_OUTS > 2:
+        out_weight2 = _load_row(OutWeight2, cols, mask)
+    if NUM_BRANCHES > 0:
+        mix = _rms(branch0, branch_weight0, hidden, eps).to(dtype).to(tl.float32)
         if NUM_BRANCHES > 1:
-            branch = tl.load(Branch1 + row * stride_branch1 + cols, mask=mask, other=0.0).to(tl.float32)
-            second = _rms(branch, BranchWeight1, cols, mask, hidden, eps).to(dtype).to(tl.float32)
+            second = _rms(branch1, branch_weight1, hidden, eps).to(dtype).to(tl.float32)
             mix = (mix + second).to(dtype).to(tl.float32)
         if HAS_COMBINE:
-            mix = _rms(mix, CombineWeight, cols, mask, hidden, eps).to(dtype).to(tl.float32)
+            mix = _rms(mix, combine_weight, hidden, eps).to(dtype).to(tl.float32)
         new = (new + mix).to(dtype).to(tl.float32)
     if HAS_SCALAR:
-        new = (new * tl.load(Scalar).to(tl.float32)).to(dtype).to(tl.float32)
+        new = (new * scalar).to(dtype).to(tl.float32)
     tl.store(New + row * hidden + cols, new.to(dtype), mask=mask)
     if NUM_OUTS > 0:
-        tl.store(Out0 + row * hidden + cols, _rms(new, OutWeight0, cols, mask, hidden, eps).to(dtype), mask=mask)
+        tl.store(Out0 + row * hidden + cols, _rms(new, out_weight0, hidden, eps).to(dtype), mask=mask)
     if NUM_OUTS > 1:
-        tl.store(Out1 + row * hidden + cols, _rms(new, OutWeight1, cols, mask, hidden, eps).to(dtype), mask=mask)
+        tl.store(Out1 + row * hidden + cols, _rms(new, out_weight1, hidden, eps).to(dtype), mask=mask)
     if NUM_OUTS > 2:
-        tl.store(Out2 + row * hidden + cols, _rms(new, OutWeight2, cols, mask, hidden, eps).to(dtype), mask=mask)
+        tl.store(Out2 + row * hidden + cols, _rms(new, out_weight2, hidden, eps).to(dtype), mask=mask)
 
 
 def residual_norm(residual: torch.Tensor, out_weights: list[torch.Tensor], eps: float,
