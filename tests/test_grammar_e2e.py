@@ -43,16 +43,6 @@ TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
     for name, key, values in (("set_color", "color", ["red", "green"]), ("set_size", "size", ["S", "M", "L"]))]
 
 
-@pytest.fixture
-def baseline(plain_server):
-    return plain_server
-
-
-@pytest.fixture
-def dflash(dflash_server):
-    return dflash_server
-
-
 def _json_schema(strict: bool) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": strict}}
 
@@ -97,9 +87,9 @@ def _ask(server, case: str, stream: bool = False, temperature: float = 0.0) -> t
 _BASELINE: dict[tuple, tuple[str, str]] = {}
 
 
-def _base(baseline, case: str, stream: bool = False) -> tuple[str, str]:
+def _base(plain_server, case: str, stream: bool = False) -> tuple[str, str]:
     """The plain server's answer, asked once for every DFLASH server it is compared with."""
-    return cached_answer(baseline, ("grammar", case, stream), lambda: _ask(baseline, case, stream))
+    return cached_answer(plain_server, ("grammar", case, stream), lambda: _ask(plain_server, case, stream))
 
 
 def _assert_valid(case: str, text: str) -> None:
@@ -121,64 +111,64 @@ def _assert_valid(case: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def test_plain_cpu_server_serves_grammars_and_keeps_serving(baseline):
+def test_plain_cpu_server_serves_grammars_and_keeps_serving(plain_server):
     for case in ("json_schema_strict", "regex"):
-        text, finish = _base(baseline, case)
+        text, finish = _base(plain_server, case)
         assert finish == "stop", (case, text)
         _assert_valid(case, text)
-    assert _base(baseline, "unconstrained")[0], "the plain server answers after its grammar requests"
-    assert baseline.healthy(), baseline.log_tail()
+    assert _base(plain_server, "unconstrained")[0], "the plain server answers after its grammar requests"
+    assert plain_server.healthy(), plain_server.log_tail()
 
 
 @pytest.mark.parametrize("case", [case for case in CASES if case != "unconstrained"])
-def test_greedy_identical_to_plain_server(baseline, dflash, case):
-    text, finish = _ask(dflash, case)
-    assert (text, finish) == _base(baseline, case), case
+def test_greedy_identical_to_plain_server(plain_server, dflash_server, case):
+    text, finish = _ask(dflash_server, case)
+    assert (text, finish) == _base(plain_server, case), case
     if case != "json_object":  # the tiny model's free-form JSON runs past MAX_TOKENS
         assert finish == "stop", (case, text)
         _assert_valid(case, text)
 
 
 @pytest.mark.parametrize("case", ["json_schema_strict", "regex"])
-def test_streaming_identical_to_plain_server(baseline, dflash, case):
-    assert _ask(dflash, case, stream=True) == _base(baseline, case, stream=True)
+def test_streaming_identical_to_plain_server(plain_server, dflash_server, case):
+    assert _ask(dflash_server, case, stream=True) == _base(plain_server, case, stream=True)
 
 
-def test_concurrent_with_an_unconstrained_request(baseline, dflash):
+def test_concurrent_with_an_unconstrained_request(plain_server, dflash_server):
     cases = ["json_schema_strict", "regex", "ebnf", "unconstrained", "tool_named"]
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-        answers = list(pool.map(lambda case: _ask(dflash, case), cases))
-    assert answers == [_base(baseline, case) for case in cases]
+        answers = list(pool.map(lambda case: _ask(dflash_server, case), cases))
+    assert answers == [_base(plain_server, case) for case in cases]
 
 
-def test_sampled_answers_follow_the_grammar(dflash):
+def test_sampled_answers_follow_the_grammar(dflash_server):
     for case in ("json_schema_strict", "regex"):
         for _ in range(2):
-            text, finish = _ask(dflash, case, temperature=1.0)
+            text, finish = _ask(dflash_server, case, temperature=1.0)
             assert finish == "stop", (case, text)
             _assert_valid(case, text)
 
 
-def test_logprobs_read_from_the_masked_rows(baseline, dflash):
+def test_logprobs_read_from_the_masked_rows(plain_server, dflash_server):
     """Output logprobs of a constrained request are the plain server's (SGLang reads them from the masked logits)."""
     body = {"text": PROMPT, "return_logprob": True,
             "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0, "json_schema": json.dumps(SCHEMA)}}
-    result, base = dflash.generate(body), baseline.generate(body)
+    result, base = dflash_server.generate(body), plain_server.generate(body)
     spec, plain = result["meta_info"]["output_token_logprobs"], base["meta_info"]["output_token_logprobs"]
     assert [entry[1] for entry in spec] == [entry[1] for entry in plain]
     assert all(abs(a[0] - b[0]) <= 1e-4 for a, b in zip(spec, plain)), (spec, plain)
 
 
-def test_drafts_accepted_inside_grammars_and_no_leak(baseline, dflash):
+def test_drafts_accepted_inside_grammars_and_no_leak(plain_server, dflash_server):
     """Native /generate with a regex: the same tokens as the plain server; with the agreeing drafter the
     grammar's rows accept several drafts per step. Then the pools return to idle."""
     body = {"text": PROMPT, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0,
                                                 "regex": "(cat|dog)( (cat|dog)){0,30}"}}
-    result, base = dflash.generate(body), baseline.generate(body)
+    result, base = dflash_server.generate(body), plain_server.generate(body)
     assert result["output_ids"] == base["output_ids"]
-    if dflash.drafter == "drafter-agree":
+    if dflash_server.drafter == "drafter-agree":
         assert result["meta_info"]["spec_accept_length"] > 2, result["meta_info"]
-    assert_no_leak(dflash)
+    assert_no_leak(dflash_server)
 
 
 def test_llguidance_backend(tiny_checkpoints, tmp_path_factory):

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from openai_client import client as _client
-from tiny_servers import cached_answer
+from tiny_servers import cached_answer, cached_generate
 
 from dflash_sglang.deploy.launch import ServerProcess
 
@@ -29,16 +29,6 @@ TOL = 1e-4
 MAX_TOKENS = 20
 PROMPTS = ["the quick brown fox", "Speculative decoding drafts a block of tokens and", "hello"]
 TOKEN_IDS = [3, 10, 42]  # token_ids_logprob: the same few ids at every position
-
-
-@pytest.fixture
-def baseline(plain_server):
-    return plain_server
-
-
-@pytest.fixture
-def dflash(dflash_server):
-    return dflash_server
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,32 +117,32 @@ def _assert_same_openai(spec: tuple[str, list], base: tuple[str, list], what: st
 
 
 # ---------------------------------------------------------------------------------------------------------
-def test_generate_logprobs_match_the_plain_server(baseline, dflash):
+def test_generate_logprobs_match_the_plain_server(plain_server, dflash_server):
     for prompt in PROMPTS[:2]:
         body = _generate_body(prompt, logprob_start_len=0)  # prompt logprobs too
-        spec, base = dflash.generate(body), cached_answer(baseline, body, lambda: baseline.generate(body))
+        spec, base = dflash_server.generate(body), cached_generate(plain_server, body)
         assert spec["output_ids"] == base["output_ids"], prompt
         assert len(spec["meta_info"]["output_token_logprobs"]) == len(spec["output_ids"])
         assert len(spec["meta_info"]["input_token_logprobs"]) == spec["meta_info"]["prompt_tokens"]
         _assert_same_generate_meta(spec["meta_info"], base["meta_info"], prompt)
-    if dflash.drafter == "drafter-agree":
+    if dflash_server.drafter == "drafter-agree":
         assert spec["meta_info"]["spec_accept_length"] > 2, "several tokens per block carry logprobs"
 
 
-def test_streamed_generate_logprobs_match_the_plain_server(baseline, dflash):
+def test_streamed_generate_logprobs_match_the_plain_server(plain_server, dflash_server):
     body = _generate_body(PROMPTS[2], top=2)
-    spec, base = _generate_stream(dflash, body), cached_answer(baseline, body, lambda: baseline.generate(body))
+    spec, base = _generate_stream(dflash_server, body), cached_generate(plain_server, body)
     assert spec["output_ids"] == base["output_ids"]
     _assert_same_generate_meta(spec["meta_info"], base["meta_info"], "stream")
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_openai_logprobs_match_the_plain_server(baseline, dflash, kind, stream):
+def test_openai_logprobs_match_the_plain_server(plain_server, dflash_server, kind, stream):
     prompt = PROMPTS[1]
-    expected = cached_answer(baseline, ["logprobs", kind, prompt],
-                             lambda: _openai_logprobs(baseline, kind, prompt, False))
-    _assert_same_openai(_openai_logprobs(dflash, kind, prompt, stream), expected, f"{kind} stream={stream}")
+    expected = cached_answer(plain_server, ["logprobs", kind, prompt],
+                             lambda: _openai_logprobs(plain_server, kind, prompt, False))
+    _assert_same_openai(_openai_logprobs(dflash_server, kind, prompt, stream), expected, f"{kind} stream={stream}")
 
 
 def _mixed_bodies() -> list[dict]:
@@ -163,12 +153,12 @@ def _mixed_bodies() -> list[dict]:
             for p in PROMPTS for k, ids in ((None, None), (4, None), (2, TOKEN_IDS))]
 
 
-def test_concurrent_requests_with_and_without_logprobs(baseline, dflash):
+def test_concurrent_requests_with_and_without_logprobs(plain_server, dflash_server):
     bodies = _mixed_bodies()
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-        spec = list(pool.map(dflash.generate, bodies))
+        spec = list(pool.map(dflash_server.generate, bodies))
     for body, result in zip(bodies, spec):
-        base = cached_answer(baseline, body, lambda: baseline.generate(body))
+        base = cached_generate(plain_server, body)
         assert result["output_ids"] == base["output_ids"], body
         if body.get("return_logprob"):
             _assert_same_generate_meta(result["meta_info"], base["meta_info"], body["text"])
@@ -176,27 +166,27 @@ def test_concurrent_requests_with_and_without_logprobs(baseline, dflash):
             assert not result["meta_info"].get("output_token_logprobs")
 
 
-def test_plain_server_survives_a_mix_of_token_ids_logprob_requests(baseline):
+def test_plain_server_survives_a_mix_of_token_ids_logprob_requests(plain_server):
     """The plain server, sent the same mix at once, answers every request as it answers them one at a time, and
     keeps serving."""
     bodies = _mixed_bodies()
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-        together = list(pool.map(baseline.generate, bodies))
+        together = list(pool.map(plain_server.generate, bodies))
     for body, result in zip(bodies, together):
-        alone = cached_answer(baseline, body, lambda: baseline.generate(body))
+        alone = cached_generate(plain_server, body)
         assert result["output_ids"] == alone["output_ids"], body
         if body.get("token_ids_logprob"):
             assert len(result["meta_info"]["output_token_ids_logprobs"]) == len(result["output_ids"])
-    assert baseline.healthy()
+    assert plain_server.healthy()
 
 
-def test_sampled_request_gets_a_logprob_per_token(dflash):
+def test_sampled_request_gets_a_logprob_per_token(dflash_server):
     """Sampling (temperature 0.7): one logprob per emitted token, for that token, from the temperature-scaled
     distribution (SGLang's convention). The values themselves are not compared: the plain server samples
     other tokens."""
     body = _generate_body(PROMPTS[0], top=3, token_ids_logprob=None)
     body["sampling_params"] = {"max_new_tokens": MAX_TOKENS, "temperature": 0.7, "top_p": 0.9}
-    result = dflash.generate(body)
+    result = dflash_server.generate(body)
     entries = result["meta_info"]["output_token_logprobs"]
     assert [e[1] for e in entries] == result["output_ids"]
     assert all(e[0] <= 0 for e in entries)

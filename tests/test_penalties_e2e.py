@@ -22,7 +22,7 @@ import pytest
 from scipy import stats
 
 from openai_client import client as _client
-from tiny_servers import cached_answer, dflash_args, tiny_server
+from tiny_servers import cached_answer, cached_generate, dflash_args, tiny_server
 
 from dflash_sglang.deploy.launch import ServerProcess
 
@@ -48,38 +48,29 @@ OPTIONS = {
 # penalizers in the iteration order of a set of classes, which varies between server processes.
 
 
-@pytest.fixture
-def baseline(plain_server_no_overlap):
-    return plain_server_no_overlap
-
-
-@pytest.fixture
-def dflash(dflash_server):
-    return dflash_server
-
-
 def _body(prompt: str, options: dict, max_tokens: int = MAX_TOKENS) -> dict:
     return {"text": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, **options}}
 
 
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_each_option_greedy_matches_the_plain_server(baseline, dflash, option):
+def test_each_option_greedy_matches_the_plain_server(plain_server_no_overlap, dflash_server, option):
     body = _body(PROMPTS[0], OPTIONS[option])
-    spec, base = dflash.generate(body), cached_answer(baseline, body, lambda: baseline.generate(body))
+    spec, base = dflash_server.generate(body), cached_generate(plain_server_no_overlap, body)
     assert spec["output_ids"] == base["output_ids"], option
     if option == "min_new_tokens":
         assert base["output_ids"][-1] == EOS and len(base["output_ids"]) == 13, "EOS right after min_new_tokens"
-    if option in ("frequency_penalty", "repetition_penalty", "min_new_tokens") and dflash.drafter == "drafter-agree":
+    penalized = option in ("frequency_penalty", "repetition_penalty", "min_new_tokens")
+    if penalized and dflash_server.drafter == "drafter-agree":
         assert spec["meta_info"]["spec_accept_length"] > 1.5, "penalized tokens were accepted inside blocks"
 
 
-def test_logprobs_are_those_of_the_processed_logits(baseline, dflash):
+def test_logprobs_are_those_of_the_processed_logits(plain_server_no_overlap, dflash_server):
     """With a penalty and a logit bias, each token's logprob and top alternatives come from the processed row, as
     SGLang's sampler returns them (fp32 on the CPU: equal within 1e-4, as in test_logprobs_e2e)."""
     body = _body(PROMPTS[0], {"frequency_penalty": 0.8, "logit_bias": {"132": 3.0}})
     body.update(return_logprob=True, top_logprobs_num=3)
-    spec, base = dflash.generate(body), cached_answer(baseline, body, lambda: baseline.generate(body))
+    spec, base = dflash_server.generate(body), cached_generate(plain_server_no_overlap, body)
     assert spec["output_ids"] == base["output_ids"]
     spec_meta, base_meta = spec["meta_info"], base["meta_info"]
     assert len(spec_meta["output_token_logprobs"]) == len(spec["output_ids"])
@@ -107,27 +98,28 @@ def _openai_text(server: ServerProcess, kind: str, prompt: str, stream: bool) ->
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_openai_chat_and_completion_match_the_plain_server(baseline, dflash, kind, stream):
+def test_openai_chat_and_completion_match_the_plain_server(plain_server_no_overlap, dflash_server, kind, stream):
     prompt = PROMPTS[1]
-    expected = cached_answer(baseline, ["text", kind, prompt], lambda: _openai_text(baseline, kind, prompt, False))
+    expected = cached_answer(plain_server_no_overlap, ["text", kind, prompt],
+                             lambda: _openai_text(plain_server_no_overlap, kind, prompt, False))
     assert expected
-    assert _openai_text(dflash, kind, prompt, stream) == expected
+    assert _openai_text(dflash_server, kind, prompt, stream) == expected
 
 
-def test_sixteen_concurrent_requests_with_mixed_options(baseline, dflash):
+def test_sixteen_concurrent_requests_with_mixed_options(plain_server_no_overlap, dflash_server):
     """Requests with different options (and none) in the same batches, of different lengths: each request's
     rows are processed with its own options and counts."""
     names = [None, *OPTIONS]
     bodies = [_body(PROMPTS[i % len(PROMPTS)], OPTIONS[names[i % len(names)]] if names[i % len(names)] else {},
                     max_tokens=8 + 2 * i) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-        spec = list(pool.map(dflash.generate, bodies))
+        spec = list(pool.map(dflash_server.generate, bodies))
     for body, result in zip(bodies, spec):
-        expected = cached_answer(baseline, body, lambda: baseline.generate(body))
+        expected = cached_generate(plain_server_no_overlap, body)
         assert result["output_ids"] == expected["output_ids"], body
 
 
-def test_retracted_requests_keep_their_penalties(baseline, tiny_checkpoints, tmp_path_factory):
+def test_retracted_requests_keep_their_penalties(plain_server_no_overlap, tiny_checkpoints, tmp_path_factory):
     """SGLang's retraction test mode (every 3rd step retracts running requests, prefilled again later): each
     request's output is the plain server's without retraction (SGLang itself restarts its penalizers then)."""
     prompts = PROMPTS + [" ".join([PROMPTS[1]] * 6)]  # the last one prefilled in 32-token chunks
@@ -141,7 +133,7 @@ def test_retracted_requests_keep_their_penalties(baseline, tiny_checkpoints, tmp
                         for line in server.log_text().splitlines() if "#retracted_reqs: " in line)
     assert retracted > 0, "SGLang's test mode retracted no request"
     for body, results in zip(bodies, spec):
-        expected = cached_answer(baseline, body, lambda: baseline.generate(body))
+        expected = cached_generate(plain_server_no_overlap, body)
         assert [r["output_ids"] for r in results] == [r["output_ids"] for r in expected], body["sampling_params"]
 
 
@@ -153,15 +145,16 @@ def _sampled_triples(server: ServerProcess, count: int) -> collections.Counter:
     return collections.Counter(tuple(r["output_ids"][:3]) for r in result)
 
 
-def test_sampling_with_penalties_follows_the_target_distribution(baseline, dflash):
+def test_sampling_with_penalties_follows_the_target_distribution(plain_server_no_overlap, dflash_server):
     """Tokens 2 and 3 come from one speculative step (the agreeing drafter's drafts, rejection sampling), token 3
     penalized for token 2 inside the block: the joint law of the three must match the plain server's sampling
     (a two-sample chi-square test over the cells)."""
-    if dflash.drafter != "drafter-agree":
+    if dflash_server.drafter != "drafter-agree":
         pytest.skip("the agreeing drafter puts the penalized tokens inside accepted blocks")
     count = 400
-    spec = _sampled_triples(dflash, count)
-    base = cached_answer(baseline, ["triples", count], lambda: _sampled_triples(baseline, count))
+    spec = _sampled_triples(dflash_server, count)
+    base = cached_answer(plain_server_no_overlap, ["triples", count],
+                         lambda: _sampled_triples(plain_server_no_overlap, count))
     cells = sorted(set(spec) | set(base), key=lambda cell: -(spec[cell] + base[cell]))
     frequent = [cell for cell in cells if spec[cell] + base[cell] >= 10]
     table = [[spec[cell] for cell in frequent] + [sum(spec[c] for c in cells if c not in frequent)],

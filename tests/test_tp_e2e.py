@@ -27,16 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.parametrize("dflash_server", [("draf
 MAX_TOKENS = 24
 
 
-@pytest.fixture
-def plain(plain_server):
-    return plain_server
-
-
-@pytest.fixture
-def dflash_tp1(dflash_server):
-    return dflash_server
-
-
 @pytest.fixture(scope="module")
 def dflash_tp2(tiny_checkpoints, tmp_path_factory):
     extra = ["--tp-size", "2", *dflash_args(tiny_checkpoints, "drafter-agree")]
@@ -44,10 +34,10 @@ def dflash_tp2(tiny_checkpoints, tmp_path_factory):
         yield server
 
 
-def test_tp2_greedy_is_token_identical_and_accepted_as_at_tp1(plain, dflash_tp1, dflash_tp2):
+def test_tp2_greedy_is_token_identical_and_accepted_as_at_tp1(plain_server, dflash_server, dflash_tp2):
     for prompt in PROMPTS:
-        base_ids, _ = plain.generate_greedy(prompt, MAX_TOKENS)
-        tp1_ids, tp1 = dflash_tp1.generate_greedy(prompt, MAX_TOKENS)
+        base_ids, _ = plain_server.generate_greedy(prompt, MAX_TOKENS)
+        tp1_ids, tp1 = dflash_server.generate_greedy(prompt, MAX_TOKENS)
         tp2_ids, tp2 = dflash_tp2.generate_greedy(prompt, MAX_TOKENS)
         assert tp2_ids == tp1_ids == base_ids, prompt
         assert (tp2["spec_verify_ct"], tp2["spec_accept_histogram"]) == \
@@ -55,16 +45,16 @@ def test_tp2_greedy_is_token_identical_and_accepted_as_at_tp1(plain, dflash_tp1,
     assert "TP1" in dflash_tp2.log_text(), "the TP 2 server runs a second rank"
 
 
-def test_tp2_concurrent_greedy_and_sampled_requests(plain, dflash_tp1, dflash_tp2):
+def test_tp2_concurrent_greedy_and_sampled_requests(plain_server, dflash_server, dflash_tp2):
     prompts = [f"{' '.join(['word'] * (i + 1))} {PROMPTS[i % len(PROMPTS)]}" for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         greedy = pool.map(lambda p: _complete(dflash_tp2, p, MAX_TOKENS), prompts)
         sampled = pool.map(lambda p: dflash_tp2.generate({"text": p, "sampling_params": {
             "max_new_tokens": MAX_TOKENS, "temperature": 0.8, "top_p": 0.9, "top_k": 20}}), prompts)
         greedy, sampled = list(greedy), list(sampled)
-    assert greedy == [_complete(plain, p, MAX_TOKENS) for p in prompts]
+    assert greedy == [_complete(plain_server, p, MAX_TOKENS) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(lambda p: _complete(dflash_tp1, p, MAX_TOKENS), prompts)) == greedy
+        assert list(pool.map(lambda p: _complete(dflash_server, p, MAX_TOKENS), prompts)) == greedy
     assert all(1 <= len(result["output_ids"]) <= MAX_TOKENS for result in sampled)
     time.sleep(3)  # SGLang's strict mode checks the pools when idle and raises on a leak
     assert dflash_tp2.healthy(), dflash_tp2.log_tail()

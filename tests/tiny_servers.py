@@ -62,3 +62,8 @@ def cached_answer(server: ServerProcess, key, compute):
     if entry not in _ANSWERS:
         _ANSWERS[entry] = compute()
     return _ANSWERS[entry]
+
+
+def cached_generate(server: ServerProcess, body: dict) -> dict:
+    """``server``'s /generate answer to ``body``, asked once per run (``cached_answer``)."""
+    return cached_answer(server, body, lambda: server.generate(body))
