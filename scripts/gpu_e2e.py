@@ -206,6 +206,7 @@ def main() -> int:
         # tiny model can flip. Record how stable the baseline itself is next to DFLASH's agreement with it.
         report["baseline_batch_vs_batch_mismatches"] = mismatches(base_ids, base_ids_again)
         report["baseline_batch_vs_sequential_mismatches"] = mismatches(base_ids, base_seq)
+        write_report(report, args.out)  # a run cut later still returns its settings and the baseline's stability
         for backend in args.draft_backends:
             for drafter in args.drafters:
                 extra = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", checkpoints[drafter],
