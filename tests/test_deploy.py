@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -285,3 +286,24 @@ def test_launch_execs_sglang(monkeypatch):
     (path, argv), = calls
     assert path == sys.executable and argv[1:3] == ["-m", "sglang.launch_server"]
     assert argv[argv.index("--port") + 1] == "31000"
+
+
+@pytest.mark.parametrize("instructions", ["AMX-BF16", "AVX512-BF16", None])
+def test_float32_cpu_deployments_are_told_about_bf16(instructions, tiny_repo, monkeypatch, caplog):
+    """On a CPU with bf16 matrix instructions, dflash-serve says (once, before the command) that bfloat16 makes
+    a float32 CPU deployment's DFLASH steps cheaper; not for bfloat16, not on a GPU, not on other CPUs."""
+    monkeypatch.setattr(deploy, "cpu_bf16_instructions", lambda: instructions)
+    caplog.set_level(logging.INFO, logger="dflash_sglang.deploy.serve")
+    config = str(config_path(TINY, tiny_repo))
+    assert serve.main(["--config", config, "--dry-run"]) == 0
+    hints = [r.message for r in caplog.records if "--set dtype=bfloat16" in r.message]
+    if instructions is None:
+        assert hints == []
+    else:
+        assert len(hints) == 1 and hints[0].startswith(f"this CPU has {instructions}:"), hints
+    caplog.clear()
+    assert serve.main(["--config", config, "--set", "dtype=bfloat16", "--dry-run"]) == 0
+    assert not [r for r in caplog.records if "--set dtype=bfloat16" in r.message]
+    cuda = load_deploy_config(config, ["device=cuda"])
+    assert deploy.cpu_dtype_hint(cuda) is None
+

@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 
-from dflash_sglang.deploy.deployment import (DeployConfigError, format_command, launch_env, load_deploy_config,
-                                  resolve_backends, to_launch_args)
+from dflash_sglang.deploy.deployment import (DeployConfigError, cpu_dtype_hint, format_command, launch_env,
+                                             load_deploy_config, resolve_backends, to_launch_args)
 
 logger = logging.getLogger("dflash_sglang.deploy.serve")
 
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = to_launch_args(cfg)
     env = launch_env(cfg)
+    hint = cpu_dtype_hint(cfg)
+    if hint:
+        logger.info(hint)
     if args.dry_run:
         if cfg.device == "cpu":
             logger.info("on a machine without a GPU driver, the launch also puts a libcuda stand-in on "
