@@ -306,4 +306,3 @@ def test_float32_cpu_deployments_are_told_about_bf16(instructions, tiny_repo, mo
     assert not [r for r in caplog.records if "--set dtype=bfloat16" in r.message]
     cuda = load_deploy_config(config, ["device=cuda"])
     assert deploy.cpu_dtype_hint(cuda) is None
-

@@ -33,16 +33,15 @@ def servers(request, tiny_checkpoints, tmp_path_factory, plain_server):
         "overlap": [*page, *dflash_args(tiny_checkpoints, "drafter-agree")],
         "v1": [*page, *dflash_args(tiny_checkpoints, "drafter", "no-overlap")],
     }
-    started = {"baseline": plain_server}
+    started = {}
     try:
         for name, extra in specs.items():
             started[name] = tiny_server(tiny_checkpoints, tmp_path_factory, f"{name}-page{request.param}", extra)
             started[name].__enter__()
-        yield started
+        yield {"baseline": plain_server, **started}
     finally:
-        for name, server in reversed(started.items()):
-            if name != "baseline":
-                server.__exit__(None, None, None)
+        for server in reversed(list(started.values())):
+            server.__exit__(None, None, None)
 
 
 def _both(servers):
