@@ -305,3 +305,37 @@ def test_dflash_steps_free_sliding_slots_below_the_window_and_keep_the_rest(monk
         allocator.free(req_to_token[req.req_pool_idx, :req.kv_committed_len].to(torch.int64))
     free_sizes = allocator.full_available_size(), allocator.swa_available_size()
     assert free_sizes == (allocator.size_full, allocator.size_swa)
+
+
+@in_sglang
+def test_sliding_layers_write_at_one_translation_of_the_batch_slots(monkeypatch):
+    """Inside ``sliding_slots_translated_once`` both sliding layers of SGLang's hybrid pool write their K/V at the
+    batch's sliding-pool slots, translated once for the forward (upstream translated per layer in CUDA graphs),
+    and the pool's ``swa_loc`` is what it was before on exit; the batch's own translation is used when it has one."""
+    import torch
+
+    from dflash_sglang.serving.models.gemma4_kv_pool import sliding_slots_translated_once
+
+    batch = _swa_batch(monkeypatch, page_size=1, window=40, lens=[30, 75])
+    allocator = batch.token_to_kv_pool_allocator
+    pool, mapping = allocator._kvcache, allocator.full_to_swa_index_mapping
+    slots = batch.req_to_token_pool.req_to_token[1, 70:75].to(torch.int64)
+    mapping[slots] = mapping[slots].flip(0)  # the allocators hand out equal slots here: make them differ
+    translations = []
+    translate = pool.translate_loc_from_full_to_swa
+    monkeypatch.setattr(pool, "translate_loc_from_full_to_swa", lambda loc: translations.append(loc) or translate(loc))
+
+    forward_batch = types.SimpleNamespace(token_to_kv_pool=pool, out_cache_loc=slots, out_cache_loc_swa=None)
+    with sliding_slots_translated_once(forward_batch):
+        for layer_id in (0, 2):  # the sliding layers of _swa_batch's pool
+            k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+            pool.set_kv_buffer(types.SimpleNamespace(layer_id=layer_id), slots, k, v)
+            assert torch.equal(pool.get_key_buffer(layer_id)[mapping[slots]], k)
+            assert torch.equal(pool.get_value_buffer(layer_id)[mapping[slots]], v)
+    assert len(translations) == 1 and pool.swa_loc is None
+
+    eager = types.SimpleNamespace(token_to_kv_pool=pool, out_cache_loc=slots, out_cache_loc_swa=mapping[slots].int())
+    pool.set_swa_loc(eager.out_cache_loc_swa)  # as ModelRunner._forward_raw sets it for an eager batch
+    with sliding_slots_translated_once(eager):
+        assert pool.swa_loc is eager.out_cache_loc_swa
+    assert len(translations) == 1 and pool.swa_loc is eager.out_cache_loc_swa

@@ -47,6 +47,7 @@ from sglang.srt.utils import add_prefix
 from dflash_sglang import ops
 from dflash_sglang.core.checkpoint import check_state_dict
 from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig, check_servable, text_config_of
+from dflash_sglang.serving.models.gemma4_kv_pool import sliding_slots_translated_once
 from dflash_sglang.serving.models.gemma4_layers import Gemma4Attention, Gemma4MLP, Gemma4MoE
 
 logger = logging.getLogger(__name__)
@@ -122,11 +123,12 @@ class Gemma4TextModel(nn.Module):
         else:
             hidden, (normed,) = ops.residual_norm(input_embeds, first_norm, eps)
         aux_hidden_states = []
-        for i, layer in enumerate(self.layers):
-            if i in self.layers_to_capture:
-                aux_hidden_states.append(hidden)
-            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            hidden, normed = layer(positions, hidden, normed, forward_batch, next_norm)
+        with sliding_slots_translated_once(forward_batch):
+            for i, layer in enumerate(self.layers):
+                if i in self.layers_to_capture:
+                    aux_hidden_states.append(hidden)
+                next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+                hidden, normed = layer(positions, hidden, normed, forward_batch, next_norm)
         return (normed, aux_hidden_states) if aux_hidden_states else normed
 
 

@@ -23,7 +23,9 @@ cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 
@@ -57,6 +59,31 @@ def split_swa_tokens(capacity: int, config: Gemma4TextConfig, element_size: int,
     memory = capacity * (full_bytes + swa_bytes + draft_bytes)
     full = int(memory / (full_bytes + ratio * swa_bytes + draft_bytes)) // page_size * page_size
     return full, int(full * ratio) // page_size * page_size
+
+
+@contextlib.contextmanager
+def sliding_slots_translated_once(forward_batch) -> Iterator[None]:
+    """Within it, every sliding layer of a hybrid pool writes its K/V at one translation of the batch's slots.
+
+    ``SWAKVPool.set_kv_buffer`` translates ``out_cache_loc`` to sliding-pool slots in each sliding layer (a gather
+    and an int32 copy: two kernels a layer) unless the pool's ``swa_loc`` is set. SGLang sets it from
+    ``ForwardBatch.out_cache_loc_swa`` in eager forwards only (``ModelRunner._forward_raw``); a captured CUDA
+    graph (``CudaGraphRunner`` builds no such batch) repeated the translation in all 25 sliding layers of
+    Gemma-4-26B-A4B. Entered around the layers of a forward, this sets ``swa_loc`` to the batch's translation
+    (computed here, inside the graph when capturing, unless the batch brings it) and restores the pool's previous
+    value on exit. A pool without a full-to-sliding mapping (one slot space) or a batch without slots: no-op."""
+    pool = forward_batch.token_to_kv_pool
+    slots = forward_batch.out_cache_loc
+    if not isinstance(pool, SWAKVPool) or pool.full_to_swa_index_mapping is None or slots is None:
+        yield
+        return
+    previous = pool.swa_loc
+    translated = forward_batch.out_cache_loc_swa
+    pool.set_swa_loc(pool.translate_loc_from_full_to_swa(slots) if translated is None else translated)
+    try:
+        yield
+    finally:
+        pool.set_swa_loc(previous)
 
 
 class Gemma4KVPool(SWAKVPool):
