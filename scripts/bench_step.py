@@ -9,7 +9,8 @@ Each pair is a target and its DFlash drafter at their published shapes, served b
 script starts, one after another: the target alone (AR), the target with DFLASH using the CUDA extension
 (once per ``--draft-attention-backends`` entry; SGLang's overlap scheduler on, as for AR; none with
 ``--ar-only``), with ``--ar-kv-splits N ...`` the target alone again at each of those
-``--triton-attention-num-kv-splits`` (reported against the first AR run), with
+``--triton-attention-num-kv-splits`` and with ``--ar-env NAME=VALUE ...`` under each of those environment
+settings (both reported against the first AR run), with
 ``--v1-loop`` DFLASH's host-committed loop (``--disable-overlap-schedule``), and (unless ``--no-torch-path``)
 DFLASH with ``DFLASH_KERNELS=off`` (the PyTorch path). At every
 concurrency c it sends c requests of ``--input-len`` random tokens twice, with ``--short`` and ``--long``
@@ -307,6 +308,9 @@ def main() -> int:
     parser.add_argument("--ar-kv-splits", nargs="+", type=int, default=[],
                         help="also serve AR with these --triton-attention-num-kv-splits (the decode attention's "
                              "most KV splits; SGLang's default 8 leaves most SMs idle at small batches)")
+    parser.add_argument("--ar-env", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="also serve AR with each of these environment settings (e.g. "
+                             "DFLASH_DECODE_ATTENTION=block: decode steps on the block kernel), one run each")
     parser.add_argument("--ar-only", action="store_true", help="serve no DFLASH server (AR variants only)")
     parser.add_argument("--logs", default=None)
     parser.add_argument("--trace-steps", type=int, default=0,
@@ -342,6 +346,9 @@ def main() -> int:
         runs = {"ar": (common, {}, False)}
         for splits in args.ar_kv_splits:  # SGLang's default is 8: the AR runs this option adds beside "ar"
             runs[f"ar_kv_splits_{splits}"] = (common + ["--triton-attention-num-kv-splits", str(splits)], {}, False)
+        for setting in args.ar_env:
+            name, _, value = setting.partition("=")
+            runs[f"ar_{name.lower()}_{value.lower()}"] = (common, {name: value}, False)
         for i, backend in enumerate([] if args.ar_only else args.draft_attention_backends):
             dflash = common + ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", drafter,
                                "--speculative-draft-attention-backend", backend]

@@ -3,15 +3,16 @@
 #   GEMMA4_E2E="gemma4-dense gemma4-moe" COMMIT=abc1234 bash scripts/gpu_gemma4.sh [bench_step.py arguments...]
 # Installs (gpu_setup.sh), then runs these steps, in the order GEMMA4_STEPS names them (default
 # "ops tune bench e2e golden"; a step without its setting is skipped):
-#   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops and the block kernel's slot-map cases (~4 min:
-#          each case compiles its kernel);
+#   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops and the block kernel's slot-map and decode-listing
+#          cases (~4 min: each case compiles its kernel);
 #   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
 #          the config lands in the package, so later servers use it; a copy comes back);
 #   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
 #          written after each server);
 #   e2e    for each GEMMA4_E2E target and each of E2E_LOOPS (default "overlap"; "v1" is SGLang's loop without
 #          overlap): the tiny checkpoint served with and without DFLASH (float16, CUDA graphs; scripts/gpu_e2e.py
-#          within E2E_TIMEOUT, default 300 s, plus E2E_ARGS);
+#          within E2E_TIMEOUT, default 300 s, plus E2E_ARGS); a target written "target:NAME=VALUE" runs with
+#          that environment setting (e.g. gemma4-moe:DFLASH_DECODE_ATTENTION=block);
 #   golden GEMMA4_GOLDEN=1: the GPU forward of the golden fixtures against transformers (tests/test_gemma4_gpu.py).
 # Results in $OUT (at most 8 files come back): the JSON reports, and logs.tgz with every server log and trace
 # summary. Servers stop with their launcher (SIGTERM from a timeout included).
@@ -24,7 +25,7 @@ trap 'tar czf "$out/logs.tgz" -C "$logs" . 2>/dev/null' EXIT
 step_ops() {
   [ "${GEMMA4_OPS:-0}" = 1 ] || return 0
   { timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py
-    timeout 240 python3 -m pytest -q tests/test_op_block_attention.py -k slot_map; } 2>&1 \
+    timeout 240 python3 -m pytest -q tests/test_op_block_attention.py -k "slot_map or listing"; } 2>&1 \
     | tee "$logs/ops-gpu.log" | grep -E "passed|failed|Error"
 }
 
@@ -42,13 +43,15 @@ step_bench() {
 }
 
 step_e2e() {
-  local target loop loop_args
-  for target in ${GEMMA4_E2E:-}; do
+  local entry target setting name loop loop_args
+  for entry in ${GEMMA4_E2E:-}; do
+    target=${entry%%:*}; setting=; [ "$entry" != "$target" ] && setting=${entry#*:}
+    name=$target${setting:+-${setting#*=}}
     for loop in ${E2E_LOOPS:-overlap}; do
       loop_args=(); [ "$loop" = v1 ] && loop_args=(--disable-overlap-schedule)
-      timeout "${E2E_TIMEOUT:-300}" python3 scripts/gpu_e2e.py --target "$target" --dtype float16 --cuda-graph \
-        "${loop_args[@]}" --out "$out/gpu_e2e-$target-$loop.json" --logs "$logs/e2e-$target-$loop" \
-        ${COMMIT:+--commit "$COMMIT"} ${E2E_ARGS:-} 2>&1 | tail -4
+      env ${setting:+"$setting"} timeout "${E2E_TIMEOUT:-300}" python3 scripts/gpu_e2e.py --target "$target" \
+        --dtype float16 --cuda-graph "${loop_args[@]}" --out "$out/gpu_e2e-$name-$loop.json" \
+        --logs "$logs/e2e-$name-$loop" ${COMMIT:+--commit "$COMMIT"} ${E2E_ARGS:-} 2>&1 | tail -4
     done
   done
 }

@@ -250,6 +250,51 @@ def test_kernel_matches_reference_through_a_slot_map(kernels, case, causal, dtyp
     assert torch.equal(out, kernels.block_attention(**args, causal=causal, window=window, splits=splits))
 
 
+def _with_listed_block(args: dict) -> dict:
+    """``args`` as SGLang's decode lists a batch: each request's block K/V written to the cache at fresh slots that
+    end its listing (``listed_block``)."""
+    block, indptr = args["block_size"], args["kv_indptr"].cpu().tolist()
+    k_cache, v_cache, listed = args["k_cache"].cpu(), args["v_cache"].cpu(), args["kv_indices"].cpu().long()
+    fresh = torch.arange(k_cache.shape[0], k_cache.shape[0] + (len(indptr) - 1) * block)
+    indices = torch.cat([torch.cat([listed[start:end], fresh[r * block:(r + 1) * block]])
+                         for r, (start, end) in enumerate(zip(indptr[:-1], indptr[1:]))])
+    device = args["k_cache"].device
+    return {**args, "k_cache": torch.cat([k_cache, args["k_block"].cpu()]).to(device),
+            "v_cache": torch.cat([v_cache, args["v_block"].cpu()]).to(device),
+            "kv_indptr": (args["kv_indptr"].cpu() + block * torch.arange(len(indptr), dtype=torch.int32)).to(device),
+            "kv_indices": indices.to(device)}
+
+
+# (prefix lengths, block size, query heads, KV heads, head_dim, window): decode (blocks of one token) on Gemma 4's
+# layer types, and a 16-token block.
+LISTED_CASES = [
+    ([150, 9, 0], 1, 4, 2, 64, 40),
+    ([70, 3], 1, 16, 2, 512, -1),
+    ([33, 100], 16, 4, 1, 128, 50),
+]
+if CUDA:
+    LISTED_CASES += [([512], 1, 16, 8, 256, 1023), ([512] * 8, 1, 16, 2, 512, -1), ([3000, 5], 1, 32, 16, 256, 1023)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LISTED_CASES,
+                         ids=lambda c: f"bs{len(c[0])}-B{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-w{c[5]}")
+@pytest.mark.parametrize("slot_map", [False, True], ids=["cache", "swa-pool"])
+def test_kernel_reads_a_listing_that_ends_with_the_block(kernels, case, dtype, slot_map):
+    """``listed_block``: the listing holds the block's keys last (SGLang's decode listing); the output is the
+    reference's over the prefix before them, through a sliding sub-pool too (keys before the decoded token's window
+    evicted to NaN rows)."""
+    lengths, block, heads, kv_heads, head_dim, window = case
+    args = _inputs(lengths, block, heads, kv_heads, head_dim, dtype, device=DEVICE, seed=head_dim + block)
+    listed = _with_listed_block(args)
+    if slot_map:
+        listed = _swa_pool(listed, window + block if window >= 0 else -1, torch.int32)
+    out = kernels.block_attention(**listed, causal=True, window=window, listed_block=True)
+    expected = block_attention_ref(**_on_cpu(args), causal=True, window=window)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_row_tiles_cap_the_accumulator():
     kernels = pytest.importorskip("dflash_sglang.ops.block_attention")
     assert kernels.row_tile(16, 4, 128) == 64  # Qwen3-8B: one program holds the KV head's 64 rows

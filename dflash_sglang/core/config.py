@@ -374,3 +374,13 @@ def block_attention_mode() -> str:
     block's queries, ``patches.cpu_attention.block_attention_cpu``) or ``off`` (SGLang's extend kernel /
     torch_native's per-request loop, e.g. to compare)."""
     return _env_choice("DFLASH_BLOCK_ATTENTION", BLOCK_ATTENTION_MODES)
+
+
+DECODE_ATTENTION_MODES = ("sglang", "block")
+
+
+def decode_attention_mode() -> str:
+    """``DFLASH_DECODE_ATTENTION``: ``sglang`` (default: one-token decode steps on the triton backend run SGLang's
+    decode kernel) or ``block`` (they run the block kernel of ``ops/block_attention.py`` with blocks of one token,
+    windows and sliding pools included; plain decoding only, as DFLASH's steps are block passes)."""
+    return _env_choice("DFLASH_DECODE_ATTENTION", DECODE_ATTENTION_MODES)

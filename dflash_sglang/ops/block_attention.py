@@ -84,6 +84,16 @@ def _prefix_start(length, window, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _prefix_length(kv_indptr, req, start, BLOCK_SIZE: tl.constexpr, LISTED_BLOCK: tl.constexpr):
+    """The prefix keys of request ``req``: its listing, less the block's own ``BLOCK_SIZE`` keys at the listing's
+    end where the listing holds them (``LISTED_BLOCK``: SGLang's decode listing ends with the token decoded)."""
+    length = tl.load(kv_indptr + req + 1) - start
+    if LISTED_BLOCK:
+        length -= BLOCK_SIZE
+    return length
+
+
+@triton.jit
 def _store_rows(O, values, req, kv_head, rows, dims, stride_o_tok, stride_o_head,
                 BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Writes rows (token * GROUP + query head in the group) of a KV head's output in O's dtype."""
@@ -111,9 +121,9 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
              num_splits, window, stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok,
              stride_vb_head, stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head, stride_o_tok,
              stride_o_head, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ROW_CHUNKS: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
-             DIRECT: tl.constexpr):
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, LISTED_BLOCK: tl.constexpr,
+             ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr):
     req = tl.program_id(0)
     unit = tl.program_id(1)  # (KV head, chunk of its query rows)
     kv_head = unit // ROW_CHUNKS
@@ -121,7 +131,7 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
     num_units = tl.num_programs(1)
 
     start = tl.load(kv_indptr + req)
-    length = tl.load(kv_indptr + req + 1) - start
+    length = _prefix_length(kv_indptr, req, start, BLOCK_SIZE, LISTED_BLOCK)
     first = _prefix_start(length, window, HAS_WINDOW)
     per_split = _split_size(length - first, num_splits, BLOCK_N)
     lo = first + split * per_split
@@ -191,8 +201,8 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
 @triton.jit(do_not_specialize=["num_splits", "window"])
 def _merge(O_part, Lse_part, O, kv_indptr, num_splits, window, stride_o_tok, stride_o_head,
            BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
-           ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-           MERGE_ROWS: tl.constexpr):
+           LISTED_BLOCK: tl.constexpr, ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+           BLOCK_N: tl.constexpr, MERGE_ROWS: tl.constexpr):
     req = tl.program_id(0)
     unit = tl.program_id(1)
     kv_head = unit // ROW_CHUNKS
@@ -201,7 +211,7 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, window, stride_o_tok, str
     rows = (unit % ROW_CHUNKS) * BLOCK_M + local_rows
     dims = tl.arange(0, BLOCK_D)
     first = (req * num_units + unit) * num_splits
-    length = tl.load(kv_indptr + req + 1) - tl.load(kv_indptr + req)
+    length = _prefix_length(kv_indptr, req, tl.load(kv_indptr + req), BLOCK_SIZE, LISTED_BLOCK)
     keys = length - _prefix_start(length, window, HAS_WINDOW)
     live_splits = tl.minimum(num_splits, tl.cdiv(keys, _split_size(keys, num_splits, BLOCK_N)))
 
@@ -256,7 +266,8 @@ def _check_slot_map(kv_slot_map, device: torch.device) -> None:
 def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int,
                     causal: bool, sm_scale: float, window: int = NO_WINDOW, out: torch.Tensor | None = None,
-                    splits: int | None = None, kv_slot_map: torch.Tensor | None = None) -> torch.Tensor:
+                    splits: int | None = None, kv_slot_map: torch.Tensor | None = None,
+                    listed_block: bool = False) -> torch.Tensor:
     """Attention of ``bs`` blocks of ``block_size`` query tokens; see ``block_attention_ref`` for the shapes.
 
     ``q`` [bs * B, Hq, D] and ``k_block``, ``v_block`` [bs * B, Hkv, D] may be strided views (unit stride in
@@ -266,8 +277,10 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     splits per (request, KV head), by default :func:`split_count` for this device. ``kv_slot_map``
     [full_slots] int32/int64 (contiguous): the listed key at ``kv_indices[j]`` is cache row
     ``kv_slot_map[kv_indices[j]]`` (SGLang's full-to-SWA slot translation); read only for the keys the kernel
-    loads, those the block's first row sees onwards. None: the listing holds cache rows. Returns ``out`` (or a
-    new tensor) [bs * B, Hq, D].
+    loads, those the block's first row sees onwards. None: the listing holds cache rows. ``listed_block``: each
+    request's listing ends with its block's ``block_size`` keys (as SGLang's decode listing ends with the token
+    being decoded, written to the cache before attention); the kernel reads the prefix before them from the cache
+    and the block's keys from ``k_block`` / ``v_block``. Returns ``out`` (or a new tensor) [bs * B, Hq, D].
     """
     batch_size = kv_indptr.numel() - 1
     num_tokens, num_heads, head_dim = q.shape
@@ -297,7 +310,8 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     lse_part = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
     has_window = window is not None and window >= 0
     shape = dict(BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, HAS_WINDOW=has_window,
-                 ROW_CHUNKS=row_chunks, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=prefix_tile(block_d))
+                 LISTED_BLOCK=listed_block, ROW_CHUNKS=row_chunks, BLOCK_M=block_m, BLOCK_D=block_d,
+                 BLOCK_N=prefix_tile(block_d))
     window_arg = window if has_window else 0
     # Wide tiles hold a [BLOCK_M, BLOCK_D] fp32 accumulator of up to MAX_TILE_ELEMENTS: fewer warps would spill.
     num_warps = 8 if block_m * block_d >= MAX_TILE_ELEMENTS else 4

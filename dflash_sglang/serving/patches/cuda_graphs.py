@@ -2,8 +2,8 @@
 """Both of DFLASH's block passes in CUDA graphs, and the attention backends they run on: the CUDA-graph
 runner captures TARGET_VERIFY graphs for the target (with the drafter's features) and for the drafter; the
 triton backend captures and replays them without a tree mask and runs their attention with the split-KV
-block kernel (``ops/block_attention.py``; sliding-window layers too); the flashinfer backend attends
-non-causally in the drafter's ``ENCODER_ONLY`` layers."""
+block kernel (``ops/block_attention.py``; sliding-window layers too; one-token decode steps on request); the
+flashinfer backend attends non-causally in the drafter's ``ENCODER_ONLY`` layers."""
 
 from __future__ import annotations
 
@@ -86,24 +86,42 @@ def _mask_free(forward_mode, spec_info) -> bool:
     return forward_mode.is_target_verify() and spec_info is not None and spec_info.custom_mask is None
 
 
-def _runs_block_attention(backend, q, k, v, layer, forward_batch, sinks) -> bool:
-    """Whether a ``TritonAttnBackend.forward_extend`` call is a DFLASH block pass the block kernel covers: a
-    mask-free TARGET_VERIFY batch, softmax attention (sliding windows included; no soft cap, sinks, KV scales
-    or cross attention) with equal Q/K/V head sizes of 64, 128, 256 or 512 and a KV cache in the queries'
-    dtype."""
+def _block_kernel_covers(backend, q, k, v, layer, forward_batch, sinks) -> bool:
+    """Whether the block kernel computes this layer's attention: softmax attention (sliding windows included; no
+    soft cap, sinks, KV scales or cross attention) with equal Q/K/V head sizes of 64, 128, 256 or 512, the new
+    K/V given and a KV cache in the queries' dtype."""
     from sglang.srt.layers.radix_attention import AttentionType
 
-    from dflash_sglang.core.config import block_attention_mode
     from dflash_sglang.ops.block_attention import SUPPORTED_HEAD_DIMS
 
-    return (forward_batch.forward_mode.is_target_verify() and backend.forward_metadata.custom_mask is None
-            and k is not None and v is not None
+    return (k is not None and v is not None
             and not backend.enable_deterministic and not backend.use_mla and sinks is None
             and layer.qk_head_dim == layer.v_head_dim and layer.qk_head_dim in SUPPORTED_HEAD_DIMS
             and not layer.logit_cap and layer.k_scale is None
             and not layer.is_cross_attention and layer.xai_temperature_len <= 0
             and layer.attn_type in (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
-            and forward_batch.token_to_kv_pool.dtype == q.dtype and block_attention_mode() == "on")
+            and forward_batch.token_to_kv_pool.dtype == q.dtype)
+
+
+def _runs_block_attention(backend, q, k, v, layer, forward_batch, sinks) -> bool:
+    """Whether a ``TritonAttnBackend.forward_extend`` call is a DFLASH block pass the block kernel covers: a
+    mask-free TARGET_VERIFY batch (``DFLASH_BLOCK_ATTENTION=on``)."""
+    from dflash_sglang.core.config import block_attention_mode
+
+    return (forward_batch.forward_mode.is_target_verify() and backend.forward_metadata.custom_mask is None
+            and _block_kernel_covers(backend, q, k, v, layer, forward_batch, sinks) and block_attention_mode() == "on")
+
+
+def _runs_block_decode(backend, q, k, v, layer, forward_batch, sinks) -> bool:
+    """Whether a ``TritonAttnBackend.forward_decode`` call runs on the block kernel (blocks of one token):
+    ``DFLASH_DECODE_ATTENTION=block`` and a decoder layer it covers."""
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    from dflash_sglang.core.config import decode_attention_mode
+
+    return (decode_attention_mode() == "block" and forward_batch.forward_mode.is_decode()
+            and layer.attn_type == AttentionType.DECODER
+            and _block_kernel_covers(backend, q, k, v, layer, forward_batch, sinks))
 
 
 def _layer_window(layer) -> int:
@@ -133,10 +151,13 @@ def patch_triton_backend(backend) -> None:
     refreshes only what it reads, ``kv_indptr`` and ``kv_indices``, in one kernel (``ops.paged_kv_indices``;
     upstream: about ten, for the query index, mask and mask index too). Wraps
     ``forward_extend`` so those passes run the split-KV block kernel (upstream: its extend kernel, one program
-    per request and query head walking the whole prefix; ``DFLASH_BLOCK_ATTENTION=off`` keeps it)."""
+    per request and query head walking the whole prefix; ``DFLASH_BLOCK_ATTENTION=off`` keeps it), and
+    ``forward_decode`` so that, with ``DFLASH_DECODE_ATTENTION=block``, plain decode steps run it too (blocks of
+    one token; windowed layers read the full listing through their window, as in verify)."""
     original_capture = backend.init_forward_metadata_capture_cuda_graph
     original_replay = backend.init_forward_metadata_replay_cuda_graph
     original_forward_extend = backend.forward_extend
+    original_forward_decode = backend.forward_decode
     from sglang.srt.layers.radix_attention import AttentionType
 
     from dflash_sglang import ops
@@ -187,9 +208,27 @@ def patch_triton_backend(backend) -> None:
             kv_slot_map=_swa_slot_map(self, layer, forward_batch))
         return out.view(q.shape)
 
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+        if not _runs_block_decode(self, q, k, v, layer, forward_batch, sinks):
+            return original_forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache, sinks)
+        if save_kv_cache:
+            forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        head_dim = layer.qk_head_dim
+        # The decode listing (kv_indptr / kv_indices, the full one under a window too) ends with the token decoded,
+        # whose K/V the kernel takes from k and v; the window and a sliding pool's slot map apply as in verify.
+        out = block_attention(
+            q.reshape(-1, layer.tp_q_head_num, head_dim), k.reshape(-1, layer.tp_k_head_num, head_dim),
+            v.reshape(-1, layer.tp_v_head_num, head_dim),
+            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            forward_batch.token_to_kv_pool.get_value_buffer(layer.layer_id), self.forward_metadata.kv_indptr,
+            self.forward_metadata.kv_indices, block_size=1, causal=True, sm_scale=layer.scaling,
+            window=_layer_window(layer), kv_slot_map=_swa_slot_map(self, layer, forward_batch), listed_block=True)
+        return out.view(-1, layer.tp_q_head_num * head_dim)
+
     backend.init_forward_metadata_capture_cuda_graph = init_forward_metadata_capture_cuda_graph
     backend.init_forward_metadata_replay_cuda_graph = init_forward_metadata_replay_cuda_graph
     backend.forward_extend = forward_extend
+    backend.forward_decode = forward_decode
 
 
 @patches(lambda module: module.FlashInferAttnBackend)
