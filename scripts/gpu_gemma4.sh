@@ -4,7 +4,8 @@
 # Installs (gpu_setup.sh), then runs these steps, in the order GEMMA4_STEPS names them (default
 # "ops tune bench e2e golden"; a step without its setting is skipped):
 #   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops and the block kernel's slot-map and decode-listing
-#          cases (~4 min: each case compiles its kernel);
+#          cases (~4 min: each case compiles its kernel); GEMMA4_OPS="block:EXPR": only the block kernel's
+#          tests that pytest -k EXPR selects;
 #   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
 #          the config lands in the package, so later servers use it; a copy comes back);
 #   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
@@ -23,10 +24,15 @@ logs=/tmp/gemma4-logs; mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$logs" . 2>/dev/null' EXIT
 
 step_ops() {
-  [ "${GEMMA4_OPS:-0}" = 1 ] || return 0
-  { timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py
-    timeout 240 python3 -m pytest -q tests/test_op_block_attention.py -k "slot_map or listing"; } 2>&1 \
-    | tee "$logs/ops-gpu.log" | grep -E "passed|failed|Error"
+  local block_cases="slot_map or listing"
+  case "${GEMMA4_OPS:-0}" in
+    0) return 0 ;;
+    block:*) block_cases=${GEMMA4_OPS#block:} ;;
+    *) timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py 2>&1 \
+         | tee "$logs/ops-norms-gpu.log" | grep -E "passed|failed|Error" ;;
+  esac
+  timeout 240 python3 -m pytest -q tests/test_op_block_attention.py -k "$block_cases" 2>&1 \
+    | tee "$logs/ops-block-gpu.log" | grep -E "passed|failed|Error"
 }
 
 step_tune() {
