@@ -5,9 +5,9 @@ Dispatch is explicit: CUDA tensors go to ``torch.ops.dflash.<op>`` when the exte
 ``DFLASH_KERNELS`` in ``config.py``); CPU tensors, or CUDA with ``DFLASH_KERNELS=off``, use
 ``ops.reference``. With ``DFLASH_KERNELS=auto`` a CUDA run without the extension says so once in the log.
 The Triton ops (``argmax``, ``block_inputs``, ``advance_state``, ``paged_kv_indices``, ``residual_norm``,
-``qkv_norm_rope``; ``ops/argmax_kernel.py``, ``ops/step_state.py``, ``ops/paged_kv.py``,
-``ops/residual_norm_kernel.py``, ``ops/qkv_norm_rope_kernel.py``) need no build: they run on every CUDA tensor unless
-``DFLASH_KERNELS=off``.
+``qkv_norm_rope``, ``narrow_linear``; ``ops/argmax_kernel.py``, ``ops/step_state.py``, ``ops/paged_kv.py``,
+``ops/residual_norm_kernel.py``, ``ops/qkv_norm_rope_kernel.py``, ``ops/narrow_linear_kernel.py``) need no build:
+they run on every CUDA tensor unless ``DFLASH_KERNELS=off``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dflash_sglang.ops._load import ExtensionUnavailable, load_ext
 logger = logging.getLogger(__name__)
 
 __all__ = ["inject_kv", "verify_block", "argmax", "block_inputs", "advance_state", "paged_kv_indices",
-           "residual_norm", "qkv_norm_rope", "kernels_available", "use_kernels_for"]
+           "residual_norm", "qkv_norm_rope", "narrow_linear", "narrow_linear_serves", "kernels_available",
+           "use_kernels_for"]
 
 
 @functools.cache
@@ -358,3 +359,27 @@ def qkv_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Te
                                     num_kv_heads, head_dim, k_eq_v, float(eps))
     return reference.qkv_norm_rope_ref(qkv, positions, q_weight, k_weight, cos_sin_cache, num_heads, num_kv_heads,
                                        head_dim, k_eq_v, eps)
+
+
+def narrow_linear_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`narrow_linear` runs its kernel for these inputs (CUDA, at most ``MAX_TOKENS`` rows, a weight
+    of unit stride in its last dim), where a caller would otherwise run its linear layer."""
+    from dflash_sglang.ops.narrow_linear_kernel import MAX_TOKENS
+
+    return (use_triton_for(x) and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.stride(1) == 1
+            and weight.dim() == 2 and weight.stride(1) == 1)
+
+
+def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` [tokens, in] times ``weight`` [out, in] transposed, in x's dtype (fp32 accumulation); see
+    :func:`dflash_sglang.ops.reference.narrow_linear_ref`. The kernel serves up to ``MAX_TOKENS`` rows
+    (:func:`narrow_linear_serves`); other inputs take the reference."""
+    device = x.device
+    _check_tensor("x", x, 2, FLOATS, device)
+    _check_tensor("weight", weight, 2, (x.dtype,), device)
+    _check(weight.shape[1] == x.shape[1], f"weight must be [out, {x.shape[1]}], got {tuple(weight.shape)}")
+    if narrow_linear_serves(x, weight):
+        from dflash_sglang.ops import narrow_linear_kernel as kernel
+
+        return kernel.narrow_linear(x, weight)
+    return reference.narrow_linear_ref(x, weight)

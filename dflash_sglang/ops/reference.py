@@ -21,6 +21,8 @@ written for clarity, with fp32 arithmetic.
   consumer): the Triton kernel of ``ops/residual_norm_kernel.py``.
 * :func:`qkv_norm_rope_ref` -- per-head RMSNorm of q, k and v from a fused QKV projection, then RoPE on q and
   k: the Triton kernel of ``ops/qkv_norm_rope_kernel.py``.
+* :func:`narrow_linear_ref` -- ``x @ weight.T`` with fp32 accumulation, rounded to x's dtype (a mixture-of-experts
+  router at decode): the Triton kernel of ``ops/narrow_linear_kernel.py``.
 * :func:`block_inputs_ref` and :func:`advance_state_ref` -- the overlap loop's per-step bookkeeping on the
   device (the inputs of a step from the state the previous step left; that state advanced by the verdict):
   the Triton kernels of ``ops/step_state.py``.
@@ -371,3 +373,9 @@ def qkv_norm_rope_ref(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torc
     k_out = rope(rms_norm_ref(k, k_weight, eps))
     v = rms_norm_ref(v, None, eps)
     return q.reshape(tokens, q_size), k_out.reshape(tokens, kv_size), v.reshape(tokens, kv_size)
+
+
+def narrow_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` [tokens, in] times ``weight`` [out, in] transposed: [tokens, out], accumulated in fp32 and rounded to
+    x's dtype."""
+    return (x.float() @ weight.float().T).to(x.dtype)

@@ -16,9 +16,10 @@ Fused for the decode step, with the same math up to floating-point rounding (a f
 ~30 elementwise ones): q, k and v's per-head norms and RoPE are one kernel (``ops.qkv_norm_rope``; the norm
 modules hold the weights); the RMSNorms around the residual adds are the decoder layer's (``gemma4.py``, through
 ``ops.residual_norm``), the router's included: its weight is ``scale * hidden^-0.5``, folded when
-``router.scale`` loads, so the router receives its normalized input; softmax, top-k and renormalization are
-SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Qwen3-MoE's router; on the CPU its PyTorch
-``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection ``w2`` once after loading
+``router.scale`` loads, so the router receives its normalized input; its projection at decode batch sizes is
+``ops.narrow_linear`` (one kernel where cuBLAS runs a split-K GEMM and a reduce); softmax, top-k and
+renormalization are SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Qwen3-MoE's router; on the CPU its
+PyTorch ``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection ``w2`` once after loading
 (:meth:`Gemma4MoE.fold_per_expert_scale`), which is exact because an expert's output is linear in its ``w2`` and
 scaled by its routing weight. The proportional RoPE module (and its cos/sin cache) is shared by all layers of
 one shape (:func:`proportional_rope`).
@@ -168,7 +169,10 @@ class Gemma4Router(nn.Module):
         """``normed`` [tokens, hidden], the residual through this router's norm (``self.norm``'s weight, applied by
         the decoder layer's fused step) -> fp32 routing weights [tokens, k] (without ``per_expert_scale``) and
         expert ids."""
-        logits, _ = self.proj(normed)
+        if ops.narrow_linear_serves(normed, self.proj.weight):  # decode batches: one kernel instead of cuBLAS's two
+            logits = ops.narrow_linear(normed, self.proj.weight)
+        else:
+            logits, _ = self.proj(normed)
         if normed.is_cuda:
             return self.topk(normed, logits)
         # NOTE(gemma4): SGLang's TopK.forward_cpu calls the CUDA top-k kernel unless the CPU has AMX; its
