@@ -3,9 +3,9 @@
 #   GEMMA4_E2E="gemma4-dense gemma4-moe" COMMIT=abc1234 bash scripts/gpu_gemma4.sh [bench_step.py arguments...]
 # Installs (gpu_setup.sh), then runs these steps, in the order GEMMA4_STEPS names them (default
 # "ops tune bench e2e golden"; a step without its setting is skipped):
-#   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops and the block kernel's slot-map and decode-listing
-#          cases (~4 min: each case compiles its kernel); GEMMA4_OPS="block:EXPR": only the block kernel's
-#          tests that pytest -k EXPR selects;
+#   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops (norms, router) and the block kernel's slot-map
+#          and decode-listing cases (~4 min: each case compiles its kernel); GEMMA4_OPS="block:EXPR": the router's
+#          and only the block kernel's tests that pytest -k EXPR selects;
 #   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
 #          the config lands in the package, so later servers use it; a copy comes back);
 #   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
@@ -31,6 +31,8 @@ step_ops() {
     *) timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py 2>&1 \
          | tee "$logs/ops-norms-gpu.log" | grep -E "passed|failed|Error" ;;
   esac
+  timeout 60 python3 -m pytest -q tests/test_op_narrow_linear.py 2>&1 | tee "$logs/ops-narrow-gpu.log" \
+    | grep -E "passed|failed|Error"
   timeout 240 python3 -m pytest -q tests/test_op_block_attention.py -k "$block_cases" 2>&1 \
     | tee "$logs/ops-block-gpu.log" | grep -E "passed|failed|Error"
 }
