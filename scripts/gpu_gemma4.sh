@@ -14,7 +14,9 @@
 #          overlap): the tiny checkpoint served with and without DFLASH (float16, CUDA graphs; scripts/gpu_e2e.py
 #          within E2E_TIMEOUT, default 300 s, plus E2E_ARGS); a target written "target:NAME=VALUE" runs with
 #          that environment setting (e.g. gemma4-moe:DFLASH_DECODE_ATTENTION=block);
-#   golden GEMMA4_GOLDEN=1: the GPU forward of the golden fixtures against transformers (tests/test_gemma4_gpu.py).
+#   golden GEMMA4_GOLDEN=1: the GPU forward of the golden fixtures against transformers (tests/test_gemma4_gpu.py),
+#          once per DFLASH_DECODE_ATTENTION mode in GEMMA4_GOLDEN_MODES (default "auto"; "sglang" shows upstream's
+#          decode window).
 # Results in $OUT (at most 8 files come back): the JSON reports, and logs.tgz with every server log and trace
 # summary. Servers stop with their launcher (SIGTERM from a timeout included).
 set -uo pipefail
@@ -66,8 +68,12 @@ step_e2e() {
 
 step_golden() {
   [ "${GEMMA4_GOLDEN:-0}" = 1 ] || return 0
-  timeout 240 python3 -m pytest -q -s tests/test_gemma4_gpu.py 2>&1 | tee "$logs/golden-gpu.log" \
-    | grep -E "served|passed|failed|Error" | tail -8
+  local mode
+  for mode in ${GEMMA4_GOLDEN_MODES:-auto}; do
+    echo "-- golden, DFLASH_DECODE_ATTENTION=$mode"
+    DFLASH_DECODE_ATTENTION=$mode timeout 240 python3 -m pytest -q -s tests/test_gemma4_gpu.py 2>&1 \
+      | tee "$logs/golden-gpu-$mode.log" | grep -E "served|passed|failed|Error" | tail -8
+  done
 }
 
 for step in ${GEMMA4_STEPS:-ops tune bench e2e golden}; do

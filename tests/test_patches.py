@@ -108,3 +108,51 @@ def test_block_attention_routes_dflash_block_passes_only(monkeypatch):
     assert not _route(kv_dtype="float8_e4m3fn")
     assert not _route(sinks=object())
     assert not _route(env="off", monkeypatch=monkeypatch)
+
+
+def _decode_route(layer, env: str, monkeypatch, mode: str = "DECODE") -> bool:
+    import torch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from dflash_sglang.serving.patches.cuda_graphs import _runs_block_decode
+
+    monkeypatch.setenv("DFLASH_DECODE_ATTENTION", env)
+    q = torch.empty(1, 32 * layer.qk_head_dim, dtype=torch.bfloat16)
+    backend = types.SimpleNamespace(enable_deterministic=False, use_mla=False)
+    batch = types.SimpleNamespace(forward_mode=ForwardMode[mode],
+                                  token_to_kv_pool=types.SimpleNamespace(dtype=torch.bfloat16))
+    return _runs_block_decode(backend, q, q, q, layer, batch, None)
+
+
+def test_decode_steps_of_windowed_layers_run_the_block_kernel_by_default(monkeypatch):
+    """``auto``: sliding-window layers decode on the block kernel (upstream's decode window is one key short),
+    full layers on SGLang's; ``block``: every layer the kernel covers; ``sglang``: none."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    sliding = RadixAttention(32, 256, 1.0, 16, layer_id=0, sliding_window_size=1023)
+    full = RadixAttention(32, 512, 1.0, 4, layer_id=1)
+    capped = RadixAttention(32, 256, 1.0, 16, layer_id=2, sliding_window_size=1023, logit_cap=30.0)
+    assert _decode_route(sliding, "auto", monkeypatch) and not _decode_route(full, "auto", monkeypatch)
+    assert _decode_route(sliding, "block", monkeypatch) and _decode_route(full, "block", monkeypatch)
+    assert not _decode_route(sliding, "sglang", monkeypatch) and not _decode_route(full, "sglang", monkeypatch)
+    assert not _decode_route(capped, "auto", monkeypatch)  # what the kernel does not cover keeps SGLang's
+    assert not _decode_route(sliding, "block", monkeypatch, mode="EXTEND")
+
+
+def test_decode_metadata_skips_the_window_listing_once_no_layer_reads_it():
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from dflash_sglang.serving.patches.cuda_graphs import _skips_decode_window_listing, _WindowListingSkipped
+
+    backend = types.SimpleNamespace(sliding_window_size=1023)
+    decode = ForwardMode.DECODE
+    assert not _skips_decode_window_listing(backend, decode, None)  # no decode forward yet: build it
+    backend._dflash_decode_reads_window_listing = False  # every windowed layer ran the block kernel
+    assert _skips_decode_window_listing(backend, decode, None)
+    assert not _skips_decode_window_listing(backend, ForwardMode.TARGET_VERIFY, None)
+    assert not _skips_decode_window_listing(backend, decode, object())  # a speculative decode input
+    with _WindowListingSkipped(backend):
+        assert backend.sliding_window_size is None
+    assert backend.sliding_window_size == 1023
+    backend._dflash_decode_reads_window_listing = True  # some windowed layer ran upstream's kernel
+    assert not _skips_decode_window_listing(backend, decode, None)

@@ -376,11 +376,15 @@ def block_attention_mode() -> str:
     return _env_choice("DFLASH_BLOCK_ATTENTION", BLOCK_ATTENTION_MODES)
 
 
-DECODE_ATTENTION_MODES = ("sglang", "block")
+DECODE_ATTENTION_MODES = ("auto", "block", "sglang")
 
 
 def decode_attention_mode() -> str:
-    """``DFLASH_DECODE_ATTENTION``: ``sglang`` (default: one-token decode steps on the triton backend run SGLang's
-    decode kernel) or ``block`` (they run the block kernel of ``ops/block_attention.py`` with blocks of one token,
-    windows and sliding pools included; plain decoding only, as DFLASH's steps are block passes)."""
+    """``DFLASH_DECODE_ATTENTION``: which kernel runs one-token decode steps on SGLang's triton backend (plain
+    decoding; DFLASH's steps are block passes). ``auto`` (default): sliding-window layers run the block kernel of
+    ``ops/block_attention.py`` with blocks of one token, other layers SGLang's decode kernel -- SGLang 0.5.10's
+    triton decode lists a window one key short (``update_sliding_window_buffer`` keeps ``sliding_window_size``
+    keys with the query's own, where its extend kernel, FlashInfer and FlashAttention see ``sliding_window_size``
+    keys before it and itself; sgl-project/sglang#32087); ``block``: every layer the block kernel covers;
+    ``sglang``: SGLang's kernel everywhere, as installed."""
     return _env_choice("DFLASH_DECODE_ATTENTION", DECODE_ATTENTION_MODES)

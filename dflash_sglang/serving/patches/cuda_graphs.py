@@ -113,15 +113,40 @@ def _runs_block_attention(backend, q, k, v, layer, forward_batch, sinks) -> bool
 
 
 def _runs_block_decode(backend, q, k, v, layer, forward_batch, sinks) -> bool:
-    """Whether a ``TritonAttnBackend.forward_decode`` call runs on the block kernel (blocks of one token):
-    ``DFLASH_DECODE_ATTENTION=block`` and a decoder layer it covers."""
+    """Whether a ``TritonAttnBackend.forward_decode`` call runs on the block kernel (blocks of one token): a
+    decoder layer it covers, windowed unless ``DFLASH_DECODE_ATTENTION=block`` (``sglang``: none)."""
     from sglang.srt.layers.radix_attention import AttentionType
 
     from dflash_sglang.core.config import decode_attention_mode
 
-    return (decode_attention_mode() == "block" and forward_batch.forward_mode.is_decode()
-            and layer.attn_type == AttentionType.DECODER
+    mode = decode_attention_mode()
+    return ((mode == "block" or (mode == "auto" and _layer_window(layer) >= 0))
+            and forward_batch.forward_mode.is_decode() and layer.attn_type == AttentionType.DECODER
             and _block_kernel_covers(backend, q, k, v, layer, forward_batch, sinks))
+
+
+def _skips_decode_window_listing(backend, forward_mode, spec_info) -> bool:
+    """Whether a plain decode batch's metadata can leave out the sliding-window listing: the backend's forwards
+    so far ran every windowed layer's decode on the block kernel, which reads the full listing through its window
+    (``_dflash_decode_reads_window_listing`` False; None until a decode forward ran, e.g. before CUDA-graph
+    capture). Upstream's listing costs a dozen small kernels and, with a sliding pool, a host sync a step (it
+    slices by a device tensor), which stalls the overlap scheduler."""
+    return (forward_mode.is_decode_or_idle() and spec_info is None
+            and getattr(backend, "_dflash_decode_reads_window_listing", None) is False)
+
+
+class _WindowListingSkipped:
+    """Within it, the backend's metadata methods see no sliding window and build no window listing."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def __enter__(self) -> None:
+        self._window = self._backend.sliding_window_size
+        self._backend.sliding_window_size = None
+
+    def __exit__(self, *exc) -> None:
+        self._backend.sliding_window_size = self._window
 
 
 def _layer_window(layer) -> int:
@@ -152,12 +177,16 @@ def patch_triton_backend(backend) -> None:
     upstream: about ten, for the query index, mask and mask index too). Wraps
     ``forward_extend`` so those passes run the split-KV block kernel (upstream: its extend kernel, one program
     per request and query head walking the whole prefix; ``DFLASH_BLOCK_ATTENTION=off`` keeps it), and
-    ``forward_decode`` so that, with ``DFLASH_DECODE_ATTENTION=block``, plain decode steps run it too (blocks of
-    one token; windowed layers read the full listing through their window, as in verify)."""
+    ``forward_decode`` so that plain decode steps of windowed layers (``DFLASH_DECODE_ATTENTION=auto``, or of
+    every layer with ``block``) run it too, with blocks of one token: the window bounds the full listing as in
+    verify, where upstream's window listing is one key short (``core.config.decode_attention_mode``); once no
+    windowed layer reads that listing, the decode metadata (``init_forward_metadata`` and the graph replay)
+    stops building it."""
     original_capture = backend.init_forward_metadata_capture_cuda_graph
     original_replay = backend.init_forward_metadata_replay_cuda_graph
     original_forward_extend = backend.forward_extend
     original_forward_decode = backend.forward_decode
+    original_init_forward_metadata = backend.init_forward_metadata
     from sglang.srt.layers.radix_attention import AttentionType
 
     from dflash_sglang import ops
@@ -172,8 +201,18 @@ def patch_triton_backend(backend) -> None:
                          _WithoutCustomMask(spec_info))
         self.forward_metadata.custom_mask = None
 
+    def init_forward_metadata(self, forward_batch):
+        if _skips_decode_window_listing(self, forward_batch.forward_mode, forward_batch.spec_info):
+            with _WindowListingSkipped(self):
+                return original_init_forward_metadata(self, forward_batch)
+        return original_init_forward_metadata(self, forward_batch)
+
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                                 forward_mode, spec_info, seq_lens_cpu):
+        if _skips_decode_window_listing(self, forward_mode, spec_info):
+            with _WindowListingSkipped(self):
+                return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
+                                       forward_mode, spec_info, seq_lens_cpu)
         if not _mask_free(forward_mode, spec_info):
             return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
                                    spec_info, seq_lens_cpu)
@@ -209,8 +248,13 @@ def patch_triton_backend(backend) -> None:
         return out.view(q.shape)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+        windowed = _layer_window(layer) >= 0
         if not _runs_block_decode(self, q, k, v, layer, forward_batch, sinks):
+            if windowed:  # upstream's kernel reads the window listing: metadata must keep building it
+                self._dflash_decode_reads_window_listing = True
             return original_forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache, sinks)
+        if windowed and getattr(self, "_dflash_decode_reads_window_listing", None) is None:
+            self._dflash_decode_reads_window_listing = False
         if save_kv_cache:
             forward_batch.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         head_dim = layer.qk_head_dim
@@ -229,6 +273,7 @@ def patch_triton_backend(backend) -> None:
     backend.init_forward_metadata_replay_cuda_graph = init_forward_metadata_replay_cuda_graph
     backend.forward_extend = forward_extend
     backend.forward_decode = forward_decode
+    backend.init_forward_metadata = init_forward_metadata
 
 
 @patches(lambda module: module.FlashInferAttnBackend)
