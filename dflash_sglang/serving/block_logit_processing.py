@@ -135,8 +135,8 @@ class OutputTokenTable:
 
 class BlockLogitRules:
     """What one batch's block rows are processed with (module docstring); built by
-    :meth:`BlockLogitProcessor.for_step` and cached while the batch's requests stay the same. Per-request tensors are [bs, 1] (None when no request
-    of the batch uses the option)."""
+    :meth:`BlockLogitProcessor.for_step` and cached while the batch's requests stay the same. Per-request tensors
+    are [bs, 1] (None when no request of the batch uses the option)."""
 
     def __init__(self, reqs: list, table: OutputTokenTable, vocab_size: int, device: torch.device) -> None:
         params = [req.sampling_params for req in reqs]

@@ -57,7 +57,8 @@ def assign_row_slots(tree_cache, req_to_token: torch.Tensor, rows: list[int], st
     shift = starts_cpu - (torch.cumsum(counts_cpu, 0) - counts_cpu)
     row_of = rows_cpu.repeat_interleave(counts_cpu)
     column = torch.arange(total, dtype=torch.int64) + shift.repeat_interleave(counts_cpu)
-    req_to_token[upload(row_of, device.type, device), upload(column, device.type, device)] = slots.to(req_to_token.dtype)
+    cells = upload(row_of, device.type, device), upload(column, device.type, device)
+    req_to_token[cells] = slots.to(req_to_token.dtype)
     return slots.to(torch.int64)
 
 
