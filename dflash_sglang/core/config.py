@@ -388,3 +388,9 @@ def decode_attention_mode() -> str:
     keys before it and itself; sgl-project/sglang#32087); ``block``: every layer the block kernel covers;
     ``sglang``: SGLang's kernel everywhere, as installed."""
     return _env_choice("DFLASH_DECODE_ATTENTION", DECODE_ATTENTION_MODES)
+
+
+def moe_stream_enabled() -> bool:
+    """``DFLASH_GEMMA4_MOE_STREAM``: ``on`` (default: in CUDA graphs a Gemma 4 MoE layer's router and experts run
+    on a second stream beside its dense MLP, at tensor parallel size 1) or ``off`` (one stream, e.g. to compare)."""
+    return _env_choice("DFLASH_GEMMA4_MOE_STREAM", ("on", "off")) == "on"

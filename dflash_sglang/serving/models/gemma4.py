@@ -14,7 +14,8 @@ Between the GEMMs a layer runs two fused steps (``ops.residual_norm``, one kerne
 attention output to the new residual and its feed-forward inputs (``pre_feedforward_layernorm``, and in MoE
 layers ``pre_feedforward_layernorm_2`` and the router's norm), and from the feed-forward outputs to the scaled
 residual and the next layer's ``input_layernorm`` of it (the final ``norm`` after the last layer). The
-embedding's scale and the first ``input_layernorm`` are one more.
+embedding's scale and the first ``input_layernorm`` are one more. In CUDA graphs at tensor parallel size 1, an MoE
+layer's router and experts run on a second stream beside its dense MLP (``DFLASH_GEMMA4_MOE_STREAM``).
 
 Embeddings are scaled by sqrt(hidden_size) (rounded to the weights' dtype, as transformers does); the LM
 head is the tied embedding; final logits are soft-capped by ``final_logit_softcapping``.
@@ -40,12 +41,14 @@ from sglang.srt.distributed import get_moe_tensor_parallel_world_size, get_tenso
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.model_executor.cuda_graph_runner import get_is_capture_mode
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.utils import add_prefix
 
 from dflash_sglang import ops
 from dflash_sglang.core.checkpoint import check_state_dict
+from dflash_sglang.core.config import moe_stream_enabled
 from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig, check_servable, text_config_of
 from dflash_sglang.serving.models.gemma4_kv_pool import sliding_slots_translated_once
 from dflash_sglang.serving.models.gemma4_layers import Gemma4Attention, Gemma4MLP, Gemma4MoE
@@ -58,8 +61,10 @@ STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": (
 
 
 class Gemma4DecoderLayer(nn.Module):
-    def __init__(self, config: Gemma4TextConfig, layer_id: int, quant_config=None, prefix: str = "") -> None:
+    def __init__(self, config: Gemma4TextConfig, layer_id: int, quant_config=None, prefix: str = "",
+                 moe_stream: torch.cuda.Stream | None = None) -> None:
         super().__init__()
+        self.moe_stream = moe_stream
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Gemma4Attention(config, layer_id, quant_config, prefix=add_prefix("self_attn", prefix))
         self.mlp = Gemma4MLP(hidden, config.intermediate_size, quant_config, prefix=add_prefix("mlp", prefix))
@@ -84,17 +89,33 @@ class Gemma4DecoderLayer(nn.Module):
             ff_norms += [self.pre_feedforward_layernorm_2.weight, self.moe.router.norm.weight]
         hidden, ff_inputs = ops.residual_norm(hidden, ff_norms, eps, branches=[attn],
                                               branch_weights=[self.post_attention_layernorm.weight])
-        branches = [self.mlp(ff_inputs[0])]
+        branches = self._feed_forward(ff_inputs)
         if self.moe is None:
             branch_weights, combine_weight = [self.post_feedforward_layernorm.weight], None
-        else:  # ff_inputs: mlp, experts, router
-            branches.append(self.moe(ff_inputs[2], ff_inputs[1]))
+        else:
             branch_weights = [self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight]
             combine_weight = self.post_feedforward_layernorm.weight
         hidden, (normed,) = ops.residual_norm(hidden, [next_norm.weight], eps, branches=branches,
                                               branch_weights=branch_weights, combine_weight=combine_weight,
                                               scalar=self.layer_scalar)
         return hidden, normed
+
+    def _feed_forward(self, ff_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The dense MLP's output, and in MoE layers the experts' (``ff_inputs``: mlp, experts, router). While a
+        CUDA graph is captured with a ``moe_stream``, the router and experts run on it beside the dense MLP: at
+        decode the router's chain (projection, top-k, the experts' alignment) is a few one-block kernels that leave
+        the GPU idle, and the dense MLP's GEMMs fill it (SGLang runs DeepSeek's shared experts so)."""
+        if self.moe is None:
+            return [self.mlp(ff_inputs[0])]
+        if self.moe_stream is None or not get_is_capture_mode():
+            return [self.mlp(ff_inputs[0]), self.moe(ff_inputs[2], ff_inputs[1])]
+        current = torch.cuda.current_stream()
+        self.moe_stream.wait_stream(current)
+        with torch.cuda.stream(self.moe_stream):
+            experts = self.moe(ff_inputs[2], ff_inputs[1])
+        mlp = self.mlp(ff_inputs[0])
+        current.wait_stream(self.moe_stream)
+        return [mlp, experts]
 
 
 class Gemma4TextModel(nn.Module):
@@ -103,8 +124,13 @@ class Gemma4TextModel(nn.Module):
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=add_prefix("embed_tokens", prefix))
+        moe_stream = None
+        if config.enable_moe_block and moe_stream_enabled() and torch.cuda.is_available() \
+                and get_tensor_model_parallel_world_size() == 1 and get_moe_tensor_parallel_world_size() == 1:
+            moe_stream = torch.cuda.Stream()  # at TP > 1 both branches all-reduce: one stream keeps NCCL's order
         self.layers = nn.ModuleList(
-            Gemma4DecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
+            Gemma4DecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix),
+                               moe_stream=moe_stream)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # transformers multiplies by sqrt(hidden) cast to the weights' dtype (bf16: sqrt(2816) -> 53.0); a
