@@ -391,6 +391,7 @@ def decode_attention_mode() -> str:
 
 
 def moe_stream_enabled() -> bool:
-    """``DFLASH_GEMMA4_MOE_STREAM``: ``on`` (default: in CUDA graphs a Gemma 4 MoE layer's router and experts run
-    on a second stream beside its dense MLP, at tensor parallel size 1) or ``off`` (one stream, e.g. to compare)."""
-    return _env_choice("DFLASH_GEMMA4_MOE_STREAM", ("on", "off")) == "on"
+    """``DFLASH_GEMMA4_MOE_STREAM``: ``off`` (default until it is measured on a GPU: one stream) or ``on`` (in CUDA
+    graphs a Gemma 4 MoE layer's router and experts run on a second stream beside its dense MLP, at tensor
+    parallel size 1)."""
+    return _env_choice("DFLASH_GEMMA4_MOE_STREAM", ("off", "on")) == "on"
