@@ -339,3 +339,28 @@ def test_sliding_layers_write_at_one_translation_of_the_batch_slots(monkeypatch)
     with sliding_slots_translated_once(eager):
         assert pool.swa_loc is eager.out_cache_loc_swa
     assert len(translations) == 1 and pool.swa_loc is eager.out_cache_loc_swa
+
+
+@in_sglang
+def test_translation_scope_is_left_to_the_runner_under_torch_compile(monkeypatch):
+    """SGLang's piecewise CUDA graphs (on by default for a text-only target without speculative decoding) trace
+    the model with dynamo, and the runner sets the pool's ``swa_loc`` itself. The scope must then stand aside: the
+    real allocator's mapping is a ``weakref.proxy``, which dynamo cannot inspect (a server start failed on it)."""
+    import torch
+
+    from dflash_sglang.serving.models.gemma4_kv_pool import sliding_slots_translated_once
+
+    batch = _swa_batch(monkeypatch, page_size=1, window=40, lens=[30, 75])
+    pool = batch.token_to_kv_pool_allocator._kvcache
+    slots = batch.req_to_token_pool.req_to_token[1, 70:75].to(torch.int64)
+    forward_batch = types.SimpleNamespace(token_to_kv_pool=pool, out_cache_loc=slots, out_cache_loc_swa=None)
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def layers(hidden: torch.Tensor) -> torch.Tensor:
+        with sliding_slots_translated_once(forward_batch):
+            return hidden * 2
+
+    hidden = torch.randn(5, 16)
+    assert torch.equal(layers(hidden), hidden * 2)
+    assert pool.swa_loc is None

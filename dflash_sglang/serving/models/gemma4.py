@@ -104,10 +104,11 @@ class Gemma4DecoderLayer(nn.Module):
         """The dense MLP's output, and in MoE layers the experts' (``ff_inputs``: mlp, experts, router). While a
         CUDA graph is captured with a ``moe_stream``, the router and experts run on it beside the dense MLP: at
         decode the router's chain (projection, top-k, the experts' alignment) is a few one-block kernels that leave
-        the GPU idle, and the dense MLP's GEMMs fill it (SGLang runs DeepSeek's shared experts so)."""
+        the GPU idle, and the dense MLP's GEMMs fill it (SGLang runs DeepSeek's shared experts so). Not under
+        dynamo (SGLang's piecewise CUDA graphs of prefill), which does not trace stream switches."""
         if self.moe is None:
             return [self.mlp(ff_inputs[0])]
-        if self.moe_stream is None or not get_is_capture_mode():
+        if self.moe_stream is None or not get_is_capture_mode() or torch.compiler.is_compiling():
             return [self.mlp(ff_inputs[0]), self.moe(ff_inputs[2], ff_inputs[1])]
         current = torch.cuda.current_stream()
         self.moe_stream.wait_stream(current)

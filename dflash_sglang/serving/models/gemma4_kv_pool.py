@@ -71,7 +71,12 @@ def sliding_slots_translated_once(forward_batch) -> Iterator[None]:
     graph (``CudaGraphRunner`` builds no such batch) repeated the translation in all 25 sliding layers of
     Gemma-4-26B-A4B. Entered around the layers of a forward, this sets ``swa_loc`` to the batch's translation
     (computed here, inside the graph when capturing, unless the batch brings it) and restores the pool's previous
-    value on exit. A pool without a full-to-sliding mapping (one slot space) or a batch without slots: no-op."""
+    value on exit. A pool without a full-to-sliding mapping (one slot space) or a batch without slots: no-op.
+    Under dynamo (SGLang's piecewise CUDA graphs trace the model; their runner sets ``swa_loc`` itself): no-op,
+    the allocator's mapping being a ``weakref.proxy`` dynamo cannot inspect."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     pool = forward_batch.token_to_kv_pool
     slots = forward_batch.out_cache_loc
     if not isinstance(pool, SWAKVPool) or pool.full_to_swa_index_mapping is None or slots is None:
