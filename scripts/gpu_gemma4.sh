@@ -7,7 +7,7 @@
 #          and decode-listing cases (~4 min: each case compiles its kernel); GEMMA4_OPS="block:EXPR": the router's
 #          and only the block kernel's tests that pytest -k EXPR selects;
 #   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
-#          the config lands in the package, so later servers use it; a copy comes back);
+#          the config lands in the package, so later servers use it; moe_configs.tgz brings it back);
 #   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
 #          written after each server);
 #   e2e    for each GEMMA4_E2E target and each of E2E_LOOPS (default "overlap"; "v1" is SGLang's loop without
@@ -43,7 +43,7 @@ step_tune() {
   [ -n "${GEMMA4_TUNE_MOE:-}" ] || return 0
   timeout "${TUNE_TIMEOUT:-300}" python3 scripts/tune_moe.py $GEMMA4_TUNE_MOE --report "$out/tune_moe.json" \
     ${COMMIT:+--commit "$COMMIT"} 2>&1 | tail -20
-  find dflash_sglang/serving/moe_configs -name '*.json' -newer scripts/gpu_gemma4.sh -exec cp {} "$out/" \;
+  tar czf "$out/moe_configs.tgz" -C dflash_sglang/serving moe_configs  # SGLang's file names do not come back
 }
 
 step_bench() {

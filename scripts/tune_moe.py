@@ -7,7 +7,7 @@ writes the result where ``serving/patches/moe.py`` finds it (``dflash_sglang/ser
 
 Token counts: a decode step of ``b`` requests runs ``b`` tokens, a DFLASH verify pass ``16 b`` (the block).
 For each count the script times SGLang's own ``fused_experts`` (bf16, the model's GELU-gated experts, random
-weights and routing; ``triton.testing.do_bench`` medians) under every config of a pruned search space
+weights and routing; medians of ``triton.testing.do_bench_cudagraph``) under every config of a pruned search space
 (``override_config``), keeps the fastest, and reports it against SGLang's default config for the shape,
 measured in the same run. The output file has SGLang's name for the shape and device
 (``E=128,N=704,device_name=NVIDIA_H200.json``) under ``triton_<version>/``.
@@ -110,9 +110,9 @@ def main() -> int:
         routing = StandardTopKOutput(weights / weights.sum(-1, keepdim=True), ids.to(torch.int32), logits)
 
         def time_config(config: dict) -> float:
-            with override_config(config):
-                return triton.testing.do_bench(lambda: fused_experts(x, w1, w2, routing, runner), warmup=5,
-                                               rep=20, return_mode="median")
+            with override_config(config):  # in a CUDA graph, as the server runs it: timed eagerly, a few-token
+                return triton.testing.do_bench_cudagraph(  # call is the CPU's launches (~200 us), not the GPU's
+                    lambda: fused_experts(x, w1, w2, routing, runner), rep=20, return_mode="median")
 
         default = get_default_config(tokens, e, n, hidden, top_k, None, False, None)
         default_ms = time_config(default)
