@@ -139,20 +139,32 @@ def test_decode_steps_of_windowed_layers_run_the_block_kernel_by_default(monkeyp
     assert not _decode_route(sliding, "block", monkeypatch, mode="EXTEND")
 
 
-def test_decode_metadata_skips_the_window_listing_once_no_layer_reads_it():
+def test_decode_metadata_lists_one_key_more_or_none_once_no_layer_reads_it():
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    from dflash_sglang.serving.patches.cuda_graphs import _skips_decode_window_listing, _WindowListingSkipped
+    from dflash_sglang.serving.patches.cuda_graphs import _DecodeWindowListing, _skips_decode_window_listing
 
     backend = types.SimpleNamespace(sliding_window_size=1023)
     decode = ForwardMode.DECODE
+
+    def window_seen(forward_mode, spec_info=None):
+        with _DecodeWindowListing(backend, forward_mode, spec_info):
+            seen = backend.sliding_window_size
+        assert backend.sliding_window_size == 1023
+        return seen
+
     assert not _skips_decode_window_listing(backend, decode, None)  # no decode forward yet: build it
+    assert window_seen(decode) == 1024  # the query's own key and 1023 before it
+    assert window_seen(ForwardMode.EXTEND) == window_seen(ForwardMode.TARGET_VERIFY) == 1023
+    assert window_seen(decode, object()) == 1023  # a speculative decode input: upstream's as it is
     backend._dflash_decode_reads_window_listing = False  # every windowed layer ran the block kernel
     assert _skips_decode_window_listing(backend, decode, None)
+    assert window_seen(decode) is None
     assert not _skips_decode_window_listing(backend, ForwardMode.TARGET_VERIFY, None)
-    assert not _skips_decode_window_listing(backend, decode, object())  # a speculative decode input
-    with _WindowListingSkipped(backend):
-        assert backend.sliding_window_size is None
-    assert backend.sliding_window_size == 1023
+    assert not _skips_decode_window_listing(backend, decode, object())
     backend._dflash_decode_reads_window_listing = True  # some windowed layer ran upstream's kernel
     assert not _skips_decode_window_listing(backend, decode, None)
+    assert window_seen(decode) == 1024
+    backend.sliding_window_size = None  # a model without windows: nothing changes
+    with _DecodeWindowListing(backend, decode, None):
+        assert backend.sliding_window_size is None

@@ -382,11 +382,11 @@ DECODE_ATTENTION_MODES = ("auto", "block", "sglang")
 def decode_attention_mode() -> str:
     """``DFLASH_DECODE_ATTENTION``: which kernel runs one-token decode steps on SGLang's triton backend (plain
     decoding; DFLASH's steps are block passes). ``auto`` (default): sliding-window layers run the block kernel of
-    ``ops/block_attention.py`` with blocks of one token, other layers SGLang's decode kernel -- SGLang 0.5.10's
-    triton decode lists a window one key short (``update_sliding_window_buffer`` keeps ``sliding_window_size``
-    keys with the query's own, where its extend kernel, FlashInfer and FlashAttention see ``sliding_window_size``
-    keys before it and itself; sgl-project/sglang#32087); ``block``: every layer the block kernel covers;
-    ``sglang``: SGLang's kernel everywhere, as installed."""
+    ``ops/block_attention.py`` with blocks of one token, other layers SGLang's decode kernel: the block kernel
+    bounds the full listing by the window, where SGLang's needs a window listing whose graph replay reads a length
+    on the host every step; ``block``: every layer the block kernel covers; ``sglang``: SGLang's kernel everywhere.
+    Either way a decode sees ``sliding_window_size`` keys before the query and its own: SGLang 0.5.10 lists one
+    key fewer (sgl-project/sglang#32087), and ``patches/cuda_graphs.py`` widens its decode listing by one."""
     return _env_choice("DFLASH_DECODE_ATTENTION", DECODE_ATTENTION_MODES)
 
 

@@ -135,15 +135,25 @@ def _skips_decode_window_listing(backend, forward_mode, spec_info) -> bool:
             and getattr(backend, "_dflash_decode_reads_window_listing", None) is False)
 
 
-class _WindowListingSkipped:
-    """Within it, the backend's metadata methods see no sliding window and build no window listing."""
+class _DecodeWindowListing:
+    """Within it, the backend's metadata methods see the window that a plain decode batch's listing needs, and
+    other batches the backend's own. Upstream's ``update_sliding_window_buffer`` lists ``sliding_window_size``
+    keys, the decoded token's included, where SGLang counts the window as keys *before* the query (its extend
+    kernel, FlashInfer, FlashAttention and transformers see that many and the query's own): a decode saw one key
+    too few once past the window (sgl-project/sglang#32087). So a decode listing takes one key more; where the
+    block kernel reads every windowed layer's decode (``_skips_decode_window_listing``) none is built at all.
+    SGLang's eviction keeps those keys: it frees sliding slots ``sliding_window_size`` below the query."""
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend, forward_mode, spec_info) -> None:
         self._backend = backend
+        self._window = backend.sliding_window_size
+        self._decode_window = self._window
+        if self._window is not None and self._window > 0 and forward_mode.is_decode_or_idle() and spec_info is None:
+            skipped = _skips_decode_window_listing(backend, forward_mode, spec_info)
+            self._decode_window = None if skipped else self._window + 1
 
     def __enter__(self) -> None:
-        self._window = self._backend.sliding_window_size
-        self._backend.sliding_window_size = None
+        self._backend.sliding_window_size = self._decode_window
 
     def __exit__(self, *exc) -> None:
         self._backend.sliding_window_size = self._window
@@ -187,30 +197,40 @@ def patch_triton_backend(backend) -> None:
     original_forward_extend = backend.forward_extend
     original_forward_decode = backend.forward_decode
     original_init_forward_metadata = backend.init_forward_metadata
+    original_init_cuda_graph_state = backend.init_cuda_graph_state
+    import torch
     from sglang.srt.layers.radix_attention import AttentionType
 
     from dflash_sglang import ops
     from dflash_sglang.ops.block_attention import block_attention
 
+    def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
+        original_init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs)
+        window = self.sliding_window_size
+        if window is not None and window > 0 and \
+                self.cuda_graph_window_kv_indices.numel() < max_num_tokens * (window + 1):
+            # room for decode listings one key longer than upstream's (_DecodeWindowListing)
+            self.cuda_graph_window_kv_indices = torch.zeros(max_num_tokens * (window + 1), dtype=torch.int64,
+                                                            device=self.device)
+
     def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
                                                  forward_mode, spec_info):
         if not _mask_free(forward_mode, spec_info):
-            return original_capture(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode,
-                                    spec_info)
+            with _DecodeWindowListing(self, forward_mode, spec_info):
+                return original_capture(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
+                                        forward_mode, spec_info)
         original_capture(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode,
                          _WithoutCustomMask(spec_info))
         self.forward_metadata.custom_mask = None
 
     def init_forward_metadata(self, forward_batch):
-        if _skips_decode_window_listing(self, forward_batch.forward_mode, forward_batch.spec_info):
-            with _WindowListingSkipped(self):
-                return original_init_forward_metadata(self, forward_batch)
-        return original_init_forward_metadata(self, forward_batch)
+        with _DecodeWindowListing(self, forward_batch.forward_mode, forward_batch.spec_info):
+            return original_init_forward_metadata(self, forward_batch)
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                                 forward_mode, spec_info, seq_lens_cpu):
-        if _skips_decode_window_listing(self, forward_mode, spec_info):
-            with _WindowListingSkipped(self):
+        if forward_mode.is_decode_or_idle() and spec_info is None:
+            with _DecodeWindowListing(self, forward_mode, spec_info):
                 return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                        forward_mode, spec_info, seq_lens_cpu)
         if not _mask_free(forward_mode, spec_info):
@@ -274,6 +294,7 @@ def patch_triton_backend(backend) -> None:
     backend.forward_extend = forward_extend
     backend.forward_decode = forward_decode
     backend.init_forward_metadata = init_forward_metadata
+    backend.init_cuda_graph_state = init_cuda_graph_state
 
 
 @patches(lambda module: module.FlashInferAttnBackend)
