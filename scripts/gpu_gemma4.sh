@@ -15,8 +15,8 @@
 #          within E2E_TIMEOUT, default 300 s, plus E2E_ARGS); a target written "target:NAME=VALUE" runs with
 #          that environment setting (e.g. gemma4-moe:DFLASH_DECODE_ATTENTION=block);
 #   golden GEMMA4_GOLDEN=1: the GPU forward of the golden fixtures against transformers (tests/test_gemma4_gpu.py),
-#          once per DFLASH_DECODE_ATTENTION mode in GEMMA4_GOLDEN_MODES (default "auto"; "sglang" shows upstream's
-#          decode window).
+#          once per DFLASH_DECODE_ATTENTION mode in GEMMA4_GOLDEN_MODES (default "auto"; "sglang": SGLang's decode
+#          kernel over the widened window listing).
 # Results in $OUT (at most 8 files come back): the JSON reports, and logs.tgz with every server log and trace
 # summary. Servers stop with their launcher (SIGTERM from a timeout included).
 set -uo pipefail

@@ -125,7 +125,7 @@ def _decode_route(layer, env: str, monkeypatch, mode: str = "DECODE") -> bool:
 
 
 def test_decode_steps_of_windowed_layers_run_the_block_kernel_by_default(monkeypatch):
-    """``auto``: sliding-window layers decode on the block kernel (upstream's decode window is one key short),
+    """``auto``: sliding-window layers decode on the block kernel (no window listing, no host sync),
     full layers on SGLang's; ``block``: every layer the kernel covers; ``sglang``: none."""
     from sglang.srt.layers.radix_attention import RadixAttention
 

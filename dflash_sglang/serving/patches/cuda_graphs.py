@@ -189,9 +189,10 @@ def patch_triton_backend(backend) -> None:
     per request and query head walking the whole prefix; ``DFLASH_BLOCK_ATTENTION=off`` keeps it), and
     ``forward_decode`` so that plain decode steps of windowed layers (``DFLASH_DECODE_ATTENTION=auto``, or of
     every layer with ``block``) run it too, with blocks of one token: the window bounds the full listing as in
-    verify, where upstream's window listing is one key short (``core.config.decode_attention_mode``); once no
-    windowed layer reads that listing, the decode metadata (``init_forward_metadata`` and the graph replay)
-    stops building it."""
+    verify (``core.config.decode_attention_mode``); once no windowed layer reads upstream's window listing, the
+    decode metadata (``init_forward_metadata`` and the graph replay) stops building it, and while one does, it
+    lists one key more than upstream (``_DecodeWindowListing``; ``init_cuda_graph_state`` sizes the graph
+    buffer for it)."""
     original_capture = backend.init_forward_metadata_capture_cuda_graph
     original_replay = backend.init_forward_metadata_replay_cuda_graph
     original_forward_extend = backend.forward_extend
