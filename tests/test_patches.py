@@ -98,6 +98,7 @@ def test_block_attention_routes_dflash_block_passes_only(monkeypatch):
     assert _route()  # the target's verify pass
     assert _route(layer(attn_type=AttentionType.ENCODER_ONLY))  # the drafter's pass
     assert _route(layer(head_dim=256)) and _route(layer(head_dim=512))
+    assert _route(layer(head_dim=16)) and _route(layer(head_dim=32))  # the golden fixtures' heads
     assert _route(layer(sliding_window_size=1023))  # Gemma 4's sliding layers: the kernel applies the window
     # Everything else keeps SGLang's kernels.
     assert not _route(mode="EXTEND") and not _route(mode="DECODE")

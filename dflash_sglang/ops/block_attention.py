@@ -52,7 +52,7 @@ from dflash_sglang.ops import _device
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 MERGE_ROWS = 8  # query rows per merge program: at batch 1, 8 KV heads x 8 row groups of a 64-row block
-SUPPORTED_HEAD_DIMS = (64, 128, 256, 512)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256, 512)
 MAX_TILE_ELEMENTS = 64 * 256  # query rows x head dims per program: a [64, 256] fp32 accumulator over 8 warps
 STAGE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the score tile and the compiler's scratch
 NO_WINDOW = -1

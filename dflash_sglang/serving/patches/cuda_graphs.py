@@ -88,7 +88,7 @@ def _mask_free(forward_mode, spec_info) -> bool:
 
 def _block_kernel_covers(backend, q, k, v, layer, forward_batch, sinks) -> bool:
     """Whether the block kernel computes this layer's attention: softmax attention (sliding windows included; no
-    soft cap, sinks, KV scales or cross attention) with equal Q/K/V head sizes of 64, 128, 256 or 512, the new
+    soft cap, sinks, KV scales or cross attention) with equal Q/K/V head sizes of 16 to 512 (powers of two), the new
     K/V given and a KV cache in the queries' dtype."""
     from sglang.srt.layers.radix_attention import AttentionType
 
