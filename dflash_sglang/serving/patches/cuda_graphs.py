@@ -230,13 +230,10 @@ def patch_triton_backend(backend) -> None:
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                                 forward_mode, spec_info, seq_lens_cpu):
-        if forward_mode.is_decode_or_idle() and spec_info is None:
+        if not _mask_free(forward_mode, spec_info):
             with _DecodeWindowListing(self, forward_mode, spec_info):
                 return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                        forward_mode, spec_info, seq_lens_cpu)
-        if not _mask_free(forward_mode, spec_info):
-            return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
-                                   spec_info, seq_lens_cpu)
         if (self.sliding_window_size is not None and self.sliding_window_size > 0
                 and getattr(self, "_dflash_reads_window_listing", False)):
             return original_replay(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode,
