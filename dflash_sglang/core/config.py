@@ -395,3 +395,14 @@ def moe_stream_enabled() -> bool:
     graphs a Gemma 4 MoE layer's router and experts run on a second stream beside its dense MLP, at tensor
     parallel size 1)."""
     return _env_choice("DFLASH_GEMMA4_MOE_STREAM", ("off", "on")) == "on"
+
+
+DECODE_MLP_MODES = ("off", "experts", "on")
+
+
+def decode_mlp_mode() -> str:
+    """``DFLASH_GEMMA4_DECODE_MLP``: which of a Gemma 4 layer's feed-forward blocks run ``ops.decode_mlp`` (two
+    Triton kernels, ``ops/decode_mlp_kernel.py``) at decode batch sizes: ``off`` (default until it is measured on a
+    GPU: SGLang's fused MoE and cuBLAS GEMMs), ``experts`` (the routed experts, router top-k included) or ``on``
+    (the experts and the dense MLP)."""
+    return _env_choice("DFLASH_GEMMA4_DECODE_MLP", DECODE_MLP_MODES)

@@ -5,8 +5,9 @@ Dispatch is explicit: CUDA tensors go to ``torch.ops.dflash.<op>`` when the exte
 ``DFLASH_KERNELS`` in ``config.py``); CPU tensors, or CUDA with ``DFLASH_KERNELS=off``, use
 ``ops.reference``. With ``DFLASH_KERNELS=auto`` a CUDA run without the extension says so once in the log.
 The Triton ops (``argmax``, ``block_inputs``, ``advance_state``, ``paged_kv_indices``, ``residual_norm``,
-``qkv_norm_rope``, ``narrow_linear``; ``ops/argmax_kernel.py``, ``ops/step_state.py``, ``ops/paged_kv.py``,
-``ops/residual_norm_kernel.py``, ``ops/qkv_norm_rope_kernel.py``, ``ops/narrow_linear_kernel.py``) need no build:
+``qkv_norm_rope``, ``narrow_linear``, ``decode_mlp``; ``ops/argmax_kernel.py``, ``ops/step_state.py``,
+``ops/paged_kv.py``, ``ops/residual_norm_kernel.py``, ``ops/qkv_norm_rope_kernel.py``, ``ops/narrow_linear_kernel.py``,
+``ops/decode_mlp_kernel.py``) need no build:
 they run on every CUDA tensor unless ``DFLASH_KERNELS=off``.
 """
 
@@ -24,7 +25,8 @@ from dflash_sglang.ops._load import ExtensionUnavailable, load_ext
 logger = logging.getLogger(__name__)
 
 __all__ = ["inject_kv", "verify_block", "argmax", "block_inputs", "advance_state", "paged_kv_indices",
-           "residual_norm", "qkv_norm_rope", "narrow_linear", "narrow_linear_serves", "kernels_available",
+           "residual_norm", "qkv_norm_rope", "narrow_linear", "narrow_linear_serves", "decode_mlp", "decode_mlp_serves",
+           "kernels_available",
            "use_kernels_for"]
 
 
@@ -383,3 +385,43 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
         return kernel.narrow_linear(x, weight)
     return reference.narrow_linear_ref(x, weight)
+
+
+def decode_mlp_serves(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether :func:`decode_mlp` runs its kernels for these inputs (CUDA, at most ``MAX_TOKENS`` rows, weights of
+    unit stride in their last dim), where a caller would otherwise run its GEMMs or fused MoE."""
+    from dflash_sglang.ops.decode_mlp_kernel import MAX_TOKENS
+
+    return (use_triton_for(x) and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.stride(1) == 1
+            and w13.dim() == 3 and w13.stride(2) == 1 and w2.dim() == 3 and w2.stride(2) == 1)
+
+
+def decode_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor | None = None,
+               top_k: int = 1, tanh_gelu: bool = True) -> torch.Tensor:
+    """A GELU-gated MLP for a few tokens: dense (one expert, no logits) or the ``top_k`` experts of each token's
+    ``router_logits``, weighted by their renormalized softmax; see :func:`dflash_sglang.ops.reference.decode_mlp_ref`.
+    The kernels serve what :func:`decode_mlp_serves` accepts; other inputs take the reference."""
+    device = x.device
+    _check_tensor("x", x, 2, FLOATS, device)
+    _check_tensor("w13", w13, 3, (x.dtype,), device)
+    _check_tensor("w2", w2, 3, (x.dtype,), device)
+    experts, hidden = w13.shape[0], x.shape[1]
+    _check(w13.shape[1] % 2 == 0 and w13.shape[2] == hidden,
+           f"w13 must be [experts, 2 * inter, {hidden}] (gate rows, then up rows), got {tuple(w13.shape)}")
+    inter = w13.shape[1] // 2
+    _check(tuple(w2.shape) == (experts, hidden, inter), f"w2 must be [{experts}, {hidden}, {inter}] for w13 "
+           f"{tuple(w13.shape)}, got {tuple(w2.shape)}")
+    if router_logits is None:
+        _check(experts == 1 and top_k == 1, f"a dense MLP is one expert with top_k 1 (got {experts} experts, "
+               f"top_k {top_k}); routed experts need router_logits")
+    else:
+        _check_tensor("router_logits", router_logits, 2, FLOATS, device)
+        _check(tuple(router_logits.shape) == (x.shape[0], experts) and router_logits.stride(1) == 1,
+               f"router_logits must be [{x.shape[0]}, {experts}] with unit stride in its last dim, got "
+               f"{tuple(router_logits.shape)}")
+        _check(1 <= top_k <= experts, f"top_k must be in 1..{experts}, got {top_k}")
+    if decode_mlp_serves(x, w13, w2):
+        from dflash_sglang.ops import decode_mlp_kernel as kernel
+
+        return kernel.decode_mlp(x, w13, w2, router_logits, top_k, tanh_gelu)
+    return reference.decode_mlp_ref(x, w13, w2, router_logits, top_k, tanh_gelu)

@@ -23,6 +23,8 @@ written for clarity, with fp32 arithmetic.
   k: the Triton kernel of ``ops/qkv_norm_rope_kernel.py``.
 * :func:`narrow_linear_ref` -- ``x @ weight.T`` with fp32 accumulation, rounded to x's dtype (a mixture-of-experts
   router at decode): the Triton kernel of ``ops/narrow_linear_kernel.py``.
+* :func:`decode_mlp_ref` -- a GELU-gated MLP for a few tokens, dense or as routed experts (softmax top-k of the
+  router's logits, renormalized): the Triton kernels of ``ops/decode_mlp_kernel.py``.
 * :func:`block_inputs_ref` and :func:`advance_state_ref` -- the overlap loop's per-step bookkeeping on the
   device (the inputs of a step from the state the previous step left; that state advanced by the verdict):
   the Triton kernels of ``ops/step_state.py``.
@@ -31,6 +33,7 @@ written for clarity, with fp32 arithmetic.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def inject_kv_ref(kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, k_norm_weight: torch.Tensor,
@@ -379,3 +382,33 @@ def narrow_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` [tokens, in] times ``weight`` [out, in] transposed: [tokens, out], accumulated in fp32 and rounded to
     x's dtype."""
     return (x.float() @ weight.float().T).to(x.dtype)
+
+
+def decode_mlp_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor | None,
+                   top_k: int, tanh_gelu: bool) -> torch.Tensor:
+    """A GELU-gated MLP, dense or as routed experts, with the rounding points of the GEMMs it replaces.
+
+    Args:
+        x: [tokens, hidden]; w13: [experts, 2 * inter, hidden] (gate rows, then up rows); w2: [experts, hidden,
+            inter]; a dense MLP is one expert and no ``router_logits``.
+        router_logits: [tokens, experts] or None. Routed: each token's ``top_k`` experts by logit, weighted by the
+            softmax over all experts renormalized over the chosen ones (softmax of the chosen logits).
+        tanh_gelu: GELU's tanh approximation (Gemma's dense MLP) or the erf GELU (SGLang's fused MoE).
+
+    Per (token, expert): gate and up accumulated in fp32 and rounded to x's dtype, ``gelu(gate) * up`` rounded
+    to x's dtype, the down projection in fp32; the experts' weighted sum in fp32, rounded once.
+    """
+    dtype = x.dtype
+    if router_logits is None:
+        weights = torch.ones(x.shape[0], 1)
+        ids = torch.zeros(x.shape[0], 1, dtype=torch.long)
+    else:
+        weights, ids = router_logits.float().cpu().topk(top_k, dim=-1)
+        weights = torch.softmax(weights, dim=-1)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for token in range(x.shape[0]):
+        for weight, expert in zip(weights[token].tolist(), ids[token].tolist()):
+            gate, up = (x[token].float() @ w13[expert].float().T).to(dtype).float().chunk(2)
+            act = (F.gelu(gate, approximate="tanh" if tanh_gelu else "none") * up).to(dtype).float()
+            out[token] += weight * (w2[expert].float() @ act)
+    return out.to(dtype)

@@ -21,8 +21,10 @@ modules hold the weights); the RMSNorms around the residual adds are the decoder
 renormalization are SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Qwen3-MoE's router; on the CPU its
 PyTorch ``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection ``w2`` once after loading
 (:meth:`Gemma4MoE.fold_per_expert_scale`), which is exact because an expert's output is linear in its ``w2`` and
-scaled by its routing weight. The proportional RoPE module (and its cos/sin cache) is shared by all layers of
-one shape (:func:`proportional_rope`).
+scaled by its routing weight. With ``DFLASH_GEMMA4_DECODE_MLP`` (``experts`` or ``on``), decode batches of up to
+``ops/decode_mlp_kernel.MAX_TOKENS`` tokens run the routed experts (top-k from the router's logits included), and
+with ``on`` the dense MLP too, as ``ops.decode_mlp``'s two kernels each, on the same weights. The proportional
+RoPE module (and its cos/sin cache) is shared by all layers of one shape (:func:`proportional_rope`).
 
 KV cache layout. Each layer attends with its own shape -- RadixAttention gets the layer's head size and KV
 heads (31B: sliding 16 x 256, full 4 x 512 with 32 query heads, so grouped-query ratios 2 and 8) -- and its
@@ -53,6 +55,7 @@ from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.utils import add_prefix
 
 from dflash_sglang import ops
+from dflash_sglang.core.config import decode_mlp_mode
 from dflash_sglang.serving.models.gemma4_config import Gemma4TextConfig
 
 
@@ -125,6 +128,10 @@ class Gemma4Attention(nn.Module):
 
 
 class Gemma4MLP(nn.Module):
+    """The dense gated MLP: SGLang's GEMMs and activation, or at decode batch sizes (with
+    ``DFLASH_GEMMA4_DECODE_MLP=on``) ``ops.decode_mlp`` on the same weights, this rank's intermediate columns,
+    all-reduced as ``down_proj`` would."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False,
@@ -133,8 +140,14 @@ class Gemma4MLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, quant_config=quant_config,
                                            prefix=add_prefix("down_proj", prefix))
         self.act_fn = GeluAndMul(approximate="tanh")  # gelu_pytorch_tanh
+        self.decode_kernels = quant_config is None and decode_mlp_mode() == "on"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_kernels:
+            w13, w2 = self.gate_up_proj.weight[None], self.down_proj.weight[None]
+            if ops.decode_mlp_serves(x, w13, w2):
+                out = ops.decode_mlp(x, w13, w2, tanh_gelu=True)
+                return tensor_model_parallel_all_reduce(out) if self.down_proj.tp_size > 1 else out
         gate_up, _ = self.gate_up_proj(x)
         out, _ = self.down_proj(self.act_fn(gate_up))
         return out
@@ -165,14 +178,18 @@ class Gemma4Router(nn.Module):
     def _load_scale(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight.float() * self.input_scale)
 
-    def forward(self, normed: torch.Tensor) -> StandardTopKOutput:
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """``normed`` [tokens, hidden], the residual through this router's norm (``self.norm``'s weight, applied by
-        the decoder layer's fused step) -> fp32 routing weights [tokens, k] (without ``per_expert_scale``) and
-        expert ids."""
+        the decoder layer's fused step) -> the experts' logits [tokens, experts]."""
         if ops.narrow_linear_serves(normed, self.proj.weight):  # decode batches: one kernel instead of cuBLAS's two
-            logits = ops.narrow_linear(normed, self.proj.weight)
-        else:
-            logits, _ = self.proj(normed)
+            return ops.narrow_linear(normed, self.proj.weight)
+        logits, _ = self.proj(normed)
+        return logits
+
+    def forward(self, normed: torch.Tensor) -> StandardTopKOutput:
+        """``normed`` as for :meth:`logits` -> fp32 routing weights [tokens, k] (without ``per_expert_scale``) and
+        expert ids."""
+        logits = self.logits(normed)
         if normed.is_cuda:
             return self.topk(normed, logits)
         # NOTE(gemma4): SGLang's TopK.forward_cpu calls the CUDA top-k kernel unless the CPU has AMX; its
@@ -212,6 +229,9 @@ class Gemma4MoE(nn.Module):
         self.register_buffer("w2_folded_scale", torch.ones(self.experts.num_local_experts, dtype=torch.float32),
                              persistent=False)
         self.experts.w2_weight.weight_loader = self._load_w2
+        self.top_k = config.top_k_experts
+        # ops.decode_mlp at decode batch sizes: every expert on this rank (no expert parallelism), bf16/fp16 weights
+        self.decode_kernels = decode_mlp_mode() in ("experts", "on") and self.experts.moe_ep_size == 1
 
     def _load_w2(self, param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
                  expert_id: int) -> None:
@@ -237,6 +257,12 @@ class Gemma4MoE(nn.Module):
     def forward(self, router_input: torch.Tensor, expert_input: torch.Tensor) -> torch.Tensor:
         """``router_input``: the residual through the router's norm; ``expert_input``: through
         ``pre_feedforward_layernorm_2``."""
+        w13, w2 = self.experts.w13_weight, self.experts.w2_weight
+        if self.decode_kernels and ops.decode_mlp_serves(expert_input, w13, w2):
+            # the router's softmax top-k inside the kernels; erf GELU, as SGLang's fused MoE runs the wider batches
+            out = ops.decode_mlp(expert_input, w13, w2, self.router.logits(router_input), self.top_k,
+                                 tanh_gelu=False)
+            return tensor_model_parallel_all_reduce(out) if self.experts.moe_tp_size > 1 else out
         routing = self.router(router_input)
         if expert_input.is_cuda:
             return self.experts(expert_input, routing)
