@@ -11,11 +11,18 @@ weights and routing; medians of ``triton.testing.do_bench_cudagraph``) under eve
 (``override_config``), keeps the fastest, and reports it against SGLang's default config for the shape,
 measured in the same run. The output file has SGLang's name for the shape and device
 (``E=128,N=704,device_name=NVIDIA_H200.json``) under ``triton_<version>/``.
+
+With ``--decode-mlp``, each count up to ``ops/decode_mlp_kernel.MAX_TOKENS`` also times the decode path of
+``ops.decode_mlp`` (routing from the logits and the experts, two kernels) under each of its launch settings,
+against SGLang's top-k (``fused_topk``) plus ``fused_experts`` at the count's best config; the weight bytes the
+experts read, at the device's copy bandwidth, are the floor both are reported against. Reported, not written:
+the kernel's launch defaults live in ``ops/decode_mlp_kernel.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -58,6 +65,48 @@ def use_default_server_args() -> None:
     set_global_server_args_for_scheduler(types.SimpleNamespace(**defaults))
 
 
+def time_decode_mlp(x, logits, w1, w2, top_k: int, runner, fused_config: dict) -> dict | None:
+    """ops.decode_mlp's launch settings against SGLang's top-k + fused_experts (at ``fused_config``), in CUDA graphs,
+    with the experts' weight-read floor at the copy bandwidth; None above the kernels' token count."""
+    import triton
+    from sglang.srt.layers.moe.fused_moe_triton import override_config
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import fused_experts
+    from sglang.srt.layers.moe.topk import StandardTopKOutput, fused_topk
+
+    from dflash_sglang.bench.floor import measure_copy_bandwidth_gbs
+    from dflash_sglang.ops import decode_mlp_kernel
+    from dflash_sglang.ops.reference import decode_mlp_ref
+
+    if x.shape[0] > decode_mlp_kernel.MAX_TOKENS:
+        return None
+    logits = logits.to(x.dtype)
+
+    def fused():
+        weights, ids = fused_topk(x, logits, top_k, renormalize=True)
+        return fused_experts(x, w1, w2, StandardTopKOutput(weights, ids, logits), runner)
+
+    with override_config(fused_config):
+        fused_us = 1e3 * triton.testing.do_bench_cudagraph(fused, rep=20, return_mode="median")
+    expert_bytes = (w1[0].numel() + w2[0].numel()) * w1.element_size()
+    unique_experts = logits.topk(top_k, dim=-1).indices.unique().numel()
+    floor_us = unique_experts * expert_bytes / measure_copy_bandwidth_gbs() / 1e3
+    expected = decode_mlp_ref(x.cpu(), w1.cpu(), w2.cpu(), logits.cpu(), top_k, tanh_gelu=False)
+    launches = []
+    for block_k, warps, per_sm in itertools.product((128, 256, 512), (2, 4, 8), (2, 4, 8)):
+        launch = decode_mlp_kernel.Launch(block_k=block_k, num_warps=warps, programs_per_sm=per_sm)
+        run = lambda: decode_mlp_kernel.decode_mlp(x, w1, w2, logits, top_k, False, launch)  # noqa: E731
+        error = (run().float().cpu() - expected.float()).abs().max().item()
+        microseconds = 1e3 * triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+        launches.append({**dataclasses.asdict(launch), "us": microseconds, "max_abs_error": error})
+    launches.sort(key=lambda entry: entry["us"])
+    default = next(entry for entry in launches
+                   if all(entry[k] == v for k, v in dataclasses.asdict(decode_mlp_kernel.DEFAULT_LAUNCH).items()))
+    print(f"  decode_mlp: best {launches[0]['us']:.1f} us {launches[0]}, default {default['us']:.1f} us; top-k + "
+          f"fused_experts {fused_us:.1f} us; floor {floor_us:.1f} us ({unique_experts} experts)", flush=True)
+    return {"fused_with_topk_us": fused_us, "floor_us": floor_us, "unique_experts": unique_experts,
+            "default": default, "launches": launches}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=128)
@@ -69,6 +118,9 @@ def main() -> int:
     parser.add_argument("--out-dir", default=PACKAGED_MOE_CONFIGS)
     parser.add_argument("--report", default=None, help="JSON with every count's best and default times")
     parser.add_argument("--commit", help="commit to record where the tree has no .git (the device machine)")
+    parser.add_argument("--decode-mlp", action="store_true",
+                        help="also time ops.decode_mlp's launch settings against top-k + fused_experts at decode "
+                             "counts")
     parser.add_argument("--time-limit-s", type=float,
                         help="stop starting new token counts after this long (the file keeps the counts done)")
     args = parser.parse_args()
@@ -129,6 +181,9 @@ def main() -> int:
                                          "default": default, "configs_timed": len(timings)}
         print(f"tokens {tokens:4d}: best {1e3 * best_ms:8.1f} us, default {1e3 * default_ms:8.1f} us "
               f"({default_ms / best_ms:.2f}x) {best_config}", flush=True)
+        if args.decode_mlp:
+            report["tokens"][str(tokens)]["decode_mlp"] = time_decode_mlp(x, logits, w1, w2, top_k, runner,
+                                                                          best_config)
         with open(path, "w", encoding="utf-8") as handle:  # after every count: a cut run keeps what it tuned
             json.dump(best, handle, indent=2)
         if args.report:

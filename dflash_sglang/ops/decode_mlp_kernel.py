@@ -23,6 +23,7 @@ not once per expert: ``MAX_TOKENS`` keeps this to the batch sizes where tokens r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -30,8 +31,17 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 8  # tokens the kernels serve; wider batches (a DFLASH verify pass) run the GEMMs / fused MoE
-BLOCK_K = 256  # weight columns a program loads per step: 512 bytes of each bf16 row
-NUM_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How both kernels are launched (``scripts/tune_moe.py --decode-mlp`` times the alternatives)."""
+    block_k: int = 256  # weight columns a program loads per step: 512 bytes of each bf16 row
+    num_warps: int = 4
+    programs_per_sm: int = 4  # programs wanted per multiprocessor: the widest column block that gives them
+
+
+DEFAULT_LAUNCH = Launch()
 
 
 @triton.jit
@@ -130,17 +140,17 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _block_n(rows: int, columns: int, device: torch.device) -> int:
-    """Columns a program takes: the widest of 32..4 that still gives every multiprocessor four programs, so the
-    weight reads of a one-token batch are spread over the whole GPU."""
+def _block_n(rows: int, columns: int, device: torch.device, launch: Launch) -> int:
+    """Columns a program takes: the widest of 32..4 that still gives every multiprocessor
+    ``launch.programs_per_sm`` programs, so the weight reads of a one-token batch are spread over the whole GPU."""
     block_n = 32
-    while block_n > 4 and rows * triton.cdiv(columns, block_n) < 4 * _multiprocessors(device):
+    while block_n > 4 and rows * triton.cdiv(columns, block_n) < launch.programs_per_sm * _multiprocessors(device):
         block_n //= 2
     return block_n
 
 
 def decode_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor | None,
-               top_k: int, tanh_gelu: bool) -> torch.Tensor:
+               top_k: int, tanh_gelu: bool, launch: Launch = DEFAULT_LAUNCH) -> torch.Tensor:
     """[tokens, hidden] -> [tokens, hidden] in x's dtype (arguments checked by ``ops.decode_mlp``); ``w13``
     [experts, 2 * inter, hidden], ``w2`` [experts, hidden, inter] (one expert, no logits: a dense MLP)."""
     tokens, hidden = x.shape
@@ -151,14 +161,14 @@ def decode_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logi
     act = torch.empty(tokens * rows_per_token, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
     block_e = triton.next_power_of_2(num_experts)
-    block_n = _block_n(tokens * rows_per_token, inter, x.device)
+    block_n = _block_n(tokens * rows_per_token, inter, x.device, launch)
     _gate_up_kernel[(tokens * rows_per_token, triton.cdiv(inter, block_n))](
         x, logits, w13, act, hidden, inter, num_experts, x.stride(0), logits.stride(0), w13.stride(0),
         w13.stride(1), act.stride(0), TOP_K=rows_per_token, ROUTED=routed, TANH_GELU=tanh_gelu, BLOCK_E=block_e,
-        BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
-    block_n = _block_n(tokens, hidden, x.device)
+        BLOCK_N=block_n, BLOCK_K=launch.block_k, num_warps=launch.num_warps)
+    block_n = _block_n(tokens, hidden, x.device, launch)
     _down_kernel[(tokens, triton.cdiv(hidden, block_n))](
         act, logits, w2, out, inter, hidden, num_experts, act.stride(0), logits.stride(0), w2.stride(0),
         w2.stride(1), out.stride(0), TOP_K=rows_per_token, ROUTED=routed, BLOCK_E=block_e, BLOCK_N=block_n,
-        BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        BLOCK_K=launch.block_k, num_warps=launch.num_warps)
     return out
