@@ -92,7 +92,7 @@ def time_decode_mlp(x, logits, w1, w2, top_k: int, runner, fused_config: dict) -
     floor_us = unique_experts * expert_bytes / measure_copy_bandwidth_gbs() / 1e3
     expected = decode_mlp_ref(x.cpu(), w1.cpu(), w2.cpu(), logits.cpu(), top_k, tanh_gelu=False)
     launches = []
-    for block_k, warps, per_sm in itertools.product((128, 256, 512), (2, 4, 8), (2, 4, 8)):
+    for block_k, warps, per_sm in itertools.product((256, 512, 1024), (4, 8), (2, 4, 8)):
         launch = decode_mlp_kernel.Launch(block_k=block_k, num_warps=warps, programs_per_sm=per_sm)
         run = lambda: decode_mlp_kernel.decode_mlp(x, w1, w2, logits, top_k, False, launch)  # noqa: E731
         error = (run().float().cpu() - expected.float()).abs().max().item()

@@ -17,7 +17,10 @@ MLP three (two cuBLAS GEMMs and the activation), each a few microseconds of laun
   renormalized: the same weights), in fp32, rounded once.
 
 No alignment, no sort: each program reads one expert's rows (or the top-k experts' rows, in turn), so a token's
-experts cost their weight bytes and nothing is padded to a tile of tokens. The weights are read once per row,
+experts cost their weight bytes and nothing is padded to a tile of tokens. The loops over the hidden and
+intermediate sizes (compile-time constants, one model's shapes) and over the top-k are unrolled, so a program's
+loads are issued together rather than one memory round trip per step: Triton pipelines only loads that feed
+``tl.dot``. The weights are read once per row,
 not once per expert: ``MAX_TOKENS`` keeps this to the batch sizes where tokens rarely share an expert.
 """
 
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 8  # tokens the kernels serve; wider batches (a DFLASH verify pass) run the GEMMs / fused MoE
+MAX_STEPS = 16  # most unrolled steps of a program's loop over a weight row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +64,9 @@ def _token_logits(Logits, token, stride_logits, num_experts, BLOCK_E: tl.constex
 
 
 @triton.jit
-def _gate_up_kernel(X, Logits, W13, Act, hidden, inter, num_experts, stride_x, stride_logits, stride_we,
-                    stride_wn, stride_act, TOP_K: tl.constexpr, ROUTED: tl.constexpr, TANH_GELU: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_kernel(X, Logits, W13, Act, num_experts, stride_x, stride_logits, stride_we, stride_wn, stride_act,
+                    HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, ROUTED: tl.constexpr,
+                    TANH_GELU: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     token = row // TOP_K
     expert = (row * 0).to(tl.int64)
@@ -74,14 +78,14 @@ def _gate_up_kernel(X, Logits, W13, Act, hidden, inter, num_experts, stride_x, s
             expert = tl.where(r == rank, chosen, expert)
         expert = tl.minimum(expert, num_experts - 1).to(tl.int64)  # NaN logits choose no id: stay in bounds
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
+    col_ok = cols < INTER
     gate_rows = W13 + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn
-    up_rows = gate_rows + inter * stride_wn
+    up_rows = gate_rows + INTER * stride_wn
     gate = tl.zeros([BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
+    for k0 in tl.static_range(0, HIDDEN, BLOCK_K):  # unrolled: every step's loads can be in flight together
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < hidden
+        k_ok = k < HIDDEN
         x = tl.load(X + token * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
         mask = col_ok[:, None] & k_ok[None, :]
         gate += tl.sum(tl.load(gate_rows + k[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
@@ -97,12 +101,12 @@ def _gate_up_kernel(X, Logits, W13, Act, hidden, inter, num_experts, stride_x, s
 
 
 @triton.jit
-def _rows_dot(act_row, weight_rows, col_ok, inter, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rows_dot(act_row, weight_rows, col_ok, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N] dot products of one activation row with ``BLOCK_N`` weight rows, in fp32."""
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
+    for k0 in tl.static_range(0, INTER, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < inter
+        k_ok = k < INTER
         act = tl.load(act_row + k, mask=k_ok, other=0.0).to(tl.float32)
         weight = tl.load(weight_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         out += tl.sum(weight.to(tl.float32) * act[None, :], axis=1)
@@ -110,12 +114,12 @@ def _rows_dot(act_row, weight_rows, col_ok, inter, BLOCK_N: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _down_kernel(Act, Logits, W2, Out, inter, hidden, num_experts, stride_act, stride_logits, stride_we, stride_wn,
-                 stride_out, TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_E: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_kernel(Act, Logits, W2, Out, num_experts, stride_act, stride_logits, stride_we, stride_wn, stride_out,
+                 HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, ROUTED: tl.constexpr,
+                 BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
+    col_ok = cols < HIDDEN
     row_offsets = cols[:, None].to(tl.int64) * stride_wn
     if ROUTED:
         ids, logits = _token_logits(Logits, token, stride_logits, num_experts, BLOCK_E)
@@ -128,10 +132,10 @@ def _down_kernel(Act, Logits, W2, Out, inter, hidden, num_experts, stride_act, s
             weight = tl.exp(logit - best)
             total += weight
             out += weight * _rows_dot(Act + (token * TOP_K + rank) * stride_act, W2 + expert * stride_we + row_offsets,
-                                      col_ok, inter, BLOCK_N, BLOCK_K)
+                                      col_ok, INTER, BLOCK_N, BLOCK_K)
         out = out / total
     else:
-        out = _rows_dot(Act + token * stride_act, W2 + row_offsets, col_ok, inter, BLOCK_N, BLOCK_K)
+        out = _rows_dot(Act + token * stride_act, W2 + row_offsets, col_ok, INTER, BLOCK_N, BLOCK_K)
     tl.store(Out + token * stride_out + cols, out.to(Out.dtype.element_ty), mask=col_ok)
 
 
@@ -149,6 +153,12 @@ def _block_n(rows: int, columns: int, device: torch.device, launch: Launch) -> i
     return block_n
 
 
+def _block_k(columns: int, launch: Launch) -> int:
+    """Weight columns per load: ``launch.block_k``, or more where the unrolled loop would take over ``MAX_STEPS``
+    steps (a 31B's 21504-wide down projection)."""
+    return max(launch.block_k, triton.next_power_of_2(triton.cdiv(columns, MAX_STEPS)))
+
+
 def decode_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor | None,
                top_k: int, tanh_gelu: bool, launch: Launch = DEFAULT_LAUNCH) -> torch.Tensor:
     """[tokens, hidden] -> [tokens, hidden] in x's dtype (arguments checked by ``ops.decode_mlp``); ``w13``
@@ -163,12 +173,12 @@ def decode_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logi
     block_e = triton.next_power_of_2(num_experts)
     block_n = _block_n(tokens * rows_per_token, inter, x.device, launch)
     _gate_up_kernel[(tokens * rows_per_token, triton.cdiv(inter, block_n))](
-        x, logits, w13, act, hidden, inter, num_experts, x.stride(0), logits.stride(0), w13.stride(0),
-        w13.stride(1), act.stride(0), TOP_K=rows_per_token, ROUTED=routed, TANH_GELU=tanh_gelu, BLOCK_E=block_e,
-        BLOCK_N=block_n, BLOCK_K=launch.block_k, num_warps=launch.num_warps)
+        x, logits, w13, act, num_experts, x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1),
+        act.stride(0), HIDDEN=hidden, INTER=inter, TOP_K=rows_per_token, ROUTED=routed, TANH_GELU=tanh_gelu,
+        BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_K=_block_k(hidden, launch), num_warps=launch.num_warps)
     block_n = _block_n(tokens, hidden, x.device, launch)
     _down_kernel[(tokens, triton.cdiv(hidden, block_n))](
-        act, logits, w2, out, inter, hidden, num_experts, act.stride(0), logits.stride(0), w2.stride(0),
-        w2.stride(1), out.stride(0), TOP_K=rows_per_token, ROUTED=routed, BLOCK_E=block_e, BLOCK_N=block_n,
-        BLOCK_K=launch.block_k, num_warps=launch.num_warps)
+        act, logits, w2, out, num_experts, act.stride(0), logits.stride(0), w2.stride(0), w2.stride(1),
+        out.stride(0), HIDDEN=hidden, INTER=inter, TOP_K=rows_per_token, ROUTED=routed, BLOCK_E=block_e,
+        BLOCK_N=block_n, BLOCK_K=_block_k(inter, launch), num_warps=launch.num_warps)
     return out
