@@ -5,7 +5,7 @@
 # "ops tune bench e2e golden"; a step without its setting is skipped):
 #   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops (norms, router) and the block kernel's slot-map
 #          and decode-listing cases (~4 min: each case compiles its kernel); GEMMA4_OPS="block:EXPR": the router's
-#          and only the block kernel's tests that pytest -k EXPR selects; GEMMA4_OPS=mlp: only ops.decode_mlp's;
+#          and only the block kernel's tests that pytest -k EXPR selects; GEMMA4_OPS=mlp[:EXPR]: only ops.decode_mlp's (-k EXPR);
 #   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
 #          the config lands in the package, so later servers use it; moe_configs.tgz brings it back);
 #   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
@@ -29,8 +29,9 @@ step_ops() {
   local block_cases="slot_map or listing"
   case "${GEMMA4_OPS:-0}" in
     0) return 0 ;;
-    mlp) timeout 150 python3 -m pytest -q tests/test_op_decode_mlp.py 2>&1 | tee "$logs/ops-mlp-gpu.log" \
-           | grep -E "passed|failed|Error"; return 0 ;;
+    mlp*) local expr=${GEMMA4_OPS#mlp}; expr=${expr#:}
+          timeout 150 python3 -m pytest -q tests/test_op_decode_mlp.py ${expr:+-k "$expr"} 2>&1 \
+            | tee "$logs/ops-mlp-gpu.log" | grep -E "passed|failed|Error"; return 0 ;;
     block:*) block_cases=${GEMMA4_OPS#block:} ;;
     *) timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py 2>&1 \
          | tee "$logs/ops-norms-gpu.log" | grep -E "passed|failed|Error" ;;
