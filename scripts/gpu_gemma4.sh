@@ -5,7 +5,8 @@
 # "ops tune bench e2e golden"; a step without its setting is skipped):
 #   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops (norms, router) and the block kernel's slot-map
 #          and decode-listing cases (~4 min: each case compiles its kernel); GEMMA4_OPS="block:EXPR": the router's
-#          and only the block kernel's tests that pytest -k EXPR selects; GEMMA4_OPS=mlp[:EXPR]: only ops.decode_mlp's (-k EXPR);
+#          and only the block kernel's tests that pytest -k EXPR selects; GEMMA4_OPS=mlp[:EXPR]: only
+#          ops.decode_mlp's tests (those -k EXPR selects);
 #   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
 #          the config lands in the package, so later servers use it; moe_configs.tgz brings it back);
 #   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
