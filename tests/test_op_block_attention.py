@@ -273,6 +273,7 @@ LISTED_CASES = [
     ([70, 3], 1, 16, 2, 512, -1),
     ([33, 100], 16, 4, 1, 128, 50),
     ([24, 3], 1, 4, 2, 16, 7),  # the golden fixtures' sliding layers: a window of 8, heads 16 wide
+    ([90, 40], 1, 2, 2, 64, -1),  # one query row per KV head: one-row partials and merges
 ]
 if CUDA:
     LISTED_CASES += [([512], 1, 16, 8, 256, 1023), ([512] * 8, 1, 16, 2, 512, -1), ([3000, 5], 1, 32, 16, 256, 1023)]

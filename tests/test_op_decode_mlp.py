@@ -21,7 +21,8 @@ from dflash_sglang.ops.reference import decode_mlp_ref
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (tokens, experts, hidden, inter, top_k); experts 1 with top_k 1 and no logits: a dense MLP. Odd sizes test the
-# masks, a 4500-wide down projection the widened loads (over MAX_STEPS steps of BLOCK_K); on the GPU also Gemma-4-26B-A4B's experts (128 x 2816 x 704, top 8) and its dense MLP (2816 x 2112).
+# masks, a 4500-wide down projection the widened loads (over MAX_STEPS steps of BLOCK_K); on the GPU also
+# Gemma-4-26B-A4B's experts (128 x 2816 x 704, top 8) and its dense MLP (2816 x 2112).
 SHAPES = [(3, 16, 256, 96, 4), (2, 1, 200, 72, 1), (5, 9, 130, 40, 3), (1, 1, 64, 4500, 1)] + (
     [(1, 128, 2816, 704, 8), (8, 128, 2816, 704, 8), (1, 1, 2816, 2112, 1)] if CUDA else [])
 # outputs are O(1): two rounding steps of the dtype

@@ -19,9 +19,10 @@ for a block instead:
   after it, so the extra tile adds no memory latency to the longest program. With one split (large batches)
   the program writes the output itself; otherwise each live split writes its normalized partial output and
   log-sum-exp (fp32). The prefix loop keeps three K/V tiles in flight where shared memory allows.
-* ``_merge``: one program per (request, KV head, 8 query rows) combines the partials of the live splits by
-  their log-sum-exp. (One program per (request, KV head) took 12 us per layer at batch 1 on the H100, more
-  than ``_partial``'s 7 us: 8 programs each reading 17 partials.)
+* ``_merge``: one program per (request, KV head, 8 query rows; at decode the group's rows) combines the partials
+  of the live splits by their log-sum-exp. Partials are written and merged for the KV head's real rows only.
+  (One program per (request, KV head) took 12 us per layer at batch 1 on the H100, more than ``_partial``'s
+  7 us: 8 programs each reading 17 partials.)
 
 Gemma-style layers: a sliding ``window`` (SGLang's convention: a query sees the ``window`` keys before it and
 itself; non-causal rows also only the ``window`` keys after it) bounds each row's keys, and the prefix loop
@@ -192,10 +193,11 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
         part = (req * num_units + unit) * num_splits + split
         seen = live & (l_i > 0)  # under a window a split may hold no key a row sees: lse -inf, output 0
         l_safe = tl.where(seen, l_i, 1.0)
+        # only the KV head's real rows: at decode 2 of a 16-row tile for Gemma-4-26B-A4B's sliding layers
         tl.store(O_part + part * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :],
-                 acc / l_safe[:, None], mask=live)
+                 acc / l_safe[:, None], mask=live & row_ok[:, None])
         tl.store(Lse_part + part * BLOCK_M + local_rows, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")),
-                 mask=live)
+                 mask=live & row_ok)
 
 
 @triton.jit(do_not_specialize=["num_splits", "window"])
@@ -324,8 +326,10 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
         v_cache.stride(1), out.stride(0), out.stride(1), CAUSAL=causal, HAS_SLOT_MAP=kv_slot_map is not None,
         BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, **shape, num_warps=num_warps,
         num_stages=num_stages)
-    if not direct:
-        _merge[(batch_size, units, block_m // MERGE_ROWS)](
+    if not direct:  # merge programs for a unit's real rows only (rows past block_size x group hold no partials)
+        unit_rows = min(block_m, block_size * group)
+        merge_rows = min(MERGE_ROWS, triton.next_power_of_2(unit_rows))
+        _merge[(batch_size, units, triton.cdiv(unit_rows, merge_rows))](
             o_part, lse_part, out, kv_indptr, splits, window_arg, out.stride(0), out.stride(1), **shape,
-            MERGE_ROWS=MERGE_ROWS, num_warps=4)
+            MERGE_ROWS=merge_rows, num_warps=4)
     return out
