@@ -3,10 +3,9 @@
 #   GEMMA4_E2E="gemma4-dense gemma4-moe" COMMIT=abc1234 bash scripts/gpu_gemma4.sh [bench_step.py arguments...]
 # Installs (gpu_setup.sh), then runs these steps, in the order GEMMA4_STEPS names them (default
 # "ops tune bench e2e golden"; a step without its setting is skipped):
-#   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops (norms, router) and the block kernel's slot-map
-#          and decode-listing cases (~4 min: each case compiles its kernel); GEMMA4_OPS="block:EXPR": the router's
-#          and only the block kernel's tests that pytest -k EXPR selects; GEMMA4_OPS=mlp[:EXPR]: only
-#          ops.decode_mlp's tests (those -k EXPR selects);
+#   ops    GEMMA4_OPS=1: the GPU tests of the Gemma 4 Triton ops (norms, router, decode MLP) and the block
+#          kernel's slot-map and decode-listing cases (~5 min: each case compiles its kernel); or a list of
+#          SUITE[:EXPR] (suites norms, narrow, block, mlp; EXPR: pytest -k), e.g. "mlp:2816 block:listing";
 #   tune   GEMMA4_TUNE_MOE="tune_moe.py arguments": tunes the fused-MoE kernel (within TUNE_TIMEOUT, default 300 s;
 #          the config lands in the package, so later servers use it; moe_configs.tgz brings it back);
 #   bench  given arguments: scripts/bench_step.py with them (within BENCH_TIMEOUT, default 400 s; its JSON is
@@ -27,20 +26,23 @@ logs=/tmp/gemma4-logs; mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$logs" . 2>/dev/null' EXIT
 
 step_ops() {
-  local block_cases="slot_map or listing"
-  case "${GEMMA4_OPS:-0}" in
-    0) return 0 ;;
-    mlp*) local expr=${GEMMA4_OPS#mlp}; expr=${expr#:}
-          timeout 150 python3 -m pytest -q tests/test_op_decode_mlp.py ${expr:+-k "$expr"} 2>&1 \
-            | tee "$logs/ops-mlp-gpu.log" | grep -E "passed|failed|Error"; return 0 ;;
-    block:*) block_cases=${GEMMA4_OPS#block:} ;;
-    *) timeout 150 python3 -m pytest -q tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py 2>&1 \
-         | tee "$logs/ops-norms-gpu.log" | grep -E "passed|failed|Error" ;;
-  esac
-  timeout 60 python3 -m pytest -q tests/test_op_narrow_linear.py 2>&1 | tee "$logs/ops-narrow-gpu.log" \
-    | grep -E "passed|failed|Error"
-  timeout 240 python3 -m pytest -q tests/test_op_block_attention.py -k "$block_cases" 2>&1 \
-    | tee "$logs/ops-block-gpu.log" | grep -E "passed|failed|Error"
+  # GEMMA4_OPS: "1" (every suite) or a list of SUITE[:EXPR] (EXPR: pytest -k within the suite)
+  local entry suite expr files
+  local -A suites=([norms]="tests/test_op_residual_norm.py tests/test_op_qkv_norm_rope.py"
+                   [narrow]=tests/test_op_narrow_linear.py [block]=tests/test_op_block_attention.py
+                   [mlp]=tests/test_op_decode_mlp.py)
+  local -A default_expr=([block]="slot_map or listing")
+  local specs=${GEMMA4_OPS:-0}
+  [ "$specs" = 0 ] && return 0
+  [ "$specs" = 1 ] && specs="norms narrow block mlp"
+  for entry in $specs; do
+    suite=${entry%%:*}; expr=${default_expr[$suite]:-}; [ "$entry" != "$suite" ] && expr=${entry#*:}
+    files=${suites[$suite]:-}
+    [ -n "$files" ] || { echo "GEMMA4_OPS: no suite '$suite' (norms, narrow, block, mlp)"; continue; }
+    echo "-- ops $suite ${expr:+(-k $expr)}"
+    timeout 240 python3 -m pytest -q $files ${expr:+-k "$expr"} 2>&1 | tee "$logs/ops-$suite-gpu.log" \
+      | grep -E "passed|failed|Error"
+  done
 }
 
 step_tune() {
