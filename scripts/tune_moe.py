@@ -14,9 +14,10 @@ measured in the same run. The output file has SGLang's name for the shape and de
 
 With ``--decode-mlp``, each count up to ``ops/decode_mlp_kernel.MAX_TOKENS`` also times the decode path of
 ``ops.decode_mlp`` (routing from the logits and the experts, two kernels) under each of its launch settings,
-against SGLang's top-k (``fused_topk``) plus ``fused_experts`` at the count's best config; the weight bytes the
-experts read, at the device's copy bandwidth, are the floor both are reported against. Reported, not written:
-the kernel's launch defaults live in ``ops/decode_mlp_kernel.py``.
+against SGLang's top-k (``fused_topk``) plus ``fused_experts`` at the count's best config, and on a dense MLP
+(``--dense-intermediate``) against cuBLAS; the weight bytes read, at the device's copy bandwidth, are the floor
+both are reported against (``--decode-mlp-only``: against SGLang's default config, tuning and writing nothing).
+Reported, not written: the kernel's launch defaults live in ``ops/decode_mlp_kernel.py``.
 """
 
 from __future__ import annotations
@@ -107,6 +108,38 @@ def time_decode_mlp(x, logits, w1, w2, top_k: int, runner, fused_config: dict) -
             "default": default, "launches": launches}
 
 
+def time_dense_mlp(x, inter: int) -> dict | None:
+    """ops.decode_mlp's launch settings on a dense GELU(tanh)-gated MLP against cuBLAS's two GEMMs and SGLang's
+    activation kernel, in CUDA graphs, with the weight-read floor; None above the kernels' token count."""
+    import torch
+    import torch.nn.functional as F
+    import triton
+    from sglang.srt.layers.activation import GeluAndMul
+
+    from dflash_sglang.bench.floor import measure_copy_bandwidth_gbs
+    from dflash_sglang.ops import decode_mlp_kernel
+
+    if x.shape[0] > decode_mlp_kernel.MAX_TOKENS:
+        return None
+    hidden = x.shape[1]
+    w13 = torch.randn(1, 2 * inter, hidden, device=x.device, dtype=x.dtype) * hidden ** -0.5
+    w2 = torch.randn(1, hidden, inter, device=x.device, dtype=x.dtype) * inter ** -0.5
+    act = GeluAndMul(approximate="tanh")
+    gemms_us = 1e3 * triton.testing.do_bench_cudagraph(lambda: F.linear(act(F.linear(x, w13[0])), w2[0]), rep=20,
+                                                       return_mode="median")
+    floor_us = (w13.numel() + w2.numel()) * x.element_size() / measure_copy_bandwidth_gbs() / 1e3
+    launches = []
+    for block_k, warps, per_sm in itertools.product((256, 512, 1024), (4, 8), (2, 4, 8)):
+        launch = decode_mlp_kernel.Launch(block_k=block_k, num_warps=warps, programs_per_sm=per_sm)
+        microseconds = 1e3 * triton.testing.do_bench_cudagraph(
+            lambda: decode_mlp_kernel.decode_mlp(x, w13, w2, None, 1, True, launch), rep=20, return_mode="median")
+        launches.append({**dataclasses.asdict(launch), "us": microseconds})
+    launches.sort(key=lambda entry: entry["us"])
+    print(f"  dense {hidden}x{inter}: decode_mlp best {launches[0]['us']:.1f} us {launches[0]}; cuBLAS + act "
+          f"{gemms_us:.1f} us; floor {floor_us:.1f} us", flush=True)
+    return {"gemms_us": gemms_us, "floor_us": floor_us, "launches": launches}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=128)
@@ -121,6 +154,10 @@ def main() -> int:
     parser.add_argument("--decode-mlp", action="store_true",
                         help="also time ops.decode_mlp's launch settings against top-k + fused_experts at decode "
                              "counts")
+    parser.add_argument("--decode-mlp-only", action="store_true",
+                        help="--decode-mlp against fused_experts at SGLang's default config, tuning nothing")
+    parser.add_argument("--dense-intermediate", type=int, default=2112,
+                        help="with --decode-mlp: the dense MLP's width (Gemma-4-26B-A4B's), timed against cuBLAS")
     parser.add_argument("--time-limit-s", type=float,
                         help="stop starting new token counts after this long (the file keeps the counts done)")
     args = parser.parse_args()
@@ -168,8 +205,8 @@ def main() -> int:
 
         default = get_default_config(tokens, e, n, hidden, top_k, None, False, None)
         default_ms = time_config(default)
-        timings = []
-        for config in search_space(tokens, e, top_k):
+        timings = [(default_ms, default)]
+        for config in [] if args.decode_mlp_only else search_space(tokens, e, top_k):
             try:
                 timings.append((time_config(config), config))
             except (triton.runtime.errors.OutOfResources, RuntimeError):  # too much shared memory or registers
@@ -181,14 +218,19 @@ def main() -> int:
                                          "default": default, "configs_timed": len(timings)}
         print(f"tokens {tokens:4d}: best {1e3 * best_ms:8.1f} us, default {1e3 * default_ms:8.1f} us "
               f"({default_ms / best_ms:.2f}x) {best_config}", flush=True)
-        if args.decode_mlp:
+        if args.decode_mlp or args.decode_mlp_only:
             report["tokens"][str(tokens)]["decode_mlp"] = time_decode_mlp(x, logits, w1, w2, top_k, runner,
                                                                           best_config)
+            report["tokens"][str(tokens)]["decode_mlp_dense"] = time_dense_mlp(x, args.dense_intermediate)
+        if args.decode_mlp_only:
+            if args.report:
+                write_report(report, args.report)
+            continue
         with open(path, "w", encoding="utf-8") as handle:  # after every count: a cut run keeps what it tuned
             json.dump(best, handle, indent=2)
         if args.report:
             write_report(report, args.report)
-    print(f"wrote {path}")
+    print("tuned nothing (--decode-mlp-only)" if args.decode_mlp_only else f"wrote {path}")
     return 0
 
 
