@@ -14,8 +14,8 @@ Between the GEMMs a layer runs two fused steps (``ops.residual_norm``, one kerne
 attention output to the new residual and its feed-forward inputs (``pre_feedforward_layernorm``, and in MoE
 layers ``pre_feedforward_layernorm_2`` and the router's norm), and from the feed-forward outputs to the scaled
 residual and the next layer's ``input_layernorm`` of it (the final ``norm`` after the last layer). The
-embedding's scale and the first ``input_layernorm`` are one more. With ``DFLASH_GEMMA4_MOE_STREAM=on``, in CUDA
-graphs at tensor parallel size 1, an MoE layer's router and experts run on a second stream beside its dense MLP.
+embedding's scale and the first ``input_layernorm`` are one more. In CUDA graphs at tensor parallel size 1 an MoE
+layer's router and experts run on a second stream beside its dense MLP (``DFLASH_GEMMA4_MOE_STREAM``, default on).
 
 Embeddings are scaled by sqrt(hidden_size) (rounded to the weights' dtype, as transformers does); the LM
 head is the tied embedding; final logits are soft-capped by ``final_logit_softcapping``.

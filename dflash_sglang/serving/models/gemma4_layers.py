@@ -21,10 +21,10 @@ modules hold the weights); the RMSNorms around the residual adds are the decoder
 renormalization are SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Qwen3-MoE's router; on the CPU its
 PyTorch ``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection ``w2`` once after loading
 (:meth:`Gemma4MoE.fold_per_expert_scale`), which is exact because an expert's output is linear in its ``w2`` and
-scaled by its routing weight. With ``DFLASH_GEMMA4_DECODE_MLP`` (``experts`` or ``on``), decode batches of up to
-``ops/decode_mlp_kernel.MAX_TOKENS`` tokens run the routed experts (top-k from the router's logits included), and
-with ``on`` the dense MLP too, as ``ops.decode_mlp``'s two kernels each, on the same weights. The proportional
-RoPE module (and its cos/sin cache) is shared by all layers of one shape (:func:`proportional_rope`).
+scaled by its routing weight. Decode batches of ``ops/decode_mlp_kernel.MAX_TOKENS`` token(s) run the routed
+experts (top-k from the router's logits included) and the dense MLP as ``ops.decode_mlp``'s two kernels each, on the
+same weights (``DFLASH_GEMMA4_DECODE_MLP``: ``on`` by default, ``experts`` for the experts only, ``off``). The
+proportional RoPE module (and its cos/sin cache) is shared by all layers of one shape (:func:`proportional_rope`).
 
 KV cache layout. Each layer attends with its own shape -- RadixAttention gets the layer's head size and KV
 heads (31B: sliding 16 x 256, full 4 x 512 with 32 query heads, so grouped-query ratios 2 and 8) -- and its
@@ -128,8 +128,8 @@ class Gemma4Attention(nn.Module):
 
 
 class Gemma4MLP(nn.Module):
-    """The dense gated MLP: SGLang's GEMMs and activation, or at decode batch sizes (with
-    ``DFLASH_GEMMA4_DECODE_MLP=on``) ``ops.decode_mlp`` on the same weights, this rank's intermediate columns,
+    """The dense gated MLP: SGLang's GEMMs and activation, or where ``ops.decode_mlp`` serves the batch (and
+    ``DFLASH_GEMMA4_DECODE_MLP=on``, the default) its kernels on the same weights, this rank's intermediate columns,
     all-reduced as ``down_proj`` would."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, quant_config=None, prefix: str = "") -> None:
