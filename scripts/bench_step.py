@@ -26,7 +26,10 @@ its records for that batch size. With ``--trace-steps N`` each server also recor
 of N steps (``--trace-concurrency``) through SGLang's /start_profile: GPU busy vs idle time per step, each
 CUDA graph's GPU span, eager kernels and host synchronizations (dflash_sglang.bench.trace).
 Random weights accept ~nothing, so each DFLASH step emits ~1 token;
-the step's cost does not depend on that (the block is always drafted and verified in full).
+the step's cost does not depend on that (the block is always drafted and verified in full). Every server runs
+with ``DFLASH_BENCH_DUMMY_SCALES=neutral`` (``serving/patches/dummy_weights.py``; ``--upstream-dummy-weights``
+for SGLang's fill): norm weights and scalars at 1, so a mixture-of-experts target's tokens route to different
+experts, as real ones do (on upstream's fill every token of a Gemma 4 step chose the same 8 experts).
 
 Reported: step_DFLASH / step_AR per concurrency, and the projected speedup tau * step_AR / step_DFLASH
 for acceptance lengths tau next to the speedups the paper publishes for the pair.
@@ -312,6 +315,8 @@ def main() -> int:
                         help="also serve AR with each of these environment settings (e.g. "
                              "DFLASH_DECODE_ATTENTION=block: decode steps on the block kernel), one run each")
     parser.add_argument("--ar-only", action="store_true", help="serve no DFLASH server (AR variants only)")
+    parser.add_argument("--upstream-dummy-weights", action="store_true",
+                        help="SGLang's dummy fill as it is (norm weights and scalars too: MoE routing collapses)")
     parser.add_argument("--logs", default=None)
     parser.add_argument("--trace-steps", type=int, default=0,
                         help="also record a torch.profiler trace of this many decode steps per server and summarize it")
@@ -361,8 +366,9 @@ def main() -> int:
         results: dict = {}
         report["pairs"][pair_name] = {"results": results, "target_config": pair.target,
                                       "drafter_config": pair.drafter}
+        dummy = {"DFLASH_BENCH_DUMMY_SCALES": "upstream" if args.upstream_dummy_weights else "neutral"}
         for mode, (server_args, env, speculative) in runs.items():
-            results[mode] = serve_and_measure(f"{pair_name}-{mode}", server_args, {**os.environ, **env},
+            results[mode] = serve_and_measure(f"{pair_name}-{mode}", server_args, {**os.environ, **dummy, **env},
                                               args.concurrency, args, work, speculative)
             report["pairs"][pair_name]["summary"] = summarize(results, pair, bandwidth)
             write_report(report, args.out)

@@ -230,3 +230,34 @@ def test_full_attention_layers_share_one_rope_table():
     assert sorted(by_type) == ["full_attention", "sliding_attention"]
     assert all(len(tables) == 1 for tables in by_type.values()), by_type
     assert model.config.layer_types.count("full_attention") >= 2  # the fixture has something to share
+
+
+@in_sglang
+def test_benchmark_dummy_weights_keep_norms_and_scalars_at_one(monkeypatch):
+    """``DFLASH_BENCH_DUMMY_SCALES=neutral`` (bench_step.py's servers): SGLang's dummy loader, through its own
+    ``initialize_dummy_weights`` (patched on import), leaves every norm weight, layer scalar and per-expert scale at
+    1 and the matrices at upstream's [-1e-3, 1e-3]; unset, the scales are upstream's too (the 26B's residual then
+    shrinks a thousandfold per layer and every token routes alike)."""
+    from sglang.srt.model_loader import loader
+
+    with open(os.path.join(MOE_FIXTURE, "config.json"), encoding="utf-8") as handle:
+        config = Gemma4Config.from_dict(json.load(handle))
+    scale_names = {"layer_scalar", "input_layernorm.weight", "router.per_expert_scale", "router.norm.weight",
+                   "self_attn.q_norm.weight"}
+    for setting in ("upstream", "neutral"):
+        monkeypatch.setenv("DFLASH_BENCH_DUMMY_SCALES", setting)
+        model = Gemma4ForCausalLM(config)
+        loader.initialize_dummy_weights(model)
+        params = dict(model.named_parameters())
+        scales = {name: params[name] for name in params if any(name.endswith(s) for s in scale_names)}
+        assert len(scales) >= len(scale_names)
+        for name, param in scales.items():
+            if setting == "neutral":
+                assert torch.equal(param, torch.ones_like(param)), name
+            else:
+                assert param.abs().max() <= 1e-3, name
+        w13 = model.model.layers[0].moe.experts.w13_weight
+        assert 0 < w13.abs().max() <= 1e-3
+    moe = model.model.layers[0].moe
+    ids = moe.router(_hidden(16, seed=3)).topk_ids
+    assert len({tuple(sorted(row)) for row in ids.tolist()}) > 1  # distinct tokens, distinct experts

@@ -406,3 +406,10 @@ def decode_mlp_mode() -> str:
     experts, router top-k included, and the dense MLP; on an H100, 26B-A4B AR 5.6% faster at c1), ``experts``
     (the routed experts only) or ``off`` (SGLang's fused MoE and cuBLAS GEMMs)."""
     return _env_choice("DFLASH_GEMMA4_DECODE_MLP", DECODE_MLP_MODES)
+
+
+def bench_dummy_scales() -> str:
+    """``DFLASH_BENCH_DUMMY_SCALES``: ``upstream`` (default: ``--load-format dummy`` as SGLang fills it) or
+    ``neutral`` (norm weights and scalars set to 1 after the fill, so routers see distinct tokens; see
+    ``serving/patches/dummy_weights.py``). Set by ``scripts/bench_step.py``."""
+    return _env_choice("DFLASH_BENCH_DUMMY_SCALES", ("upstream", "neutral"))

@@ -55,6 +55,8 @@ SGLang version first):
   ``ATTENTION_BACKENDS`` so over a ``Gemma4KVPool`` the backend's decode buffers fit its widest layer.
 * ``sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config`` -- wraps ``get_moe_configs`` so fused-MoE
   kernel configs tuned by ``scripts/tune_moe.py`` and shipped in ``serving/moe_configs/`` are found first.
+* ``sglang.srt.model_loader.loader`` -- wraps ``initialize_dummy_weights`` so ``DFLASH_BENCH_DUMMY_SCALES=neutral``
+  (set by ``scripts/bench_step.py``) leaves norm weights and scalars at 1 in dummy-weight benchmarks.
 * ``sglang.srt.model_executor.cuda_graph_runner`` -- wraps ``CudaGraphRunner.__init__`` and
   ``CudaGraphRunner.get_spec_info`` so a DFLASH server captures both of its block passes (the target's
   verify, with the drafter's features, and the drafter's pass) at decode batch sizes.
@@ -101,6 +103,7 @@ PATCHES: dict[str, str] = {
     "sglang.srt.model_executor.model_runner_kv_cache_mixin": "gemma4:patch_kv_cache_mixin",
     "sglang.srt.layers.attention.attention_registry": "gemma4:patch_attention_registry",
     "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config": "moe:patch_fused_moe_config",
+    "sglang.srt.model_loader.loader": "dummy_weights:patch_dummy_loader",
     "sglang.srt.model_executor.cuda_graph_runner": "cuda_graphs:patch_cuda_graph_runner",
     "sglang.srt.layers.attention.triton_backend": "cuda_graphs:patch_triton_backend",
     "sglang.srt.layers.attention.flashinfer_backend": "cuda_graphs:patch_flashinfer_backend",

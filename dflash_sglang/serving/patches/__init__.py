@@ -6,8 +6,9 @@ The import hook (``dflash_sglang.serving.plugin``) calls a patch with the SGLang
 SGLang imported it. Modules: ``algorithm`` (DFLASH as an algorithm, its arguments and requests), ``cpu``
 (what SGLang's CPU path lacks, grammars included), ``cpu_attention`` (the torch_native attention backend:
 block passes, sliding windows, SWA pools), ``cuda_graphs`` (both block passes in CUDA graphs; attention
-backends), ``gemma4`` (Gemma 4 configs, KV pool), ``moe`` (packaged fused-MoE kernel configs), ``overlap`` (the
-overlap scheduler's step state). No module here imports SGLang or torch at import time.
+backends), ``dummy_weights`` (benchmarks' dummy weights), ``gemma4`` (Gemma 4 configs, KV pool), ``moe``
+(packaged fused-MoE kernel configs), ``overlap`` (the overlap scheduler's step state). No module here imports
+SGLang or torch at import time.
 """
 
 from __future__ import annotations
