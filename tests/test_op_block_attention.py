@@ -8,19 +8,16 @@ kernel tests in a child pytest with ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import pytest
 import torch
 
-from child_pytest import run_child_pytest
+from child_pytest import CUDA, triton_interpreter_rerun, triton_kernel_device
 
 from dflash_sglang.ops.reference import block_attention_ref
 
-CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _inputs(lengths: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -150,18 +147,14 @@ def test_ref_slot_map_reads_the_mapped_rows(causal, window, map_dtype):
 @pytest.fixture(scope="module")
 def kernels() -> ModuleType:
     """``ops.block_attention``, compiled for the GPU or run by Triton's interpreter."""
-    if not (CUDA or INTERPRETED):
-        pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
+    triton_kernel_device()
     pytest.importorskip("triton")
     from dflash_sglang.ops import block_attention
 
     return block_attention
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run directly on a GPU (or in this child)")
-def test_kernel_in_triton_interpreter():
-    pytest.importorskip("triton")
-    run_child_pytest(__file__, "test_kernel_ and not interpreter", {**os.environ, "TRITON_INTERPRET": "1"})
+test_kernel_in_triton_interpreter = triton_interpreter_rerun(__file__)
 
 
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]

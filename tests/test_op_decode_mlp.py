@@ -7,19 +7,16 @@ imported)."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from child_pytest import run_child_pytest
+from child_pytest import CUDA, triton_interpreter_rerun, triton_kernel_device
 
 from dflash_sglang import ops
 from dflash_sglang.ops.reference import decode_mlp_ref
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (tokens, experts, hidden, inter, top_k); experts 1 with top_k 1 and no logits: a dense MLP. Odd sizes test the
 # masks, a 4500-wide down projection the widened loads (over MAX_STEPS steps of BLOCK_K); on the GPU also
 # Gemma-4-26B-A4B's experts (128 x 2816 x 704, top 8) and its dense MLP (2816 x 2112).
@@ -78,15 +75,7 @@ def test_reference_is_the_gated_mlp_in_fp64_up_to_its_roundings(tanh_gelu):
     torch.testing.assert_close(dense.double(), F.linear(act, w2[0].double()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="on a GPU the kernel tests run directly")
-def test_kernel_in_triton_interpreter():
-    run_child_pytest(__file__, "test_kernel_ and not interpreter", {**os.environ, "TRITON_INTERPRET": "1"})
-
-
-def _kernel_device() -> str:
-    if not (CUDA or INTERPRETED):
-        pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
-    return "cuda" if CUDA else "cpu"
+test_kernel_in_triton_interpreter = triton_interpreter_rerun(__file__)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -96,7 +85,7 @@ def test_kernel_matches_reference(shape, dtype, tanh_gelu):
     from dflash_sglang.ops.decode_mlp_kernel import decode_mlp
 
     tokens, experts, hidden, inter, top_k = shape
-    x, w13, w2, logits = _inputs(tokens, experts, hidden, inter, dtype, _kernel_device())
+    x, w13, w2, logits = _inputs(tokens, experts, hidden, inter, dtype, triton_kernel_device())
     out = decode_mlp(x, w13, w2, logits, top_k, tanh_gelu)
     assert out.shape == (tokens, hidden) and out.dtype == dtype
     expected = decode_mlp_ref(x.cpu(), w13.cpu(), w2.cpu(), None if logits is None else logits.cpu(), top_k,
@@ -108,7 +97,7 @@ def test_kernel_matches_reference(shape, dtype, tanh_gelu):
 def test_kernel_keeps_nan_logits_in_bounds():
     from dflash_sglang.ops.decode_mlp_kernel import decode_mlp
 
-    x, w13, w2, logits = _inputs(3, 16, 256, 96, torch.float16, _kernel_device())
+    x, w13, w2, logits = _inputs(3, 16, 256, 96, torch.float16, triton_kernel_device())
     logits[1] = float("nan")  # a padded or broken row chooses no expert: its output is garbage, not a crash
     out = decode_mlp(x, w13, w2, logits, 4, False).cpu()
     expected = decode_mlp_ref(x.cpu(), w13.cpu(), w2.cpu(), logits.cpu(), 4, False)

@@ -5,19 +5,16 @@ Triton's interpreter (in a child pytest with ``TRITON_INTERPRET=1``, set before 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from child_pytest import run_child_pytest
+from child_pytest import CUDA, triton_interpreter_rerun, triton_kernel_device
 
 from dflash_sglang import ops
 from dflash_sglang.ops.reference import narrow_linear_ref
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (tokens, in_features, out_features): Gemma-4-26B-A4B's router (2816 -> 128) at decode batches 1 and 8, an odd
 # expert count and width
 SHAPES = [(1, 2816, 128), (8, 2816, 128), (3, 200, 9)]
@@ -37,15 +34,7 @@ def test_reference_is_the_fp32_product_rounded_once():
     torch.testing.assert_close(narrow_linear_ref(x, weight), expected, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="on a GPU the kernel tests run directly")
-def test_kernel_in_triton_interpreter():
-    run_child_pytest(__file__, "test_kernel_ and not interpreter", {**os.environ, "TRITON_INTERPRET": "1"})
-
-
-def _kernel_device() -> str:
-    if not (CUDA or INTERPRETED):
-        pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
-    return "cuda" if CUDA else "cpu"
+test_kernel_in_triton_interpreter = triton_interpreter_rerun(__file__)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -53,7 +42,7 @@ def _kernel_device() -> str:
 def test_kernel_matches_reference(shape, dtype):
     from dflash_sglang.ops.narrow_linear_kernel import narrow_linear
 
-    x, weight = _inputs(*shape, dtype, _kernel_device())
+    x, weight = _inputs(*shape, dtype, triton_kernel_device())
     out = narrow_linear(x, weight)
     assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
     # fp32 sums in another order than the reference's: at most one rounding step of the output apart
@@ -63,7 +52,7 @@ def test_kernel_matches_reference(shape, dtype):
 def test_kernel_reads_strided_rows():
     from dflash_sglang.ops.narrow_linear_kernel import narrow_linear
 
-    wide, weight = _inputs(4, 400, 16, torch.float16, _kernel_device())
+    wide, weight = _inputs(4, 400, 16, torch.float16, triton_kernel_device())
     x = wide[:, :200]  # rows of a wider tensor: stride 400
     weight = weight[:, :200].contiguous()
     torch.testing.assert_close(narrow_linear(x, weight).cpu(), narrow_linear_ref(x.cpu(), weight.cpu()),

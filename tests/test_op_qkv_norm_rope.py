@@ -7,18 +7,15 @@ is one, else on the CPU through Triton's interpreter (a child pytest with ``TRIT
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from child_pytest import run_child_pytest
+from child_pytest import CUDA, triton_interpreter_rerun, triton_kernel_device
 
 from dflash_sglang import ops
 from dflash_sglang.ops.reference import qkv_norm_rope_ref
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = 1e-6
 MAX_POSITION = 4096
 
@@ -108,10 +105,7 @@ def test_bad_arguments_name_the_problem():
 # The kernel against the reference.
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run directly on a GPU (or in this child)")
-def test_kernel_in_triton_interpreter():
-    pytest.importorskip("triton")
-    run_child_pytest(__file__, "test_kernel_ and not interpreter", {**os.environ, "TRITON_INTERPRET": "1"})
+test_kernel_in_triton_interpreter = triton_interpreter_rerun(__file__)
 
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if CUDA else [torch.float16, torch.float32]
@@ -121,9 +115,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32] if CUDA else [torch.floa
 @pytest.mark.parametrize("tokens", [1, 7] + ([512] if CUDA else []))
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, k_eq_v, base, fraction", LAYERS)
 def test_kernel_matches_reference(dtype, tokens, num_heads, num_kv_heads, head_dim, k_eq_v, base, fraction):
-    if not (CUDA or INTERPRETED):
-        pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
-    device = "cuda" if CUDA else "cpu"
+    device = triton_kernel_device()
     qkv, positions, q_weight, k_weight = _inputs(tokens, num_heads, num_kv_heads, head_dim, k_eq_v, dtype, tokens,
                                                  row_padding=head_dim)
     cache = _cos_sin_cache(_inv_freq(head_dim, base, fraction))

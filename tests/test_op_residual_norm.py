@@ -6,18 +6,15 @@ with ``TRITON_INTERPRET=1``, which must be set before Triton is imported)."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from child_pytest import run_child_pytest
+from child_pytest import CUDA, triton_interpreter_rerun, triton_kernel_device
 
 from dflash_sglang import ops
 from dflash_sglang.ops.reference import residual_norm_ref
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = 1e-6
 
 
@@ -94,10 +91,7 @@ def test_bad_arguments_name_the_problem(problem, message):
 # The kernel against the reference.
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run directly on a GPU (or in this child)")
-def test_kernel_in_triton_interpreter():
-    pytest.importorskip("triton")
-    run_child_pytest(__file__, "test_kernel_ and not interpreter", {**os.environ, "TRITON_INTERPRET": "1"})
+test_kernel_in_triton_interpreter = triton_interpreter_rerun(__file__)
 
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if CUDA else [torch.float16, torch.float32]
@@ -116,9 +110,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens, hidden, num_branches, combine, with_scalar, num_outs, stride", CASES)
 def test_kernel_matches_reference(dtype, tokens, hidden, num_branches, combine, with_scalar, num_outs, stride):
-    if not (CUDA or INTERPRETED):
-        pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
-    device = "cuda" if CUDA else "cpu"
+    device = triton_kernel_device()
     generator = torch.Generator().manual_seed(tokens * hidden)
     residual = _rows(tokens, hidden, dtype, generator).contiguous()
     branches = [_rows(tokens, hidden, dtype, generator, stride) for _ in range(num_branches)]

@@ -7,20 +7,17 @@ the GPU where there is one, else through Triton's interpreter in a child pytest 
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import pytest
 import torch
 
-from child_pytest import run_child_pytest
+from child_pytest import CUDA, triton_interpreter_rerun, triton_kernel_device
 
 from dflash_sglang import ops
 from dflash_sglang.ops.reference import advance_state_ref, argmax_ref, block_inputs_ref, paged_kv_indices_ref
 
-CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MASK = 99
 
 
@@ -109,18 +106,14 @@ def test_ops_check_their_inputs():
 @pytest.fixture(scope="module")
 def kernels() -> tuple[ModuleType, ModuleType]:
     """``ops.argmax`` and ``ops.step_state``, compiled for the GPU or run by Triton's interpreter."""
-    if not (CUDA or INTERPRETED):
-        pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
+    triton_kernel_device()
     pytest.importorskip("triton")
     from dflash_sglang.ops import argmax_kernel, paged_kv, step_state
 
     return argmax_kernel, step_state, paged_kv
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run directly on a GPU (or in this child)")
-def test_kernel_in_triton_interpreter():
-    pytest.importorskip("triton")
-    run_child_pytest(__file__, "test_kernel_ and not interpreter", {**os.environ, "TRITON_INTERPRET": "1"})
+test_kernel_in_triton_interpreter = triton_interpreter_rerun(__file__)
 
 
 @pytest.mark.parametrize("chunks", [None, 1, 7])
