@@ -66,7 +66,29 @@ def use_default_server_args() -> None:
     set_global_server_args_for_scheduler(types.SimpleNamespace(**defaults))
 
 
-def time_decode_mlp(x, logits, w1, w2, top_k: int, runner, fused_config: dict) -> dict | None:
+def time_launches(x, w13, w2, logits, top_k: int, tanh_gelu: bool) -> tuple[list[dict], dict]:
+    """Every launch setting of ``ops.decode_mlp``'s kernels on these inputs, timed in CUDA graphs with its largest
+    error against ``decode_mlp_ref``, fastest first; and the entry of ``DEFAULT_LAUNCH``."""
+    import triton
+
+    from dflash_sglang.ops import decode_mlp_kernel
+    from dflash_sglang.ops.reference import decode_mlp_ref
+
+    expected = decode_mlp_ref(x.cpu(), w13.cpu(), w2.cpu(), None if logits is None else logits.cpu(), top_k,
+                              tanh_gelu)
+    launches = []
+    for block_k, warps, per_sm in itertools.product((256, 512, 1024), (4, 8), (2, 4, 8)):
+        launch = decode_mlp_kernel.Launch(block_k=block_k, num_warps=warps, programs_per_sm=per_sm)
+        run = lambda: decode_mlp_kernel.decode_mlp(x, w13, w2, logits, top_k, tanh_gelu, launch)  # noqa: E731
+        error = (run().float().cpu() - expected.float()).abs().max().item()
+        microseconds = 1e3 * triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+        launches.append({**dataclasses.asdict(launch), "us": microseconds, "max_abs_error": error})
+    launches.sort(key=lambda entry: entry["us"])
+    default = dataclasses.asdict(decode_mlp_kernel.DEFAULT_LAUNCH)
+    return launches, next(entry for entry in launches if all(entry[k] == v for k, v in default.items()))
+
+
+def time_decode_mlp(x, logits, w1, w2, top_k: int, runner, fused_config: dict, bandwidth_gbs: float) -> dict | None:
     """ops.decode_mlp's launch settings against SGLang's top-k + fused_experts (at ``fused_config``), in CUDA graphs,
     with the experts' weight-read floor at the copy bandwidth; None above the kernels' token count."""
     import triton
@@ -74,9 +96,7 @@ def time_decode_mlp(x, logits, w1, w2, top_k: int, runner, fused_config: dict) -
     from sglang.srt.layers.moe.fused_moe_triton.fused_moe import fused_experts
     from sglang.srt.layers.moe.topk import StandardTopKOutput, fused_topk
 
-    from dflash_sglang.bench.floor import measure_copy_bandwidth_gbs
     from dflash_sglang.ops import decode_mlp_kernel
-    from dflash_sglang.ops.reference import decode_mlp_ref
 
     if x.shape[0] > decode_mlp_kernel.MAX_TOKENS:
         return None
@@ -90,25 +110,15 @@ def time_decode_mlp(x, logits, w1, w2, top_k: int, runner, fused_config: dict) -
         fused_us = 1e3 * triton.testing.do_bench_cudagraph(fused, rep=20, return_mode="median")
     expert_bytes = (w1[0].numel() + w2[0].numel()) * w1.element_size()
     unique_experts = logits.topk(top_k, dim=-1).indices.unique().numel()
-    floor_us = unique_experts * expert_bytes / measure_copy_bandwidth_gbs() / 1e3
-    expected = decode_mlp_ref(x.cpu(), w1.cpu(), w2.cpu(), logits.cpu(), top_k, tanh_gelu=False)
-    launches = []
-    for block_k, warps, per_sm in itertools.product((256, 512, 1024), (4, 8), (2, 4, 8)):
-        launch = decode_mlp_kernel.Launch(block_k=block_k, num_warps=warps, programs_per_sm=per_sm)
-        run = lambda: decode_mlp_kernel.decode_mlp(x, w1, w2, logits, top_k, False, launch)  # noqa: E731
-        error = (run().float().cpu() - expected.float()).abs().max().item()
-        microseconds = 1e3 * triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
-        launches.append({**dataclasses.asdict(launch), "us": microseconds, "max_abs_error": error})
-    launches.sort(key=lambda entry: entry["us"])
-    default = next(entry for entry in launches
-                   if all(entry[k] == v for k, v in dataclasses.asdict(decode_mlp_kernel.DEFAULT_LAUNCH).items()))
+    floor_us = unique_experts * expert_bytes / bandwidth_gbs / 1e3
+    launches, default = time_launches(x, w1, w2, logits, top_k, tanh_gelu=False)
     print(f"  decode_mlp: best {launches[0]['us']:.1f} us {launches[0]}, default {default['us']:.1f} us; top-k + "
           f"fused_experts {fused_us:.1f} us; floor {floor_us:.1f} us ({unique_experts} experts)", flush=True)
     return {"fused_with_topk_us": fused_us, "floor_us": floor_us, "unique_experts": unique_experts,
             "default": default, "launches": launches}
 
 
-def time_dense_mlp(x, inter: int) -> dict | None:
+def time_dense_mlp(x, inter: int, bandwidth_gbs: float) -> dict | None:
     """ops.decode_mlp's launch settings on a dense GELU(tanh)-gated MLP against cuBLAS's two GEMMs and SGLang's
     activation kernel, in CUDA graphs, with the weight-read floor; None above the kernels' token count."""
     import torch
@@ -116,7 +126,6 @@ def time_dense_mlp(x, inter: int) -> dict | None:
     import triton
     from sglang.srt.layers.activation import GeluAndMul
 
-    from dflash_sglang.bench.floor import measure_copy_bandwidth_gbs
     from dflash_sglang.ops import decode_mlp_kernel
 
     if x.shape[0] > decode_mlp_kernel.MAX_TOKENS:
@@ -127,17 +136,11 @@ def time_dense_mlp(x, inter: int) -> dict | None:
     act = GeluAndMul(approximate="tanh")
     gemms_us = 1e3 * triton.testing.do_bench_cudagraph(lambda: F.linear(act(F.linear(x, w13[0])), w2[0]), rep=20,
                                                        return_mode="median")
-    floor_us = (w13.numel() + w2.numel()) * x.element_size() / measure_copy_bandwidth_gbs() / 1e3
-    launches = []
-    for block_k, warps, per_sm in itertools.product((256, 512, 1024), (4, 8), (2, 4, 8)):
-        launch = decode_mlp_kernel.Launch(block_k=block_k, num_warps=warps, programs_per_sm=per_sm)
-        microseconds = 1e3 * triton.testing.do_bench_cudagraph(
-            lambda: decode_mlp_kernel.decode_mlp(x, w13, w2, None, 1, True, launch), rep=20, return_mode="median")
-        launches.append({**dataclasses.asdict(launch), "us": microseconds})
-    launches.sort(key=lambda entry: entry["us"])
-    print(f"  dense {hidden}x{inter}: decode_mlp best {launches[0]['us']:.1f} us {launches[0]}; cuBLAS + act "
-          f"{gemms_us:.1f} us; floor {floor_us:.1f} us", flush=True)
-    return {"gemms_us": gemms_us, "floor_us": floor_us, "launches": launches}
+    floor_us = (w13.numel() + w2.numel()) * x.element_size() / bandwidth_gbs / 1e3
+    launches, default = time_launches(x, w13, w2, None, 1, tanh_gelu=True)
+    print(f"  dense {hidden}x{inter}: decode_mlp best {launches[0]['us']:.1f} us {launches[0]}, default "
+          f"{default['us']:.1f} us; cuBLAS + act {gemms_us:.1f} us; floor {floor_us:.1f} us", flush=True)
+    return {"gemms_us": gemms_us, "floor_us": floor_us, "default": default, "launches": launches}
 
 
 def main() -> int:
@@ -176,6 +179,10 @@ def main() -> int:
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     use_default_server_args()
+    if args.decode_mlp or args.decode_mlp_only:  # the floors' bandwidth, measured once
+        from dflash_sglang.bench.floor import measure_copy_bandwidth_gbs
+
+        bandwidth_gbs = measure_copy_bandwidth_gbs()
     e, n, hidden, top_k = args.experts, args.intermediate, args.hidden, args.top_k
     generator = torch.Generator(device="cuda").manual_seed(0)
     w1 = torch.randn(e, 2 * n, hidden, device="cuda", dtype=torch.bfloat16, generator=generator) * hidden ** -0.5
@@ -220,8 +227,9 @@ def main() -> int:
               f"({default_ms / best_ms:.2f}x) {best_config}", flush=True)
         if args.decode_mlp or args.decode_mlp_only:
             report["tokens"][str(tokens)]["decode_mlp"] = time_decode_mlp(x, logits, w1, w2, top_k, runner,
-                                                                          best_config)
-            report["tokens"][str(tokens)]["decode_mlp_dense"] = time_dense_mlp(x, args.dense_intermediate)
+                                                                          best_config, bandwidth_gbs)
+            report["tokens"][str(tokens)]["decode_mlp_dense"] = time_dense_mlp(x, args.dense_intermediate,
+                                                                               bandwidth_gbs)
         if args.decode_mlp_only:
             if args.report:
                 write_report(report, args.report)
