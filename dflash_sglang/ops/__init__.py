@@ -25,9 +25,8 @@ from dflash_sglang.ops._load import ExtensionUnavailable, load_ext
 logger = logging.getLogger(__name__)
 
 __all__ = ["inject_kv", "verify_block", "argmax", "block_inputs", "advance_state", "paged_kv_indices",
-           "residual_norm", "qkv_norm_rope", "narrow_linear", "narrow_linear_serves", "decode_mlp", "decode_mlp_serves",
-           "kernels_available",
-           "use_kernels_for"]
+           "residual_norm", "qkv_norm_rope", "narrow_linear", "narrow_linear_serves", "decode_mlp",
+           "decode_mlp_serves", "kernels_available", "use_kernels_for"]
 
 
 @functools.cache

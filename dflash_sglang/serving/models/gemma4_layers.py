@@ -229,7 +229,6 @@ class Gemma4MoE(nn.Module):
         self.register_buffer("w2_folded_scale", torch.ones(self.experts.num_local_experts, dtype=torch.float32),
                              persistent=False)
         self.experts.w2_weight.weight_loader = self._load_w2
-        self.top_k = config.top_k_experts
         # ops.decode_mlp at decode batch sizes: every expert on this rank (no expert parallelism), bf16/fp16 weights
         self.decode_kernels = decode_mlp_mode() in ("experts", "on") and self.experts.moe_ep_size == 1
 
@@ -260,7 +259,7 @@ class Gemma4MoE(nn.Module):
         w13, w2 = self.experts.w13_weight, self.experts.w2_weight
         if self.decode_kernels and ops.decode_mlp_serves(expert_input, w13, w2):
             # the router's softmax top-k inside the kernels; erf GELU, as SGLang's fused MoE runs the wider batches
-            out = ops.decode_mlp(expert_input, w13, w2, self.router.logits(router_input), self.top_k,
+            out = ops.decode_mlp(expert_input, w13, w2, self.router.logits(router_input), self.experts.top_k,
                                  tanh_gelu=False)
             return tensor_model_parallel_all_reduce(out) if self.experts.moe_tp_size > 1 else out
         routing = self.router(router_input)
