@@ -276,19 +276,22 @@ if CUDA:
 @pytest.mark.parametrize("case", LISTED_CASES,
                          ids=lambda c: f"bs{len(c[0])}-B{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-w{c[5]}")
 @pytest.mark.parametrize("slot_map", [False, True], ids=["cache", "swa-pool"])
-def test_kernel_reads_a_listing_that_ends_with_the_block(kernels, case, dtype, slot_map):
+@pytest.mark.parametrize("splits", [None, 4])
+def test_kernel_reads_a_listing_that_ends_with_the_block(kernels, case, dtype, slot_map, splits):
     """``listed_block``: the listing holds the block's keys last (SGLang's decode listing); the output is the
     reference's over the prefix before them, through a sliding sub-pool too (keys before the decoded token's window
-    evicted to NaN rows)."""
+    evicted to NaN rows). Split decodes merge in their last split: its counters are back at 0 after each call."""
     lengths, block, heads, kv_heads, head_dim, window = case
     args = _inputs(lengths, block, heads, kv_heads, head_dim, dtype, device=DEVICE, seed=head_dim + block)
     listed = _with_listed_block(args)
     if slot_map:
         listed = _swa_pool(listed, window + block if window >= 0 else -1, torch.int32)
-    out = kernels.block_attention(**listed, causal=True, window=window, listed_block=True)
+    out = kernels.block_attention(**listed, causal=True, window=window, listed_block=True, splits=splits)
     expected = block_attention_ref(**_on_cpu(args), causal=True, window=window)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
+    counters = kernels.split_counters(out.device, 1)
+    assert counters.count_nonzero().item() == 0
 
 
 def test_row_tiles_cap_the_accumulator():

@@ -19,10 +19,14 @@ for a block instead:
   after it, so the extra tile adds no memory latency to the longest program. With one split (large batches)
   the program writes the output itself; otherwise each live split writes its normalized partial output and
   log-sum-exp (fp32). The prefix loop keeps three K/V tiles in flight where shared memory allows.
-* ``_merge``: one program per (request, KV head, 8 query rows; at decode the group's rows) combines the partials
-  of the live splits by their log-sum-exp. Partials are written and merged for the KV head's real rows only.
-  (One program per (request, KV head) took 12 us per layer at batch 1 on the H100, more than ``_partial``'s
-  7 us: 8 programs each reading 17 partials.)
+* ``_merge``: one program per (request, KV head, 8 query rows) combines the partials of the live splits by their
+  log-sum-exp. Partials are written and merged for the KV head's real rows only. (One program per (request, KV
+  head) took 12 us per layer at batch 1 on the H100, more than ``_partial``'s 7 us: 8 programs each reading 17
+  partials.) Where a KV head has at most 8 real rows (decode: the group's query heads), the merge would be one
+  program per KV head anyway, so the last of its splits to finish merges instead (``MERGE_IN_LAST``): each split
+  counts itself in at a per-(request, KV head) counter after its stores, and the one that makes the count
+  whole reads the others' partials, writes the output and resets the counter to 0. One launch and one
+  dependent round trip less per layer.
 
 Gemma-style layers: a sliding ``window`` (SGLang's convention: a query sees the ``window`` keys before it and
 itself; non-causal rows also only the ``window`` keys after it) bounds each row's keys, and the prefix loop
@@ -53,6 +57,7 @@ from dflash_sglang.ops import _device
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 MERGE_ROWS = 8  # query rows per merge program: at batch 1, 8 KV heads x 8 row groups of a 64-row block
+MERGE_COUNTERS = 1 << 16  # split counters allocated at once per device: batch x KV-head units of any graph
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256, 512)
 MAX_TILE_ELEMENTS = 64 * 256  # query rows x head dims per program: a [64, 256] fp32 accumulator over 8 warps
 STAGE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the score tile and the compiler's scratch
@@ -117,14 +122,48 @@ def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale):
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
+@triton.jit
+def _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 LISTED_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The splits of request ``req`` that hold prefix keys (split 0 always: it holds the block's keys)."""
+    length = _prefix_length(kv_indptr, req, tl.load(kv_indptr + req), BLOCK_SIZE, LISTED_BLOCK)
+    keys = length - _prefix_start(length, window, HAS_WINDOW)
+    return tl.minimum(num_splits, tl.cdiv(keys, _split_size(keys, num_splits, BLOCK_N)))
+
+
+@triton.jit
+def _merged_rows(O_part, Lse_part, first, live_splits, local_rows, rows_ok, dims, ROWS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The output of rows ``local_rows`` of one (request, unit): the partials of splits ``first`` onwards
+    combined by their log-sum-exp. Loads bypass L1 (``.cg``): other programs wrote them during this launch."""
+    # Split 0 holds the block's keys (each row sees its own): its log-sum-exp is finite for every row, so no
+    # -inf - -inf below; a later split a row saw nothing of has lse -inf and output 0, so weight 0.
+    m_i = tl.load(Lse_part + first * BLOCK_M + local_rows, mask=rows_ok, other=0.0, cache_modifier=".cg")
+    l_i = tl.full([ROWS], 1.0, tl.float32)
+    acc = tl.load(O_part + first * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :],
+                  mask=rows_ok[:, None], other=0.0, cache_modifier=".cg")
+    for split in range(1, live_splits):  # the splits past the prefix's end wrote nothing
+        lse = tl.load(Lse_part + (first + split) * BLOCK_M + local_rows, mask=rows_ok, other=0.0,
+                      cache_modifier=".cg")
+        part = tl.load(O_part + (first + split) * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D
+                       + dims[None, :], mask=rows_ok[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2(m_i - m_new)
+        weight = tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + part * weight[:, None]
+        l_i = l_i * alpha + weight
+        m_i = m_new
+    return acc / l_i[:, None]
+
+
 @triton.jit(do_not_specialize=["num_splits", "window"])
-def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_slot_map, O_part, Lse_part, O, qk_scale,
-             num_splits, window, stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head, stride_vb_tok,
-             stride_vb_head, stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head, stride_o_tok,
-             stride_o_head, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_slot_map, O_part, Lse_part, O,
+             Split_counters, qk_scale, num_splits, window, stride_q_tok, stride_q_head, stride_kb_tok, stride_kb_head,
+             stride_vb_tok, stride_vb_head, stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head,
+             stride_o_tok, stride_o_head, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, LISTED_BLOCK: tl.constexpr,
              ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr):
+             BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr, MERGE_IN_LAST: tl.constexpr):
     req = tl.program_id(0)
     unit = tl.program_id(1)  # (KV head, chunk of its query rows)
     kv_head = unit // ROW_CHUNKS
@@ -198,6 +237,17 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
                  acc / l_safe[:, None], mask=live & row_ok[:, None])
         tl.store(Lse_part + part * BLOCK_M + local_rows, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")),
                  mask=live & row_ok)
+        if MERGE_IN_LAST:  # every split counts in, live or not; the last one to do so merges
+            counter = Split_counters + req * num_units + unit
+            tl.debug_barrier()  # all of this program's stores issued before the release below
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                tl.store(counter, 0)  # at rest for the next launch (kernel boundaries order it)
+                live_splits = _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE, HAS_WINDOW,
+                                           LISTED_BLOCK, BLOCK_N)
+                merged = _merged_rows(O_part, Lse_part, part - split, live_splits, local_rows, row_ok, dims,
+                                      BLOCK_M, BLOCK_M, BLOCK_D)
+                _store_rows(O, merged, req, kv_head, rows, dims, stride_o_tok, stride_o_head,
+                            BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["num_splits", "window"])
@@ -212,28 +262,10 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, window, stride_o_tok, str
     local_rows = tl.program_id(2) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
     rows = (unit % ROW_CHUNKS) * BLOCK_M + local_rows
     dims = tl.arange(0, BLOCK_D)
-    first = (req * num_units + unit) * num_splits
-    length = _prefix_length(kv_indptr, req, tl.load(kv_indptr + req), BLOCK_SIZE, LISTED_BLOCK)
-    keys = length - _prefix_start(length, window, HAS_WINDOW)
-    live_splits = tl.minimum(num_splits, tl.cdiv(keys, _split_size(keys, num_splits, BLOCK_N)))
-
-    # Split 0 holds the block's keys (each row sees its own): its log-sum-exp is finite for every row, so no
-    # -inf - -inf below; a later split a row saw nothing of has lse -inf and output 0, so weight 0.
-    m_i = tl.load(Lse_part + first * BLOCK_M + local_rows)
-    l_i = tl.full([MERGE_ROWS], 1.0, tl.float32)
-    acc = tl.load(O_part + first * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :])
-    for split in range(1, live_splits):  # the splits past the prefix's end wrote nothing
-        lse = tl.load(Lse_part + (first + split) * BLOCK_M + local_rows)
-        part = tl.load(O_part + (first + split) * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D
-                       + dims[None, :])
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.exp2(m_i - m_new)
-        weight = tl.exp2(lse - m_new)
-        acc = acc * alpha[:, None] + part * weight[:, None]
-        l_i = l_i * alpha + weight
-        m_i = m_new
-    _store_rows(O, acc / l_i[:, None], req, kv_head, rows, dims, stride_o_tok, stride_o_head,
-                BLOCK_SIZE, GROUP, HEAD_DIM)
+    live_splits = _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE, HAS_WINDOW, LISTED_BLOCK, BLOCK_N)
+    merged = _merged_rows(O_part, Lse_part, (req * num_units + unit) * num_splits, live_splits, local_rows,
+                          rows < BLOCK_SIZE * GROUP, dims, MERGE_ROWS, BLOCK_M, BLOCK_D)
+    _store_rows(O, merged, req, kv_head, rows, dims, stride_o_tok, stride_o_head, BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
 def pipeline_stages(block_d: int, itemsize: int, shared_memory: int) -> int:
@@ -249,6 +281,19 @@ def split_count(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     CUDA graphs on an H200, Qwen3-8B heads: the best of 1-16 splits, or within 1% of it, at 1, 8 and 32
     requests over 512- and 4096-token prefixes)."""
     return max(1, min(MAX_SPLITS, 2 * num_sms // (batch_size * num_kv_heads)))
+
+
+_split_counters: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` zeroed int32 counters on ``device`` for ``_partial``'s last-split merge; each launch leaves them
+    at 0. One buffer serves every call (kernels on a stream run one after another; CUDA graphs keep the address
+    they captured), so it is allocated once, ``MERGE_COUNTERS`` wide, and never freed: a graph may hold it."""
+    buffers = _split_counters.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < count:
+        buffers.append(torch.zeros(max(count, MERGE_COUNTERS), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _check_slot_map(kv_slot_map, device: torch.device) -> None:
@@ -308,6 +353,9 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     splits = splits or split_count(batch_size, units, _device.num_sms(q.device))
     direct = splits == 1
     parts = 0 if direct else batch_size * units * splits
+    unit_rows = min(block_m, block_size * group)  # a unit's real rows: only they have partials
+    merge_in_last = not direct and unit_rows <= MERGE_ROWS
+    counters = split_counters(q.device, batch_size * units) if merge_in_last else None
     o_part = torch.empty(parts, block_m, block_d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
     has_window = window is not None and window >= 0
@@ -320,14 +368,13 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     num_stages = pipeline_stages(block_d, q.element_size(), _device.shared_memory_per_block(q.device))
     # No map: None specializes the pointer away, so the kernel is the unmapped one, argument for argument.
     _partial[(batch_size, units, splits)](
-        q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, kv_slot_map, o_part, lse_part, out,
+        q, k_block, v_block, k_cache, v_cache, kv_indptr, kv_indices, kv_slot_map, o_part, lse_part, out, counters,
         sm_scale * LOG2E, splits, window_arg, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1),
         v_block.stride(0), v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), CAUSAL=causal, HAS_SLOT_MAP=kv_slot_map is not None,
-        BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, **shape, num_warps=num_warps,
-        num_stages=num_stages)
-    if not direct:  # merge programs for a unit's real rows only (rows past block_size x group hold no partials)
-        unit_rows = min(block_m, block_size * group)
+        BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, MERGE_IN_LAST=merge_in_last, **shape,
+        num_warps=num_warps, num_stages=num_stages)
+    if not direct and not merge_in_last:  # merge programs for a unit's real rows only
         merge_rows = min(MERGE_ROWS, triton.next_power_of_2(unit_rows))
         _merge[(batch_size, units, triton.cdiv(unit_rows, merge_rows))](
             o_part, lse_part, out, kv_indptr, splits, window_arg, out.stride(0), out.stride(1), **shape,
