@@ -261,3 +261,24 @@ def test_benchmark_dummy_weights_keep_norms_and_scalars_at_one(monkeypatch):
     moe = model.model.layers[0].moe
     ids = moe.router(_hidden(16, seed=3)).topk_ids
     assert len({tuple(sorted(row)) for row in ids.tolist()}) > 1  # distinct tokens, distinct experts
+
+
+@in_sglang
+def test_dense_mlp_takes_the_decode_kernels_only_up_to_its_size_bound(monkeypatch):
+    """``DFLASH_GEMMA4_DECODE_MLP=on`` puts a dense MLP on ``ops.decode_mlp`` only while its weights are at most
+    ``DENSE_DECODE_KERNEL_MAX_BYTES`` (the 26B-A4B's 36 MB MLP gained on an H100; the 31B's 693 MB one read at
+    1.25 TB/s there); ``experts`` and ``off`` keep every dense MLP on SGLang's GEMMs."""
+    from dflash_sglang.serving.models import gemma4_layers
+
+    def takes_kernels(hidden: int, inter: int) -> bool:
+        with set_default_torch_dtype(torch.bfloat16):
+            return gemma4_layers.Gemma4MLP(hidden, inter).decode_kernels
+
+    weight_bytes = 3 * HIDDEN * INTERMEDIATE * 2
+    assert takes_kernels(HIDDEN, INTERMEDIATE)
+    monkeypatch.setattr(gemma4_layers, "DENSE_DECODE_KERNEL_MAX_BYTES", weight_bytes)
+    assert takes_kernels(HIDDEN, INTERMEDIATE)
+    assert not takes_kernels(HIDDEN, INTERMEDIATE + 1)
+    for mode in ("experts", "off"):
+        monkeypatch.setenv("DFLASH_GEMMA4_DECODE_MLP", mode)
+        assert not takes_kernels(HIDDEN, INTERMEDIATE)

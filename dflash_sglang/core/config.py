@@ -403,8 +403,9 @@ DECODE_MLP_MODES = ("on", "experts", "off")
 def decode_mlp_mode() -> str:
     """``DFLASH_GEMMA4_DECODE_MLP``: which of a Gemma 4 layer's feed-forward blocks run ``ops.decode_mlp`` (two
     Triton kernels, ``ops/decode_mlp_kernel.py``) at decode batch sizes it serves: ``on`` (default: the routed
-    experts, router top-k included, and the dense MLP; on an H100, 26B-A4B AR 5.6% faster at c1), ``experts``
-    (the routed experts only) or ``off`` (SGLang's fused MoE and cuBLAS GEMMs)."""
+    experts, router top-k included, and a dense MLP of at most ``gemma4_layers.DENSE_DECODE_KERNEL_MAX_BYTES`` per
+    rank; on an H100, 26B-A4B AR 5.6% faster at c1), ``experts`` (the routed experts only) or ``off`` (SGLang's
+    fused MoE and cuBLAS GEMMs)."""
     return _env_choice("DFLASH_GEMMA4_DECODE_MLP", DECODE_MLP_MODES)
 
 

@@ -22,8 +22,8 @@ renormalization are SGLang's ``TopK`` (on CUDA its ``topk_softmax`` kernel, as Q
 PyTorch ``forward_native``); and ``per_expert_scale`` multiplies each expert's down projection ``w2`` once after loading
 (:meth:`Gemma4MoE.fold_per_expert_scale`), which is exact because an expert's output is linear in its ``w2`` and
 scaled by its routing weight. Decode batches of ``ops/decode_mlp_kernel.MAX_TOKENS`` token(s) run the routed
-experts (top-k from the router's logits included) and the dense MLP as ``ops.decode_mlp``'s two kernels each, on the
-same weights (``DFLASH_GEMMA4_DECODE_MLP``: ``on`` by default, ``experts`` for the experts only, ``off``). The
+experts (top-k from the router's logits included) and a small dense MLP as ``ops.decode_mlp``'s two kernels each, on
+the same weights (``DFLASH_GEMMA4_DECODE_MLP``: ``on`` by default, ``experts`` for the experts only, ``off``). The
 proportional RoPE module (and its cos/sin cache) is shared by all layers of one shape (:func:`proportional_rope`).
 
 KV cache layout. Each layer attends with its own shape -- RadixAttention gets the layer's head size and KV
@@ -127,10 +127,17 @@ class Gemma4Attention(nn.Module):
         return out
 
 
+# The dense MLP runs ops.decode_mlp's kernels only up to this many weight bytes per rank: they win where launches
+# cost, not where the read does. H100, bf16, one token: Gemma-4-26B-A4B's 36 MB MLP on the kernels (with its
+# experts) took the AR step from 4.40 to 4.15 ms; Gemma-4-31B's 693 MB MLP read at 1.25 TB/s on them (22.3 ms of a
+# 36.3 ms step) where cuBLAS's step was 23.2 ms, 1.13x the model's weight-read floor.
+DENSE_DECODE_KERNEL_MAX_BYTES = 64 << 20
+
+
 class Gemma4MLP(nn.Module):
     """The dense gated MLP: SGLang's GEMMs and activation, or where ``ops.decode_mlp`` serves the batch (and
-    ``DFLASH_GEMMA4_DECODE_MLP=on``, the default) its kernels on the same weights, this rank's intermediate columns,
-    all-reduced as ``down_proj`` would."""
+    ``DFLASH_GEMMA4_DECODE_MLP=on``, the default, for an MLP of at most ``DENSE_DECODE_KERNEL_MAX_BYTES`` per rank)
+    its kernels on the same weights, this rank's intermediate columns, all-reduced as ``down_proj`` would."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
@@ -140,7 +147,9 @@ class Gemma4MLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, quant_config=quant_config,
                                            prefix=add_prefix("down_proj", prefix))
         self.act_fn = GeluAndMul(approximate="tanh")  # gelu_pytorch_tanh
-        self.decode_kernels = quant_config is None and decode_mlp_mode() == "on"
+        weight_bytes = sum(w.numel() * w.element_size() for w in (self.gate_up_proj.weight, self.down_proj.weight))
+        self.decode_kernels = (quant_config is None and decode_mlp_mode() == "on"
+                               and weight_bytes <= DENSE_DECODE_KERNEL_MAX_BYTES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode_kernels:
