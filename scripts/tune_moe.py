@@ -225,17 +225,14 @@ def main() -> int:
                                          "default": default, "configs_timed": len(timings)}
         print(f"tokens {tokens:4d}: best {1e3 * best_ms:8.1f} us, default {1e3 * default_ms:8.1f} us "
               f"({default_ms / best_ms:.2f}x) {best_config}", flush=True)
+        if not args.decode_mlp_only:  # after every count, before the decode-MLP timings: a cut run keeps it
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(best, handle, indent=2)
         if args.decode_mlp or args.decode_mlp_only:
             report["tokens"][str(tokens)]["decode_mlp"] = time_decode_mlp(x, logits, w1, w2, top_k, runner,
                                                                           best_config, bandwidth_gbs)
             report["tokens"][str(tokens)]["decode_mlp_dense"] = time_dense_mlp(x, args.dense_intermediate,
                                                                                bandwidth_gbs)
-        if args.decode_mlp_only:
-            if args.report:
-                write_report(report, args.report)
-            continue
-        with open(path, "w", encoding="utf-8") as handle:  # after every count: a cut run keeps what it tuned
-            json.dump(best, handle, indent=2)
         if args.report:
             write_report(report, args.report)
     print("tuned nothing (--decode-mlp-only)" if args.decode_mlp_only else f"wrote {path}")
