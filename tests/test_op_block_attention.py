@@ -321,6 +321,9 @@ def test_kernel_rejects_shapes_it_does_not_cover(kernels):
     args = _inputs([4], 8, 4, 2, 48, torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim 48"):
         kernels.block_attention(**args, causal=True)
+    args = _inputs([40], 1, 4, 2, 64, torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="splits must be in 1..16, got 17"):  # the last-split merge unrolls 16
+        kernels.block_attention(**args, causal=True, splits=17)
 
 
 def test_slot_map_arguments_are_checked():

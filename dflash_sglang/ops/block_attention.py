@@ -132,27 +132,39 @@ def _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE: tl.constexpr, H
 
 
 @triton.jit
+def _merge_split(O_part, Lse_part, part, local_rows, rows_ok, dims, m_i, l_i, acc, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Folds split partial ``part`` into the running max (log2), normalizer and output of the rows."""
+    lse = tl.load(Lse_part + part * BLOCK_M + local_rows, mask=rows_ok, other=float("-inf"), cache_modifier=".cg")
+    out = tl.load(O_part + part * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :],
+                  mask=rows_ok[:, None], other=0.0, cache_modifier=".cg")
+    m_new = tl.maximum(m_i, lse)
+    alpha = tl.exp2(m_i - m_new)
+    weight = tl.exp2(lse - m_new)
+    return m_new, l_i * alpha + weight, acc * alpha[:, None] + out * weight[:, None]
+
+
+@triton.jit
 def _merged_rows(O_part, Lse_part, first, live_splits, local_rows, rows_ok, dims, ROWS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
     """The output of rows ``local_rows`` of one (request, unit): the partials of splits ``first`` onwards
-    combined by their log-sum-exp. Loads bypass L1 (``.cg``): other programs wrote them during this launch."""
+    combined by their log-sum-exp. Loads bypass L1 (``.cg``): other programs wrote them during this launch.
+    ``UNROLL``: the loop over splits unrolled to ``MAX_SPLITS`` steps (masked past ``live_splits``), so that
+    its loads issue together (few rows: a few registers each); else a loop over the live splits."""
     # Split 0 holds the block's keys (each row sees its own): its log-sum-exp is finite for every row, so no
-    # -inf - -inf below; a later split a row saw nothing of has lse -inf and output 0, so weight 0.
+    # -inf - -inf below; a later split a row saw nothing of (or a masked one) has lse -inf: weight 0.
     m_i = tl.load(Lse_part + first * BLOCK_M + local_rows, mask=rows_ok, other=0.0, cache_modifier=".cg")
     l_i = tl.full([ROWS], 1.0, tl.float32)
     acc = tl.load(O_part + first * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :],
                   mask=rows_ok[:, None], other=0.0, cache_modifier=".cg")
-    for split in range(1, live_splits):  # the splits past the prefix's end wrote nothing
-        lse = tl.load(Lse_part + (first + split) * BLOCK_M + local_rows, mask=rows_ok, other=0.0,
-                      cache_modifier=".cg")
-        part = tl.load(O_part + (first + split) * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D
-                       + dims[None, :], mask=rows_ok[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.exp2(m_i - m_new)
-        weight = tl.exp2(lse - m_new)
-        acc = acc * alpha[:, None] + part * weight[:, None]
-        l_i = l_i * alpha + weight
-        m_i = m_new
+    if UNROLL:
+        for split in tl.static_range(1, MAX_SPLITS):
+            m_i, l_i, acc = _merge_split(O_part, Lse_part, first + split, local_rows, rows_ok & (split < live_splits),
+                                         dims, m_i, l_i, acc, BLOCK_M, BLOCK_D)
+    else:
+        for split in range(1, live_splits):  # the splits past the prefix's end wrote nothing
+            m_i, l_i, acc = _merge_split(O_part, Lse_part, first + split, local_rows, rows_ok, dims, m_i, l_i, acc,
+                                         BLOCK_M, BLOCK_D)
     return acc / l_i[:, None]
 
 
@@ -163,7 +175,7 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
              stride_o_tok, stride_o_head, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, LISTED_BLOCK: tl.constexpr,
              ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr, MERGE_IN_LAST: tl.constexpr):
+             BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr, MERGE_IN_LAST: tl.constexpr, FOLD_ROWS: tl.constexpr):
     req = tl.program_id(0)
     unit = tl.program_id(1)  # (KV head, chunk of its query rows)
     kv_head = unit // ROW_CHUNKS
@@ -244,9 +256,10 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
                 tl.store(counter, 0)  # at rest for the next launch (kernel boundaries order it)
                 live_splits = _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE, HAS_WINDOW,
                                            LISTED_BLOCK, BLOCK_N)
-                merged = _merged_rows(O_part, Lse_part, part - split, live_splits, local_rows, row_ok, dims,
-                                      BLOCK_M, BLOCK_M, BLOCK_D)
-                _store_rows(O, merged, req, kv_head, rows, dims, stride_o_tok, stride_o_head,
+                fold_rows = tl.arange(0, FOLD_ROWS)  # the unit's real rows (its only row chunk)
+                merged = _merged_rows(O_part, Lse_part, part - split, live_splits, fold_rows,
+                                      fold_rows < BLOCK_SIZE * GROUP, dims, FOLD_ROWS, BLOCK_M, BLOCK_D, True)
+                _store_rows(O, merged, req, kv_head, fold_rows, dims, stride_o_tok, stride_o_head,
                             BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
@@ -264,7 +277,7 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, window, stride_o_tok, str
     dims = tl.arange(0, BLOCK_D)
     live_splits = _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE, HAS_WINDOW, LISTED_BLOCK, BLOCK_N)
     merged = _merged_rows(O_part, Lse_part, (req * num_units + unit) * num_splits, live_splits, local_rows,
-                          rows < BLOCK_SIZE * GROUP, dims, MERGE_ROWS, BLOCK_M, BLOCK_D)
+                          rows < BLOCK_SIZE * GROUP, dims, MERGE_ROWS, BLOCK_M, BLOCK_D, False)
     _store_rows(O, merged, req, kv_head, rows, dims, stride_o_tok, stride_o_head, BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
@@ -351,6 +364,8 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
     row_chunks = triton.cdiv(block_size * group, block_m)
     units = num_kv_heads * row_chunks
     splits = splits or split_count(batch_size, units, _device.num_sms(q.device))
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"block_attention: splits must be in 1..{MAX_SPLITS}, got {splits}")
     direct = splits == 1
     parts = 0 if direct else batch_size * units * splits
     unit_rows = min(block_m, block_size * group)  # a unit's real rows: only they have partials
@@ -372,8 +387,8 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
         sm_scale * LOG2E, splits, window_arg, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1),
         v_block.stride(0), v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), CAUSAL=causal, HAS_SLOT_MAP=kv_slot_map is not None,
-        BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, MERGE_IN_LAST=merge_in_last, **shape,
-        num_warps=num_warps, num_stages=num_stages)
+        BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, MERGE_IN_LAST=merge_in_last,
+        FOLD_ROWS=triton.next_power_of_2(unit_rows), **shape, num_warps=num_warps, num_stages=num_stages)
     if not direct and not merge_in_last:  # merge programs for a unit's real rows only
         merge_rows = min(MERGE_ROWS, triton.next_power_of_2(unit_rows))
         _merge[(batch_size, units, triton.cdiv(unit_rows, merge_rows))](
