@@ -14,8 +14,9 @@ from dflash_sglang.core.checkpoint import load_drafter
 from dflash_sglang.core.config import DFlashDraftConfig
 from dflash_sglang.training.cli import main
 from dflash_sglang.training.data import load_sequences
-from dflash_sglang.training.loop import (TrainConfig, Trainer, evaluate_acceptance, list_checkpoints, new_drafter,
-                                         pack_batches, target_features)
+from dflash_sglang.training.loop import (TrainConfig, Trainer, copy_target_layers, drafter_config_for,
+                                         evaluate_acceptance, list_checkpoints, new_drafter, pack_batches,
+                                         target_features)
 from dflash_sglang.training.objective import batch_loss, build_batch, sample_anchors
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -163,3 +164,49 @@ def test_time_limit_checkpoints_and_stops(run, tmp_path):
     trainer.run(deadline=time.monotonic() - 1)
     assert trainer.step == 1
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-0000001"]
+
+
+def _tiny_llama(attention_bias: bool):
+    """A real transformers Llama (no q/k norms) shaped like the tiny drafter's layers, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=attention_bias)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_drafter_layers_start_from_the_targets_last_layers(run):
+    """``--init-layers-from-target``: drafter layer i holds the target's layer L - n + i (Qwen3: q/k norms too;
+    Llama: q/k norms stay one) and the target's final norm; targets whose layers hold more (biases) are refused."""
+    for target in (_target(run["target"]), _tiny_llama(attention_bias=False)):
+        drafter = new_drafter(drafter_config_for(target.config, TrainConfig(num_draft_layers=2), 0), seed=0)
+        copied = copy_target_layers(drafter, target)
+        layers = target.get_decoder().layers
+        assert copied == [len(layers) - 2, len(layers) - 1]
+        for layer, index in zip(drafter.layers, copied):
+            source = dict(layers[index].named_parameters())
+            for name, param in layer.named_parameters():
+                if name in source:
+                    assert torch.equal(param, source[name]), name
+                else:
+                    assert name.endswith(("q_norm.weight", "k_norm.weight")), name
+                    assert torch.equal(param, torch.ones_like(param)), name
+        assert torch.equal(drafter.norm.weight, target.get_decoder().norm.weight)
+    biased = _tiny_llama(attention_bias=True)
+    drafter = new_drafter(drafter_config_for(biased.config, TrainConfig(num_draft_layers=2), 0), seed=0)
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj\.bias"):
+        copy_target_layers(drafter, biased)
+    from transformers import GemmaConfig, GemmaForCausalLM  # Llama's parameter names, RMSNorm of 1 + weight
+
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    drafter = new_drafter(drafter_config_for(gemma.config, TrainConfig(num_draft_layers=2), 0), seed=0)
+    with pytest.raises(ValueError, match="a gemma decoder layer does not map"):
+        copy_target_layers(drafter, gemma)
+
+
+def test_cli_refuses_two_starting_points(run, tmp_path):
+    with pytest.raises(SystemExit, match="pass one"):
+        main(["--target", run["target"], "--out", str(tmp_path), "--data", os.path.join(run["out"], "data.jsonl"),
+              "--init-from", run["out"], "--init-layers-from-target", *ARGS])

@@ -129,6 +129,33 @@ def new_drafter(config: DFlashDraftConfig, seed: int) -> DFlashDrafter:
     return drafter
 
 
+def copy_target_layers(drafter: DFlashDrafter, target) -> list[int]:
+    """Starts the drafter's ``n`` layers from the target's last ``n`` decoder layers (their projections and norms,
+    and the final norm): the layers that map late hidden states to what the frozen LM head reads. A drafter layer
+    holds exactly a Llama / Qwen3 decoder layer's parameters; q/k norms the target lacks (Llama) stay at one.
+    Returns the target layer ids copied. Raises ValueError naming the parameters that do not match where the
+    target's layers differ (biases, Gemma's extra norms and its ``1 + weight`` RMSNorm, other shapes)."""
+    decoder = target.get_decoder()
+    count = len(drafter.layers)
+    first = len(decoder.layers) - count
+    if first < 0:
+        raise ValueError(f"copy_target_layers: the target has {len(decoder.layers)} layers, the drafter {count}")
+    drafter_names = {name: param.shape for name, param in drafter.layers[0].named_parameters()}
+    target_names = {name: param.shape for name, param in decoder.layers[first].named_parameters()}
+    unmatched = sorted(name for name, shape in target_names.items() if drafter_names.get(name) != shape)
+    if unmatched or str(getattr(target.config, "model_type", "")).startswith("gemma"):
+        raise ValueError(f"copy_target_layers: a {target.config.model_type} decoder layer does not map onto a "
+                         f"drafter layer (target parameters without a same-shaped drafter one: {unmatched}); "
+                         "train from random weights instead")
+    with torch.no_grad():
+        for layer, source in zip(drafter.layers, decoder.layers[first:]):
+            params = dict(layer.named_parameters())
+            for name, param in source.named_parameters():
+                params[name].copy_(param)
+        drafter.norm.weight.copy_(decoder.norm.weight)
+    return list(range(first, first + count))
+
+
 def target_features(target, tokens: torch.Tensor, attention_mask: torch.Tensor,
                     layer_ids: Sequence[int]) -> torch.Tensor:
     """The target's ``hidden_states[i + 1]`` for ``i`` in ``layer_ids``, concatenated, of right-padded sequences.
