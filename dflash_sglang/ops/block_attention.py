@@ -146,19 +146,19 @@ def _merge_split(O_part, Lse_part, part, local_rows, rows_ok, dims, m_i, l_i, ac
 
 @triton.jit
 def _merged_rows(O_part, Lse_part, first, live_splits, local_rows, rows_ok, dims, ROWS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UNROLLED_SPLITS: tl.constexpr):
     """The output of rows ``local_rows`` of one (request, unit): the partials of splits ``first`` onwards
     combined by their log-sum-exp. Loads bypass L1 (``.cg``): other programs wrote them during this launch.
-    ``UNROLL``: the loop over splits unrolled to ``MAX_SPLITS`` steps (masked past ``live_splits``), so that
-    its loads issue together (few rows: a few registers each); else a loop over the live splits."""
+    ``UNROLLED_SPLITS`` > 0: the loop over splits unrolled to that many steps (masked past ``live_splits``), so
+    that its loads issue together (few rows: a few registers each); 0: a loop over the live splits."""
     # Split 0 holds the block's keys (each row sees its own): its log-sum-exp is finite for every row, so no
     # -inf - -inf below; a later split a row saw nothing of (or a masked one) has lse -inf: weight 0.
     m_i = tl.load(Lse_part + first * BLOCK_M + local_rows, mask=rows_ok, other=0.0, cache_modifier=".cg")
     l_i = tl.full([ROWS], 1.0, tl.float32)
     acc = tl.load(O_part + first * BLOCK_M * BLOCK_D + local_rows[:, None] * BLOCK_D + dims[None, :],
                   mask=rows_ok[:, None], other=0.0, cache_modifier=".cg")
-    if UNROLL:
-        for split in tl.static_range(1, MAX_SPLITS):
+    if UNROLLED_SPLITS > 0:
+        for split in tl.static_range(1, UNROLLED_SPLITS):
             m_i, l_i, acc = _merge_split(O_part, Lse_part, first + split, local_rows, rows_ok & (split < live_splits),
                                          dims, m_i, l_i, acc, BLOCK_M, BLOCK_D)
     else:
@@ -175,7 +175,8 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
              stride_o_tok, stride_o_head, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, LISTED_BLOCK: tl.constexpr,
              ROW_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr, MERGE_IN_LAST: tl.constexpr, FOLD_ROWS: tl.constexpr):
+             BLOCK_KB: tl.constexpr, DIRECT: tl.constexpr, MERGE_IN_LAST: tl.constexpr, FOLD_ROWS: tl.constexpr,
+             FOLD_SPLITS: tl.constexpr):
     req = tl.program_id(0)
     unit = tl.program_id(1)  # (KV head, chunk of its query rows)
     kv_head = unit // ROW_CHUNKS
@@ -258,7 +259,7 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
                                            LISTED_BLOCK, BLOCK_N)
                 fold_rows = tl.arange(0, FOLD_ROWS)  # the unit's real rows (its only row chunk)
                 merged = _merged_rows(O_part, Lse_part, part - split, live_splits, fold_rows,
-                                      fold_rows < BLOCK_SIZE * GROUP, dims, FOLD_ROWS, BLOCK_M, BLOCK_D, True)
+                                      fold_rows < BLOCK_SIZE * GROUP, dims, FOLD_ROWS, BLOCK_M, BLOCK_D, FOLD_SPLITS)
                 _store_rows(O, merged, req, kv_head, fold_rows, dims, stride_o_tok, stride_o_head,
                             BLOCK_SIZE, GROUP, HEAD_DIM)
 
@@ -277,7 +278,7 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, window, stride_o_tok, str
     dims = tl.arange(0, BLOCK_D)
     live_splits = _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE, HAS_WINDOW, LISTED_BLOCK, BLOCK_N)
     merged = _merged_rows(O_part, Lse_part, (req * num_units + unit) * num_splits, live_splits, local_rows,
-                          rows < BLOCK_SIZE * GROUP, dims, MERGE_ROWS, BLOCK_M, BLOCK_D, False)
+                          rows < BLOCK_SIZE * GROUP, dims, MERGE_ROWS, BLOCK_M, BLOCK_D, 0)
     _store_rows(O, merged, req, kv_head, rows, dims, stride_o_tok, stride_o_head, BLOCK_SIZE, GROUP, HEAD_DIM)
 
 
@@ -388,7 +389,8 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
         v_block.stride(0), v_block.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), CAUSAL=causal, HAS_SLOT_MAP=kv_slot_map is not None,
         BLOCK_KB=max(16, triton.next_power_of_2(block_size)), DIRECT=direct, MERGE_IN_LAST=merge_in_last,
-        FOLD_ROWS=triton.next_power_of_2(unit_rows), **shape, num_warps=num_warps, num_stages=num_stages)
+        FOLD_ROWS=triton.next_power_of_2(unit_rows), FOLD_SPLITS=MAX_SPLITS, **shape, num_warps=num_warps,
+        num_stages=num_stages)
     if not direct and not merge_in_last:  # merge programs for a unit's real rows only
         merge_rows = min(MERGE_ROWS, triton.next_power_of_2(unit_rows))
         _merge[(batch_size, units, triton.cdiv(unit_rows, merge_rows))](
