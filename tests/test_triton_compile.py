@@ -22,6 +22,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from dflash_sglang.ops import block_attention, decode_mlp_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SMS = 132  # an H100 SXM's (an H200's too)
+HOPPER_SHARED_MEMORY = 227 * 1024  # shared memory a program may opt into on sm_90
 
 
 def compile_for_hopper(kernel, constexprs: dict, types: dict, num_warps: int = 4, num_stages: int = 3):
@@ -55,10 +57,11 @@ PARTIAL_CASES = [
 
 @pytest.mark.parametrize(("name", "constexprs"), PARTIAL_CASES, ids=[case[0] for case in PARTIAL_CASES])
 def test_block_attention_partial_compiles_for_hopper(name, constexprs):
-    wide = constexprs["BLOCK_M"] * constexprs["BLOCK_D"] >= block_attention.MAX_TILE_ELEMENTS
-    compiled = compile_for_hopper(block_attention._partial, constexprs, BLOCK_TYPES, num_warps=8 if wide else 4,
-                                  num_stages=2)
-    assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024
+    block_m, block_d = constexprs["BLOCK_M"], constexprs["BLOCK_D"]
+    compiled = compile_for_hopper(block_attention._partial, constexprs, BLOCK_TYPES,
+                                  num_warps=block_attention.partial_warps(block_m, block_d),
+                                  num_stages=block_attention.pipeline_stages(block_d, 2, HOPPER_SHARED_MEMORY))
+    assert "cubin" in compiled.asm and compiled.metadata.shared <= HOPPER_SHARED_MEMORY
 
 
 def test_block_attention_merge_compiles_for_hopper():
@@ -76,9 +79,10 @@ MLP_SHAPES = [("experts", dict(HIDDEN=2816, INTER=704, TOP_K=8, ROUTED=True, BLO
 
 @pytest.mark.parametrize(("name", "shape"), MLP_SHAPES, ids=[case[0] for case in MLP_SHAPES])
 def test_decode_mlp_kernels_compile_for_hopper(name, shape):
-    launch = decode_mlp_kernel.DEFAULT_LAUNCH
-    gate_up = dict(shape, TANH_GELU=not shape["ROUTED"], BLOCK_N=8,
-                   BLOCK_K=decode_mlp_kernel._block_k(shape["HIDDEN"], launch))
-    down = dict(shape, BLOCK_N=8, BLOCK_K=decode_mlp_kernel._block_k(shape["INTER"], launch))
+    launch, kernel = decode_mlp_kernel.DEFAULT_LAUNCH, decode_mlp_kernel
+    hidden, inter, rows = shape["HIDDEN"], shape["INTER"], shape["TOP_K"]  # one token: TOP_K rows
+    gate_up = dict(shape, TANH_GELU=not shape["ROUTED"], BLOCK_N=kernel._block_n(rows, inter, HOPPER_SMS, launch),
+                   BLOCK_K=kernel._block_k(hidden, launch))
+    down = dict(shape, BLOCK_N=kernel._block_n(1, hidden, HOPPER_SMS, launch), BLOCK_K=kernel._block_k(inter, launch))
     for kernel, constexprs in ((decode_mlp_kernel._gate_up_kernel, gate_up), (decode_mlp_kernel._down_kernel, down)):
         assert "cubin" in compile_for_hopper(kernel, constexprs, MLP_TYPES, num_warps=launch.num_warps).asm

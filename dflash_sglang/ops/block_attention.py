@@ -123,12 +123,19 @@ def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def _live_count(keys, per_split, num_splits):
+    """Splits that hold prefix keys, of ``keys`` keys at ``per_split`` a split (split 0 always: it holds the block's
+    keys)."""
+    return tl.minimum(num_splits, tl.cdiv(keys, per_split))
+
+
+@triton.jit
 def _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  LISTED_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The splits of request ``req`` that hold prefix keys (split 0 always: it holds the block's keys)."""
+    """:func:`_live_count` of request ``req``, from its listing."""
     length = _prefix_length(kv_indptr, req, tl.load(kv_indptr + req), BLOCK_SIZE, LISTED_BLOCK)
     keys = length - _prefix_start(length, window, HAS_WINDOW)
-    return tl.minimum(num_splits, tl.cdiv(keys, _split_size(keys, num_splits, BLOCK_N)))
+    return _live_count(keys, _split_size(keys, num_splits, BLOCK_N), num_splits)
 
 
 @triton.jit
@@ -255,8 +262,7 @@ def _partial(Q, K_block, V_block, K_cache, V_cache, kv_indptr, kv_indices, kv_sl
             tl.debug_barrier()  # all of this program's stores issued before the release below
             if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
                 tl.store(counter, 0)  # at rest for the next launch (kernel boundaries order it)
-                live_splits = _live_splits(kv_indptr, req, num_splits, window, BLOCK_SIZE, HAS_WINDOW,
-                                           LISTED_BLOCK, BLOCK_N)
+                live_splits = _live_count(length - first, per_split, num_splits)
                 fold_rows = tl.arange(0, FOLD_ROWS)  # the unit's real rows (its only row chunk)
                 merged = _merged_rows(O_part, Lse_part, part - split, live_splits, fold_rows,
                                       fold_rows < BLOCK_SIZE * GROUP, dims, FOLD_ROWS, BLOCK_M, BLOCK_D, FOLD_SPLITS)
@@ -280,6 +286,12 @@ def _merge(O_part, Lse_part, O, kv_indptr, num_splits, window, stride_o_tok, str
     merged = _merged_rows(O_part, Lse_part, (req * num_units + unit) * num_splits, live_splits, local_rows,
                           rows < BLOCK_SIZE * GROUP, dims, MERGE_ROWS, BLOCK_M, BLOCK_D, 0)
     _store_rows(O, merged, req, kv_head, rows, dims, stride_o_tok, stride_o_head, BLOCK_SIZE, GROUP, HEAD_DIM)
+
+
+def partial_warps(block_m: int, block_d: int) -> int:
+    """Warps of a ``_partial`` program: 8 for a [BLOCK_M, BLOCK_D] fp32 accumulator of ``MAX_TILE_ELEMENTS``
+    (fewer would spill), else 4."""
+    return 8 if block_m * block_d >= MAX_TILE_ELEMENTS else 4
 
 
 def pipeline_stages(block_d: int, itemsize: int, shared_memory: int) -> int:
@@ -379,8 +391,7 @@ def block_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tenso
                  LISTED_BLOCK=listed_block, ROW_CHUNKS=row_chunks, BLOCK_M=block_m, BLOCK_D=block_d,
                  BLOCK_N=prefix_tile(block_d))
     window_arg = window if has_window else 0
-    # Wide tiles hold a [BLOCK_M, BLOCK_D] fp32 accumulator of up to MAX_TILE_ELEMENTS: fewer warps would spill.
-    num_warps = 8 if block_m * block_d >= MAX_TILE_ELEMENTS else 4
+    num_warps = partial_warps(block_m, block_d)
     num_stages = pipeline_stages(block_d, q.element_size(), _device.shared_memory_per_block(q.device))
     # No map: None specializes the pointer away, so the kernel is the unmapped one, argument for argument.
     _partial[(batch_size, units, splits)](

@@ -147,11 +147,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _block_n(rows: int, columns: int, device: torch.device, launch: Launch) -> int:
+def _block_n(rows: int, columns: int, num_sms: int, launch: Launch) -> int:
     """Columns a program takes: the widest of 32..4 that still gives every multiprocessor
     ``launch.programs_per_sm`` programs, so the weight reads of a one-token batch are spread over the whole GPU."""
     block_n = 32
-    while block_n > 4 and rows * triton.cdiv(columns, block_n) < launch.programs_per_sm * _multiprocessors(device):
+    while block_n > 4 and rows * triton.cdiv(columns, block_n) < launch.programs_per_sm * num_sms:
         block_n //= 2
     return block_n
 
@@ -174,12 +174,12 @@ def decode_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logi
     act = torch.empty(tokens * rows_per_token, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
     block_e = triton.next_power_of_2(num_experts)
-    block_n = _block_n(tokens * rows_per_token, inter, x.device, launch)
+    block_n = _block_n(tokens * rows_per_token, inter, _multiprocessors(x.device), launch)
     _gate_up_kernel[(tokens * rows_per_token, triton.cdiv(inter, block_n))](
         x, logits, w13, act, num_experts, x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1),
         act.stride(0), HIDDEN=hidden, INTER=inter, TOP_K=rows_per_token, ROUTED=routed, TANH_GELU=tanh_gelu,
         BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_K=_block_k(hidden, launch), num_warps=launch.num_warps)
-    block_n = _block_n(tokens, hidden, x.device, launch)
+    block_n = _block_n(tokens, hidden, _multiprocessors(x.device), launch)
     _down_kernel[(tokens, triton.cdiv(hidden, block_n))](
         act, logits, w2, out, num_experts, act.stride(0), logits.stride(0), w2.stride(0), w2.stride(1),
         out.stride(0), HIDDEN=hidden, INTER=inter, TOP_K=rows_per_token, ROUTED=routed, BLOCK_E=block_e,

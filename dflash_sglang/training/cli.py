@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         mask_token_id=args.mask_token_id)
     vocab = target.get_input_embeddings().weight.shape[0]
     mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token_id(tokenizer, vocab)
+    resume = args.resume and bool(list_checkpoints(args.out))
     if args.init_from and args.init_layers_from_target:
         raise SystemExit("dflash-train: --init-from and --init-layers-from-target both set the drafter's starting "
                          "weights: pass one")
@@ -147,13 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         drafter.config.check_target(target.config)
     else:
         drafter = new_drafter(drafter_config_for(target.config, train, mask_id), args.seed)
-        if args.init_layers_from_target and not (args.resume and list_checkpoints(args.out)):
+        if args.init_layers_from_target and not resume:  # a resumed run takes its checkpoint's weights
             try:
                 copied = copy_target_layers(drafter, target)
             except ValueError as error:
                 raise SystemExit(f"dflash-train: --init-layers-from-target: {error}") from None
             print(f"dflash-train: drafter layers start from the target's layers {copied}", file=sys.stderr)
-    resume = args.resume and bool(list_checkpoints(args.out))
     trainer = Trainer(target, drafter, [s for _, s in train_rows], train, args.out, device=device,
                       resume=resume, progress=progress)
     print(f"dflash-train: {len(train_rows)} training sequences, {len(eval_prompts)} held-out prompts, "
