@@ -166,6 +166,41 @@ def test_time_limit_checkpoints_and_stops(run, tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-0000001"]
 
 
+def test_schedule_fitted_to_the_time_limit_ends_at_a_low_learning_rate(run, tmp_path):
+    """``--fit-schedule``: a clock that ticks one second per reading makes each step cost ~1 s; with 80 s to the
+    deadline the 500-step schedule shrinks to what fits, the run finishes it before the deadline with the last
+    learning rate near zero, and a resumed run keeps the fitted length."""
+    from itertools import count
+
+    from dflash_sglang.training.loop import FIT_AFTER_STEPS, FIT_SKIP_STEPS
+
+    target = _target(run["target"])
+    sequences = [s for _, s in load_sequences(os.path.join(run["out"], "data.jsonl"))][:4]
+    train = TrainConfig(num_draft_layers=2, block_size=8, num_anchors=4, batch_size=2, max_steps=500, save_every=40)
+    config = load_drafter(run["out"]).config
+
+    def trainer(resume=False):
+        return Trainer(target, new_drafter(config, seed=1), sequences, train, str(tmp_path),
+                       device=torch.device("cpu"), resume=resume, progress=False)
+
+    ticks = count()
+    fitted = trainer()
+    fitted.run(until=60, deadline=80.0, fit_schedule_to_deadline=True, clock=lambda: float(next(ticks)))
+    fit_step = FIT_SKIP_STEPS + FIT_AFTER_STEPS
+    assert fitted.schedule_fitted and fit_step < fitted.total_steps < 80
+    assert fitted.step == 60
+    resumed = trainer(resume=True)
+    assert resumed.schedule_fitted and resumed.total_steps == fitted.total_steps and resumed.step == 60
+    resumed.run()
+    assert resumed.step == resumed.total_steps
+    lrs = [record["lr"] for record in resumed.history]
+    assert max(lrs) == pytest.approx(train.lr, rel=0.05)
+    assert lrs[-1] == 0.0 and all(a >= b for a, b in zip(lrs[fit_step:], lrs[fit_step + 1:]))
+    with pytest.raises(SystemExit, match="pass both"):
+        main(["--target", run["target"], "--out", str(tmp_path / "cli"), "--data",
+              os.path.join(run["out"], "data.jsonl"), "--fit-schedule", *ARGS])
+
+
 def _tiny_llama(attention_bias: bool):
     """A real transformers Llama (no q/k norms) shaped like the tiny drafter's layers, random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM

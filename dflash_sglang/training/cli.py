@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <out>")
     train.add_argument("--time-limit-min", type=float,
                        help="checkpoint and stop after this many minutes of training (continue with --resume)")
+    train.add_argument("--fit-schedule", action="store_true",
+                       help="with --time-limit-min: time the first steps and shorten the run (its warmup and "
+                            "cosine decay) to end within the limit, so it finishes at a low learning rate")
     train.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     train.add_argument("--no-progress", action="store_true")
     ev = p.add_argument_group("evaluation")
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.fit_schedule and not args.time_limit_min:
+        raise SystemExit("dflash-train: --fit-schedule fits the run to --time-limit-min: pass both")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -178,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             evals.append(measure("eval"))
 
     deadline = time.monotonic() + 60 * args.time_limit_min if args.time_limit_min else None
-    trainer.run(on_step=on_step, deadline=deadline)
+    trainer.run(on_step=on_step, deadline=deadline, fit_schedule_to_deadline=args.fit_schedule)
+    if trainer.schedule_fitted:
+        print(f"dflash-train: schedule fitted to the time limit: {trainer.total_steps} steps", file=sys.stderr)
     path = trainer.export()
     if trainer.step < trainer.total_steps:
         print(f"dflash-train: stopped at step {trainer.step} of {trainer.total_steps} (time limit); drafter so far "

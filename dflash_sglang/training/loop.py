@@ -8,6 +8,9 @@ blocks (``objective.batch_loss``), the clipped AdamW update, and a single host r
 
 Batches: consecutive sequences of the epoch's order, at most ``batch_size`` of them and, with
 ``max_batch_tokens``, at most that many padded tokens (count x longest; a longer sequence is a batch alone).
+With a time budget (``run(..., fit_schedule_to_deadline=True)``), the schedule's length is set once from the
+measured step rate (:data:`FIT_AFTER_STEPS` steps after :data:`FIT_SKIP_STEPS` start-up ones), so warmup and
+cosine decay end at the deadline instead of being cut off at a high learning rate.
 Determinism: the order of sequences in epoch ``e`` comes from a generator seeded with ``(seed, e)`` and the
 anchors of step ``t`` from one seeded with ``(seed, t)``, so a run resumed from a checkpoint (weights, AdamW
 moments, scheduler, step) takes exactly the steps the uninterrupted run would.
@@ -34,6 +37,9 @@ from dflash_sglang.training.objective import Batch, batch_loss, build_batch, lay
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
+FIT_SKIP_STEPS = 5  # start-up steps (allocator growth, autotuning) left out of the step rate
+FIT_AFTER_STEPS = 20  # steps timed to fit the schedule to a deadline
+FIT_HEADROOM = 0.97  # share of the time left that the fitted schedule plans to use
 
 
 @dataclass
@@ -230,6 +236,7 @@ class Trainer:
                                            weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(self.total_steps, train.warmup_ratio))
+        self.schedule_fitted = False
         self.step = 0
         self.history: list[dict] = []
         if resume:
@@ -287,17 +294,40 @@ class Trainer:
                 "acc": correct / max(scored, 1), "acc_first": first / max(blocks, 1),
                 "tokens": num_tokens}
 
+    def fit_schedule(self, total_steps: int) -> None:
+        """Sets the run's length to ``total_steps``, with warmup and cosine decay recomputed for it; the
+        learning rates of the steps already taken stay as they were."""
+        self.total_steps = total_steps
+        self.scheduler.lr_lambdas = [lr_lambda(total_steps, self.train.warmup_ratio)] * len(
+            self.optimizer.param_groups)
+        self.schedule_fitted = True
+
     def run(self, until: int | None = None, on_step: Callable[[dict], None] | None = None,
-            deadline: float | None = None) -> list[dict]:
+            deadline: float | None = None, fit_schedule_to_deadline: bool = False,
+            clock: Callable[[], float] = time.monotonic) -> list[dict]:
         """Trains to step ``until`` (default: the end), checkpointing every ``save_every`` steps and at the end;
-        stops early, with a checkpoint, once ``time.monotonic()`` passes ``deadline``."""
+        stops early, with a checkpoint, once ``clock()`` passes ``deadline``. With
+        ``fit_schedule_to_deadline``, a run whose schedule is not yet fitted times its first steps and shortens
+        the schedule to what fits before ``deadline`` (see the module docstring)."""
         from tqdm.auto import tqdm
 
+        fit = fit_schedule_to_deadline and deadline is not None and not self.schedule_fitted
+        fit_from, fit_to = self.step + FIT_SKIP_STEPS, self.step + FIT_SKIP_STEPS + FIT_AFTER_STEPS
+        fit_start = 0.0
         until = min(until or self.total_steps, self.total_steps)
         self.drafter.train()
         bar = tqdm(total=until, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
         start, tokens = time.perf_counter(), 0
         while self.step < until:
+            if fit and self.step == fit_from:
+                fit_start = clock()
+            if fit and self.step == fit_to:
+                now = clock()
+                seconds_per_step = (now - fit_start) / FIT_AFTER_STEPS
+                fitted = self.step + int(FIT_HEADROOM * (deadline - now) / seconds_per_step)
+                self.fit_schedule(max(self.step + 1, min(fitted, self.total_steps)))
+                until, fit = min(until, self.total_steps), False
+                bar.total = until
             record = self.train_step()
             tokens += record["tokens"]
             record["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
@@ -307,7 +337,7 @@ class Trainer:
             bar.update(1)
             if on_step:
                 on_step(record)
-            out_of_time = deadline is not None and time.monotonic() > deadline
+            out_of_time = deadline is not None and clock() > deadline
             if self.step % self.train.save_every == 0 or self.step == until or out_of_time:
                 self.checkpoint()
             if out_of_time:
@@ -322,7 +352,8 @@ class Trainer:
         save_drafter(self.drafter, path)
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "train": asdict(self.train),
-                    "history": self.history}, os.path.join(path, STATE_FILE))
+                    "history": self.history, "total_steps": self.total_steps,
+                    "schedule_fitted": self.schedule_fitted}, os.path.join(path, STATE_FILE))
         old = sorted(list_checkpoints(self.out_dir))[:-self.train.keep_checkpoints]
         for stale in old:
             for name in os.listdir(stale):
@@ -341,6 +372,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
+        if state.get("schedule_fitted"):
+            self.fit_schedule(state["total_steps"])
 
     def export(self, path: str | None = None) -> str:
         """The final drafter (bf16) in the released format at ``path`` (default: the run's folder)."""
