@@ -200,6 +200,7 @@ def test_check_target_accepts_its_target():
     config = DFlashDraftConfig.from_dict(CLASSIC)
     config.check_target(QWEN3_8B)
     config.check_target(QWEN3_8B, block_size=16)
+    config.check_target(QWEN3_8B, block_size=2)  # shorter blocks than the drafter's run (fewer drafts verified)
     config.check_target({"text_config": QWEN3_8B})  # multimodal wrapper
 
     class Attributes:  # a transformers PretrainedConfig-like object
@@ -214,8 +215,10 @@ def test_check_target_accepts_its_target():
     ({**QWEN3_8B, "num_hidden_layers": 40}, None, "num_target_layers"),
     ({**QWEN3_8B, "vocab_size": 152064}, None, "vocab_size"),
     ({**QWEN3_8B, "vocab_size": 151000}, None, "mask_token_id"),
-    (QWEN3_8B, 8, "block_size"),
-], ids=["hidden-size", "layer-ids-beyond-depth", "num-target-layers", "vocab", "mask-outside-vocab", "block-size"])
+    (QWEN3_8B, 17, "takes 2..16"),
+    (QWEN3_8B, 1, "takes 2..16"),
+], ids=["hidden-size", "layer-ids-beyond-depth", "num-target-layers", "vocab", "mask-outside-vocab",
+        "block-longer-than-trained", "block-without-drafts"])
 def test_check_target_names_the_mismatch(target, block_size, problem):
     config = DFlashDraftConfig.from_dict(CLASSIC)
     with pytest.raises(DraftConfigError, match=problem):

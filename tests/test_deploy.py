@@ -161,8 +161,8 @@ BROKEN = {
                    [":4: `port`: Input should be less than or equal to 65535"]),
     "missing_drafter": ("target_model: Qwen/Qwen3-8B\ndraft_model: ./no-such-drafter\n",
                         [":2: `draft_model`: no folder at", "no-such-drafter"]),
-    "block_size": ("target_model: Qwen/Qwen3-8B\ndraft_model: ./drafter\nblock_size: 8\n",
-                   [":3: `block_size: 8` does not match the drafter", "block_size 16"]),
+    "block_size": ("target_model: Qwen/Qwen3-8B\ndraft_model: ./drafter\nblock_size: 32\n",
+                   [":3: `block_size: 32` is longer than the drafter's", "block_size 16", "2..16"]),
     "cpu_backend_strict": ("target_model: Qwen/Qwen3-8B\ndraft_model: z-lab/Qwen3-8B-DFlash-b16\ndevice: cpu\n"
                            "strict: true\ndraft_attention_backend: torch_native\n",
                            [": `target_attention_backend: triton` cannot run here",

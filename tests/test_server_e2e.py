@@ -159,6 +159,21 @@ def test_agreeing_drafter_is_accepted_and_lossless(baseline, dflash_agree):
     assert_no_leak(dflash_agree)
 
 
+def test_a_block_shorter_than_the_drafters_verifies_that_many_tokens(checkpoints, baseline, tmp_path_factory):
+    """``--speculative-num-draft-tokens 3`` with the agreeing block-8 drafter: each step verifies 2 drafts and
+    the bonus token, so it emits at most 3 tokens (over 4 a step at the drafter's own size, see
+    test_agreeing_drafter_is_accepted_and_lossless), losslessly and without leaked slots."""
+    extra = [*dflash_args(checkpoints, "drafter-agree"), "--speculative-num-draft-tokens", "3"]
+    with tiny_server(checkpoints, tmp_path_factory, "dflash-block3", extra) as server:
+        for prompt in PROMPTS[:2]:
+            spec_ids, meta = server.generate_greedy(prompt, 31)
+            assert spec_ids == baseline.generate_greedy(prompt, 31)[0], prompt
+            # the prefill emits the first token; each verify step at most 3 of the other 30
+            assert 10 <= meta["spec_verify_ct"] <= 15, meta
+        assert "DFLASH: block size 3" in server.log_text()
+        assert_no_leak(server)
+
+
 def test_unsupported_request_gets_clear_http_error_and_server_keeps_serving(baseline, dflash):
     with pytest.raises(openai.BadRequestError) as error:
         _client(dflash).completions.create(model="default", prompt="hi", max_tokens=4,

@@ -219,7 +219,9 @@ class DFlashDraftConfig:
         Args:
             target: the target's config (a ``config.json`` dict or an object with the same attributes;
                 multimodal wrappers with a ``text_config`` are unwrapped).
-            block_size: the block size the server was asked to use, if any; it must equal the drafter's.
+            block_size: the block size the server was asked to use, if any: from 2 (one draft a step) up to the
+                drafter's own. A shorter block is the reference's runtime ``block_size`` (z-lab's benchmark takes
+                one too): the drafter fills fewer masked positions and the target verifies fewer tokens.
         """
         text = _text_config(target)
         target_hidden = _get(text, "hidden_size")
@@ -246,10 +248,11 @@ class DFlashDraftConfig:
             raise DraftConfigError(
                 f"drafter/target mismatch: the drafter's vocab_size is {self.vocab_size} but the target's is "
                 f"{target_vocab}; the drafter shares the target's embedding and LM head")
-        if block_size is not None and block_size != self.block_size:
+        if block_size is not None and not 2 <= block_size <= self.block_size:
             raise DraftConfigError(
                 f"block size {block_size} was requested but the drafter was trained with block_size "
-                f"{self.block_size}: drop --speculative-num-draft-tokens or set it to {self.block_size}")
+                f"{self.block_size}: --speculative-num-draft-tokens takes 2..{self.block_size} (a shorter block "
+                f"verifies fewer drafts for less compute a step) or drop it for {self.block_size}")
 
 
 def default_target_layer_ids(num_target_layers: int, num_ids: int) -> list[int]:

@@ -73,7 +73,9 @@ class DeployConfig(BaseModel):
 
     target_model: str = Field(description="target model: hub id or local folder")
     draft_model: str = Field(description="DFlash drafter: hub id or local folder")
-    block_size: int | None = Field(None, ge=2, description="draft block size; default: the drafter's")
+    block_size: int | None = Field(None, ge=2, description="tokens verified a step: 2 up to the drafter's block_size "
+                                   "(a shorter block costs less compute a step and caps the tokens accepted); "
+                                   "default: the drafter's")
     target_attention_backend: AttentionBackend = "triton"
     draft_attention_backend: AttentionBackend = "fa4"
     dtype: Dtype = "auto"
@@ -265,11 +267,11 @@ def _check_local_checkpoints(cfg: DeployConfig) -> DeployConfig:
         draft = DFlashDraftConfig.from_pretrained(cfg.draft_model)
     except (DraftConfigError, NotImplementedError) as error:
         raise DeployConfigError(f"{where}: `draft_model`: {error}") from None
-    if cfg.block_size is not None and cfg.block_size != draft.block_size:
+    if cfg.block_size is not None and cfg.block_size > draft.block_size:
         raise DeployConfigError(
-            f"{cfg.where('block_size')}: `block_size: {cfg.block_size}` does not match the drafter, which was "
+            f"{cfg.where('block_size')}: `block_size: {cfg.block_size}` is longer than the drafter's, which was "
             f"trained with block_size {draft.block_size} ({cfg.draft_model}/config.json); set block_size: "
-            f"{draft.block_size} or leave it out")
+            f"2..{draft.block_size} or leave it out")
     if target_raw is not None:
         try:
             draft.check_target(target_raw)

@@ -77,7 +77,7 @@ def apply_dflash_server_defaults(server_args) -> None:
                        server_args.speculative_num_steps)
     server_args.speculative_num_steps = 1
     server_args.speculative_eagle_topk = 1
-    server_args.speculative_num_draft_tokens = draft.block_size
+    server_args.speculative_num_draft_tokens = server_args.speculative_num_draft_tokens or draft.block_size
     choose_draft_attention_backend(server_args, draft)
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS

@@ -158,7 +158,7 @@ class DFlashDraftModel(nn.Module):
         self.config = config
         self.draft_config = _draft_config(config)
         draft = self.draft_config
-        check_windows_on_backends(draft, _draft_attention_backends())
+        check_windows_on_backends(draft, *_served_attention())
         if draft.hidden_act != "silu":
             raise NotImplementedError(f"drafter hidden_act {draft.hidden_act!r} is not supported; expected 'silu' "
                                       "(the released DFlash drafters' SwiGLU MLP)")
@@ -291,7 +291,7 @@ def sglang_window(sliding_window: int | None) -> int:
     return -1 if sliding_window is None else sliding_window - 1
 
 
-def check_windows_on_backends(draft: DFlashDraftConfig, backends: set[str]) -> None:
+def check_windows_on_backends(draft: DFlashDraftConfig, backends: set[str], block_size: int | None = None) -> None:
     """Refuses drafter layers whose sliding window one of the draft attention ``backends`` would apply wrongly
     (see the module docstring)."""
     windowed = [i for i in range(draft.num_hidden_layers) if draft.layer_sliding_window(i) is not None]
@@ -306,26 +306,28 @@ def check_windows_on_backends(draft: DFlashDraftConfig, backends: set[str]) -> N
             f"drafter layers {non_causal} are non-causal (config `is_causal: false`) with a sliding window, which "
             f"the {unsupported} attention backend(s) would bound causally: pass "
             "--speculative-draft-attention-backend triton")
-    if "triton" in backends and draft.sliding_window < draft.block_size and block_attention_mode() != "on":
+    block_size = block_size or draft.block_size
+    if "triton" in backends and draft.sliding_window < block_size and block_attention_mode() != "on":
         raise NotImplementedError(
             f"drafter layers {non_causal} are non-causal with sliding_window {draft.sliding_window} < block_size "
-            f"{draft.block_size}: the reference then also hides block keys more than the window AFTER a query, "
+            f"{block_size}: the reference then also hides block keys more than the window AFTER a query, "
             "which SGLang's triton extend kernel (left bound only) cannot do; DFLASH's block-attention kernel "
             "bounds both sides: unset DFLASH_BLOCK_ATTENTION=off")
 
 
-def _draft_attention_backends() -> set[str]:
+def _served_attention() -> tuple[set[str], int | None]:
     """The attention backends the drafter's ModelRunner will use (its override, else the prefill and decode
-    backends); empty outside a server, e.g. a model built directly in tests."""
+    backends) and the block size the server runs; empty and None outside a server (a model built directly)."""
     from sglang.srt.server_args import get_global_server_args
 
     try:
         args = get_global_server_args()
     except ValueError:  # not set: no server
-        return set()
+        return set(), None
+    block_size = args.speculative_num_draft_tokens
     if args.speculative_draft_attention_backend:
-        return {args.speculative_draft_attention_backend}
-    return {backend for backend in args.get_attention_backends() if backend}
+        return {args.speculative_draft_attention_backend}, block_size
+    return {backend for backend in args.get_attention_backends() if backend}, block_size
 
 
 def _draft_config(config) -> DFlashDraftConfig:
