@@ -94,6 +94,7 @@ PATCHES: dict[str, str] = {
     "sglang.srt.entrypoints.openai.serving_chat": "algorithm:patch_serving_chat",
     "sglang.srt.layers.attention.torch_native_backend": "cpu_attention:patch_torch_native_backend",
     "sglang.srt.mem_cache.memory_pool": "cpu:patch_memory_pool",
+    "sglang.srt.layers.quantization.unquant": "cpu:patch_unquant_layouts",
     "sglang.srt.mem_cache.allocator": "cpu:patch_paged_allocator",
     "sglang.srt.constrained.xgrammar_backend": "cpu:patch_xgrammar_grammar",
     "sglang.srt.distributed.device_communicators.pynccl": "cpu:patch_pynccl",

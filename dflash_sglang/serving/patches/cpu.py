@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What SGLang's CPU path lacks, for DFLASH and for the plain server the tests compare it with: a KV pool that
-does not warm up a Triton kernel on a CPU device, a paged KV allocator (``--page-size > 1``) that does not
-launch Triton kernels there, xgrammar's token bitmask applied to CPU logits (structured output), and
-``--tp-size > 1`` process groups that do not open an NCCL communicator on a CPU device. The torch_native
-attention backend's patches (block passes, sliding windows, SWA pools): ``cpu_attention.py``."""
+"""What SGLang's CPU path lacks, for DFLASH and for the plain server the tests compare it with: weight layouts
+that multiply a block of rows at the cost of one row, a KV pool that does not warm up a Triton kernel on a CPU
+device, a paged KV allocator (``--page-size > 1``) that does not launch Triton kernels there, xgrammar's token
+bitmask applied to CPU logits (structured output), and ``--tp-size > 1`` process groups that do not open an NCCL
+communicator on a CPU device. The torch_native attention backend's patches (block passes, sliding windows, SWA
+pools): ``cpu_attention.py``."""
 
 from __future__ import annotations
 
@@ -122,3 +123,38 @@ def patch_pynccl(communicator) -> None:
         original_init(self, group, device, library_path)
 
     communicator.__init__ = __init__
+
+
+def _transposed_layout(weight) -> None:
+    """Keeps ``weight`` ([out, in]) as the transpose of a contiguous [in, out] matrix (its values unchanged),
+    unless it already is: ``x @ weight.T`` then multiplies by a contiguous matrix (see patch_unquant_layouts)."""
+    data = weight.data
+    if data.dim() != 2 or not data.is_contiguous() or data.shape[0] == 1 or data.shape[1] == 1:
+        return
+    weight.data = data.t().contiguous().t()
+
+
+@patches(lambda module: module)
+def patch_unquant_layouts(unquant) -> None:
+    """On CPU devices without SGLang's AMX kernels: unquantized linear, embedding and LM-head weights are stored
+    [in, out] in memory (a transposed view keeps their [out, in] shape, values and loaders).
+
+    ``F.linear(x, w)`` multiplies by ``w.T``; with ``w`` stored [out, in] the BLAS reads a transposed operand,
+    which on the CPUs measured here costs ~2x a contiguous one for 4-16 rows: a DFLASH verify pass (a block
+    of rows per request) took 50 ms where one decoding row took 35 ms, 46 of those 50 ms in ``aten::mm``
+    (scripts/bench_step_cpu.py traces, SmolLM2-135M, bench/results/NOTES.md). One row costs the same either
+    way, so the plain server is not slowed. GPUs and AMX CPUs keep their own layouts.
+    """
+    from sglang.srt.utils import use_intel_amx_backend
+
+    def relayout_after(original):
+        def process_weights_after_loading(self, layer) -> None:
+            original(self, layer)
+            weight = getattr(layer, "weight", None)
+            if weight is not None and weight.device.type == "cpu" and not use_intel_amx_backend(layer):
+                _transposed_layout(weight)
+
+        return process_weights_after_loading
+
+    for method in (unquant.UnquantizedLinearMethod, unquant.UnquantizedEmbeddingMethod):
+        method.process_weights_after_loading = relayout_after(method.process_weights_after_loading)
