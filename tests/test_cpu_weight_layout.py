@@ -2,7 +2,7 @@
 """``patches.cpu.patch_unquant_layouts`` on SGLang's real layers, on the CPU without a server: after loading,
 linear, embedding and LM-head weights keep their shape and values but are stored [in, out], so ``F.linear``
 multiplies by a contiguous matrix; outputs equal the [out, in] formulas for one row and for a block of rows;
-a tied weight (embedding = LM head) is laid out once."""
+a tied weight (embedding = LM head) is laid out once; bfloat16 weights keep [out, in] (oneDNN's faster layout)."""
 
 from __future__ import annotations
 
@@ -86,3 +86,12 @@ def test_a_tied_embedding_and_lm_head_is_laid_out_once_and_still_looks_up_rows()
     assert torch.equal(embedding(ids), table[ids])
     hidden = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(torch.matmul(hidden, head.weight.T), hidden @ table.T, rtol=1e-5, atol=1e-5)
+
+
+@in_sglang
+def test_bfloat16_weights_keep_their_layout():
+    layer = RowParallelLinear(INTERMEDIATE, HIDDEN, bias=False, params_dtype=torch.bfloat16)
+    down = torch.randn(HIDDEN, INTERMEDIATE).to(torch.bfloat16)
+    layer.weight.weight_loader(layer.weight, down)
+    _finish_loading(layer)
+    assert layer.weight.is_contiguous() and torch.equal(layer.weight, down)

@@ -128,22 +128,26 @@ def patch_pynccl(communicator) -> None:
 def _transposed_layout(weight) -> None:
     """Keeps ``weight`` ([out, in]) as the transpose of a contiguous [in, out] matrix (its values unchanged),
     unless it already is: ``x @ weight.T`` then multiplies by a contiguous matrix (see patch_unquant_layouts)."""
+    import torch
+
     data = weight.data
-    if data.dim() != 2 or not data.is_contiguous() or data.shape[0] == 1 or data.shape[1] == 1:
+    if (data.dtype != torch.float32 or data.dim() != 2 or not data.is_contiguous() or data.shape[0] == 1
+            or data.shape[1] == 1):
         return
     weight.data = data.t().contiguous().t()
 
 
 @patches(lambda module: module)
 def patch_unquant_layouts(unquant) -> None:
-    """On CPU devices without SGLang's AMX kernels: unquantized linear, embedding and LM-head weights are stored
-    [in, out] in memory (a transposed view keeps their [out, in] shape, values and loaders).
+    """On CPU devices without SGLang's AMX kernels: unquantized float32 linear, embedding and LM-head weights are
+    stored [in, out] in memory (a transposed view keeps their [out, in] shape, values and loaders).
 
     ``F.linear(x, w)`` multiplies by ``w.T``; with ``w`` stored [out, in] the BLAS reads a transposed operand,
     which on the CPUs measured here costs ~2x a contiguous one for 4-16 rows: a DFLASH verify pass (a block
     of rows per request) took 50 ms where one decoding row took 35 ms, 46 of those 50 ms in ``aten::mm``
     (scripts/bench_step_cpu.py traces, SmolLM2-135M, bench/results/NOTES.md). One row costs the same either
-    way, so the plain server is not slowed. GPUs and AMX CPUs keep their own layouts.
+    way, so the plain server is not slowed. bfloat16 weights keep [out, in]: oneDNN's bf16 GEMMs are faster
+    with it (SmolLM2's LM head, one row: 1.5 ms against 2.2 ms [in, out]). GPUs and AMX kernels keep theirs.
     """
     from sglang.srt.utils import use_intel_amx_backend
 
