@@ -5,6 +5,10 @@
 #   bash scripts/gpu_train_smollm2.sh stage            # copy the carried .device/smollm2 files to /tmp/dflash-stage
 #   bash scripts/gpu_train_smollm2.sh smoke            # time regeneration + training on a random SmolLM2-shaped target
 #   bash scripts/gpu_train_smollm2.sh train [ARGS...]  # join + convert the GGUF, dflash-train ARGS, results -> $OUT
+#   bash scripts/gpu_train_smollm2.sh within SECONDS PROMPTS [ARGS...]
+#       # one call of SECONDS: regenerate from the JSONL PROMPTS (a cache already complete costs the engine's
+#       # start), then `train ARGS` for what is left less 150 s (export, evaluation, return), its learning-rate
+#       # schedule fitted to that (--time-limit-min --fit-schedule)
 # `train` regenerates with SGLang's offline engine (dflash-train --regenerate-with sglang, the default where SGLang
 # imports): the kit carried in the same call (.gpu-kit), or installed in /tmp/site by an earlier call while the
 # machine stayed warm. transformers' generate managed only ~3.3k tokens/s on an H200.
@@ -85,5 +89,15 @@ EOF
       train.log 2>/dev/null))
     ls -la "$out" "$out/drafter" 2>/dev/null
     ;;
-  *) echo "usage: $0 stage|smoke|train [dflash-train arguments]"; exit 2 ;;
+  within)
+    [ $# -ge 3 ] || { echo "usage: $0 within SECONDS PROMPTS [dflash-train arguments]"; exit 2; }
+    budget=$2; prompts=$3; shift 3
+    start=$(date +%s)
+    bash "$0" train --prompts "$prompts" --max-new-tokens 256 --max-prompt-tokens 512 --regenerate-only
+    left=$(( budget - ($(date +%s) - start) - 150 ))
+    [ "$left" -gt 60 ] || { echo "within: ${left} s left after regeneration, too little to train"; exit 1; }
+    echo "within: training for ${left} s"
+    bash "$0" train --time-limit-min "$(python3 -c "print(round($left / 60, 2))")" --fit-schedule "$@"
+    ;;
+  *) echo "usage: $0 stage|smoke|train|within [arguments]"; exit 2 ;;
 esac
