@@ -2,6 +2,10 @@
 """Runs some of a test file's tests again in a child pytest with a different environment (the Triton
 interpreter, the CPU driver stand-in), and holds the child to passing all of them, none skipped.
 
+Modules that test SGLang's own layers, pools or scheduler import them only where ``sgl_kernel`` loads (a GPU
+driver, or a child with ``deploy/cpu_stub.py``'s stand-in): their ``test_in_a_child_process``
+(:func:`sglang_cpu_rerun`) runs the other tests in such a child.
+
 The Triton op tests share one layout: their ``test_kernel_*`` tests run on the GPU where there is one, else a
 ``test_kernel_in_triton_interpreter`` (:func:`triton_interpreter_rerun`) runs them again in a child with
 ``TRITON_INTERPRET=1`` (which must be set before Triton is imported), where :func:`triton_kernel_device` is the
@@ -47,3 +51,19 @@ def triton_kernel_device() -> str:
     if not (CUDA or INTERPRETED):
         pytest.skip("no GPU: test_kernel_in_triton_interpreter runs this in Triton's interpreter")
     return "cuda" if CUDA else "cpu"
+
+
+def sglang_cpu_rerun(test_file: str, child_flag: str, runs_here: bool,
+                     extra_env: dict[str, str] | None = None) -> Callable[[], None]:
+    """The test that reruns ``test_file``'s other tests in a child with SGLang's CPU environment and
+    ``child_flag`` set (skipped where ``runs_here``: the tests then run directly); assign it to
+    ``test_in_a_child_process``."""
+
+    @pytest.mark.skipif(runs_here, reason="SGLang's modules import here: the tests run directly")
+    def test_in_a_child_process() -> None:
+        from dflash_sglang.deploy.cpu_stub import cpu_server_env
+
+        env = {**cpu_server_env(), child_flag: "1", **(extra_env or {})}
+        run_child_pytest(test_file, "not test_in_a_child_process", env, timeout=600)
+
+    return test_in_a_child_process

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from child_pytest import run_child_pytest
+from child_pytest import sglang_cpu_rerun
 
-from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import driver_present
 
 CHILD = "DFLASH_TEST_CPU_ATTENTION_CHILD"
 IMPORTED = False
@@ -40,9 +40,7 @@ REQ_POOL_INDICES = [2, 0, 3]  # rows out of batch order
 BLOCK = 4
 
 
-@pytest.mark.skipif(IMPORTED, reason="SGLang's layers import here: the tests run directly")
-def test_in_a_child_process():
-    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, IMPORTED)
 
 
 def _shuffle_free_slots(allocator, generator) -> None:

@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from child_pytest import run_child_pytest
+from child_pytest import sglang_cpu_rerun
 
-from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import driver_present
 
 CHILD = "DFLASH_TEST_CPU_WEIGHT_LAYOUT_CHILD"
 IMPORTED = False
@@ -28,9 +28,7 @@ in_sglang = pytest.mark.skipif(not IMPORTED, reason="runs in the child process o
 HIDDEN, INTERMEDIATE, VOCAB = 24, 40, 128  # VOCAB: a multiple of SGLang's vocabulary padding (64)
 
 
-@pytest.mark.skipif(IMPORTED, reason="SGLang's layers import here: the tests run directly")
-def test_in_a_child_process():
-    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, IMPORTED)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,18 +16,13 @@ import types
 
 import pytest
 import torch
-from child_pytest import run_child_pytest
-
-from dflash_sglang.deploy.cpu_stub import cpu_server_env
+from child_pytest import sglang_cpu_rerun
 
 CHILD = "DFLASH_TEST_DECODE_ROUTE_CHILD"
 RUNS_HERE = torch.cuda.is_available() or bool(os.environ.get(CHILD))
 
 
-@pytest.mark.skipif(RUNS_HERE, reason="the test runs directly here")
-def test_in_a_child_process():
-    env = {**cpu_server_env(), CHILD: "1", "TRITON_INTERPRET": "1"}
-    run_child_pytest(__file__, "not test_in_a_child_process", env, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, RUNS_HERE, {"TRITON_INTERPRET": "1"})
 
 
 @pytest.mark.skipif(not RUNS_HERE, reason="runs in the child process of test_in_a_child_process")

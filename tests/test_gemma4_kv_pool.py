@@ -15,10 +15,10 @@ import shutil
 import types
 
 import pytest
-from child_pytest import run_child_pytest
+from child_pytest import sglang_cpu_rerun
 from test_gemma4_config import FIXTURES, RELEASED_26B, RELEASED_31B
 
-from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import driver_present
 from dflash_sglang.serving.models.gemma4_config import FULL, SLIDING
 
 CHILD = "DFLASH_TEST_GEMMA4_KV_POOL_CHILD"
@@ -26,9 +26,7 @@ IN_SGLANG = driver_present() or bool(os.environ.get(CHILD))  # SGLang's pools lo
 in_sglang = pytest.mark.skipif(not IN_SGLANG, reason="runs in the child process of test_in_a_child_process")
 
 
-@pytest.mark.skipif(IN_SGLANG, reason="SGLang's memory pools import here: the tests run directly")
-def test_in_a_child_process():
-    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, IN_SGLANG)
 
 
 def _model_config(tmp_path, variant: str):

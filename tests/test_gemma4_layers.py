@@ -18,10 +18,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from child_pytest import run_child_pytest
+from child_pytest import sglang_cpu_rerun
 from safetensors.torch import load_file
 
-from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import driver_present
 
 CHILD = "DFLASH_TEST_GEMMA4_LAYERS_CHILD"
 IMPORTED = False
@@ -41,9 +41,7 @@ MOE_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures
 HIDDEN, EXPERTS, TOP_K, INTERMEDIATE = 32, 8, 3, 16
 
 
-@pytest.mark.skipif(IMPORTED, reason="SGLang's layers import here: the tests run directly")
-def test_in_a_child_process():
-    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, IMPORTED)
 
 
 @pytest.fixture(scope="module", autouse=True)

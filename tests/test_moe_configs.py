@@ -11,9 +11,9 @@ import types
 
 import pytest
 
-from child_pytest import run_child_pytest
+from child_pytest import sglang_cpu_rerun
 
-from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import driver_present
 from dflash_sglang.serving.patches import moe
 
 CHILD = "DFLASH_TEST_MOE_CONFIGS_CHILD"
@@ -27,9 +27,7 @@ TUNED = {"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GRO
                  "num_stages": 3}}
 
 
-@pytest.mark.skipif(IN_SGLANG, reason="SGLang's MoE modules import here: the tests run directly")
-def test_in_a_child_process():
-    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, IN_SGLANG)
 
 
 @pytest.fixture

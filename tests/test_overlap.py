@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from child_pytest import run_child_pytest
+from child_pytest import sglang_cpu_rerun
 
-from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import driver_present
 
 CHILD = "DFLASH_TEST_OVERLAP_CHILD"
 IMPORTED = False
@@ -27,9 +27,7 @@ in_sglang = pytest.mark.skipif(not IMPORTED, reason="runs in the child process o
 BLOCK = 16
 
 
-@pytest.mark.skipif(IMPORTED, reason="SGLang's scheduler imports here: the tests run directly")
-def test_in_a_child_process():
-    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, IMPORTED)
 
 
 def _future_map() -> FutureMap:

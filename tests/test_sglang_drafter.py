@@ -11,10 +11,10 @@ import os
 from types import SimpleNamespace
 
 import pytest
-from child_pytest import run_child_pytest
+from child_pytest import sglang_cpu_rerun
 
 from dflash_sglang.core.config import DFlashDraftConfig
-from dflash_sglang.deploy.cpu_stub import cpu_server_env, driver_present
+from dflash_sglang.deploy.cpu_stub import driver_present
 
 CHILD = "DFLASH_TEST_SGLANG_DRAFTER_CHILD"
 IMPORTED = False
@@ -29,9 +29,7 @@ if driver_present() or os.environ.get(CHILD):  # SGLang's layers load sgl_kernel
 in_sglang = pytest.mark.skipif(not IMPORTED, reason="runs in the child process of test_in_a_child_process")
 
 
-@pytest.mark.skipif(IMPORTED, reason="SGLang's layers import here: the tests run directly")
-def test_in_a_child_process():
-    run_child_pytest(__file__, "not test_in_a_child_process", {**cpu_server_env(), CHILD: "1"}, timeout=600)
+test_in_a_child_process = sglang_cpu_rerun(__file__, CHILD, IMPORTED)
 
 
 def _config(**overrides) -> DFlashDraftConfig:
