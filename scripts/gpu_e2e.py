@@ -197,6 +197,9 @@ def main() -> int:
     options = {key: value for name in args.request_options for key, value in REQUEST_OPTIONS[name].items()}
     penalized = any(name in PENALTIES for name in args.request_options)
     baseline_args = common + (["--disable-overlap-schedule"] if penalized and not args.disable_overlap_schedule else [])
+    # A shorter block caps the tokens a step: the agreeing drafter must then reach 60% of it.
+    min_agreeing_acceptance = (min(MIN_AGREEING_ACCEPTANCE, 0.6 * args.block_size) if args.block_size
+                               else MIN_AGREEING_ACCEPTANCE)
     report = {**provenance(args.commit), "settings": vars(args), "request_options": options, "cases": []}
     failed = False
     with ServerProcess(baseline_args, log_path=os.path.join(logs, "baseline.log")) as baseline:
@@ -241,8 +244,7 @@ def main() -> int:
                 real = sequential_diff if options else [
                     i for i, found in explained.items() if not all(is_tie(p, TIE_TOLERANCE[args.dtype]) for p in found)]
                 mean_accept = sum(accept) / len(accept)
-                drafter_works = drafter != "drafter-agree" or mean_accept >= min(
-                    MIN_AGREEING_ACCEPTANCE, 0.6 * (args.block_size or MIN_AGREEING_ACCEPTANCE))
+                drafter_works = drafter != "drafter-agree" or mean_accept >= min_agreeing_acceptance
                 case.update(identical=not sequential_diff, drafter_works=drafter_works,
                             identical_prompts=len(prompts) - len(sequential_diff),
                             lossless_up_to_ties=not real, real_divergences=real,
