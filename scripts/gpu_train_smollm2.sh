@@ -57,9 +57,11 @@ EOF
     fi
     (cd /tmp && python3 -c "import sglang; print('SGLang', sglang.__version__, 'importable')") ||
       echo "SGLang does not import: carry .gpu-kit (dflash-train --regenerate-with auto falls back to transformers)"
+    # The GGUF is joined and converted once per machine (a second `train` call, as `within` makes, reuses it).
     manifest="$stage/gguf/manifest.json"
     gguf=/tmp/smollm2.gguf
-    python3 - "$manifest" "$gguf" <<'EOF' || exit 1
+    converted=/tmp/smollm2/target/.converted
+    [ -f "$converted" ] || { python3 - "$manifest" "$gguf" <<'EOF' || exit 1
 import hashlib, json, os, sys
 manifest, out = json.load(open(sys.argv[1])), sys.argv[2]
 folder, digest = os.path.dirname(sys.argv[1]), hashlib.sha256()
@@ -74,6 +76,7 @@ EOF
     python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf "$stage"/whl/*.whl 2>&1 | tail -1
     python3 -c "from dflash_sglang.testing.gguf_convert import convert_gguf; convert_gguf('$gguf', '/tmp/smollm2/target')" \
       || exit 1
+    touch "$converted"; }
     run=/tmp/smollm2/run
     mkdir -p "$run"
     train --target /tmp/smollm2/target --out "$run" --no-progress "$@" 2>&1 | tee "$run/train.log" | tail -30
