@@ -69,15 +69,26 @@ def fp32_server(request, root):
         yield variant, server
 
 
-@pytest.mark.parametrize("fp32_server", [("dense", 1, []), ("moe", 1, []), ("moe", 2, []),
+@pytest.fixture(scope="module")
+def moe_fp32(root):
+    """The MoE variant served alone in float32 at TP 1: a golden case and the reference of DFLASH at TP 2."""
+    with _server(["--model-path", str(root / "moe")], root, "moe-fp32-tp1", "float32") as server:
+        yield server
+
+
+@pytest.mark.parametrize("fp32_server", [("dense", 1, []), ("moe", 2, []),
                                          ("dense", 1, ["--disable-hybrid-swa-memory"])], indirect=True,
-                         ids=["dense", "moe", "moe-tp2", "dense-one-slot-space"])
+                         ids=["dense", "moe-tp2", "dense-one-slot-space"])
 def test_golden_logprobs_fp32_serving(fp32_server):
     """At TP 2 (MoE variant, which covers the dense layers' split too) the sliding layers' two KV heads are split
     over the ranks, the full-attention layers' one KV head is replicated on both and the experts' columns are
     split. ``--disable-hybrid-swa-memory``: sliding layers in the full slot space (``Gemma4KVPool``)."""
     variant, server = fp32_server
     _check_golden(server, variant, "float32")
+
+
+def test_golden_logprobs_fp32_serving_moe(moe_fp32):
+    _check_golden(moe_fp32, "moe", "float32")
 
 
 def test_golden_logprobs_bf16_serving(dense):
@@ -180,7 +191,7 @@ def test_chat_template_enable_thinking(dense, root):
     assert _chat_prompt_tokens(dense, None) == expected[False]
 
 
-def test_dflash_on_gemma4_moe_at_tp2_is_lossless(root):
+def test_dflash_on_gemma4_moe_at_tp2_is_lossless(root, moe_fp32):
     """DFLASH at --tp-size 2 (sharded drafter; the target's heads, replicated full-layer KV head and expert
     columns split) in the loop without the overlap scheduler, against the plain MoE server at TP 1, in float32,
     past the sliding window and the first freed sliding slots (100 tokens)."""
@@ -190,8 +201,7 @@ def test_dflash_on_gemma4_moe_at_tp2_is_lossless(root):
     ids, _ = write_gemma4_tokenizer(str(root / "tokenizer-ids-moe"))
     drafter = write_gemma4_drafter(str(root / "drafter-moe"), target_config, ids, block_size=8)
     prompts = {"the quick brown fox": 24, "In a small village by the sea there lived": 100}
-    with _server(["--model-path", target], root, "moe-fp32-plain", "float32") as plain:
-        expected = [_long_greedy(plain, prompt, tokens)[0] for prompt, tokens in prompts.items()]
+    expected = [_long_greedy(moe_fp32, prompt, tokens)[0] for prompt, tokens in prompts.items()]
     args = ["--model-path", target, "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", drafter,
             "--tp-size", "2", "--disable-overlap-schedule"]
     with _server(args, root, "moe-fp32-dflash-tp2", "float32") as dflash:

@@ -7,6 +7,10 @@ deterministic, so the sharded drafter must also be accepted exactly as the unsha
 verify steps and the same acceptance histogram per request. Sampled requests must finish on both ranks (ranks
 that parted would hang on their next collective), and SGLang's strict idle check must find no leaked KV slot.
 ``ServerProcess`` splits the host's cores between the ranks (``SGLANG_CPU_OMP_THREADS_BIND``).
+
+Each test runs at TP 2 on one node (one launch starting both ranks) and on two nodes of one rank each (``--nnodes
+2``: two ``launch_server`` processes that meet at ``--dist-init-addr`` as on two machines, gloo over TCP; node 1
+serves only SGLang's dummy health check, node 0 the API).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pytest
 
 from openai_client import greedy_completion as _complete
 from test_server_e2e import PROMPTS
+from dflash_sglang.deploy.launch import free_port
 from tiny_servers import assert_no_leak, dflash_args, tiny_server
 
 
@@ -26,11 +31,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.parametrize("dflash_server", [("draf
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def dflash_tp2(tiny_checkpoints, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-node", "two-nodes"])
+def dflash_tp2(request, tiny_checkpoints, tmp_path_factory):
+    """The API server of DFLASH at TP 2 over ``request.param`` nodes; ``.logs()``: every node's log text."""
     extra = ["--tp-size", "2", *dflash_args(tiny_checkpoints, "drafter-agree")]
-    with tiny_server(tiny_checkpoints, tmp_path_factory, "dflash-tp2", extra) as server:
-        yield server
+    if request.param == 1:
+        nodes = [tiny_server(tiny_checkpoints, tmp_path_factory, "dflash-tp2", extra)]
+    else:
+        extra += ["--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+        nodes = [tiny_server(tiny_checkpoints, tmp_path_factory, f"dflash-tp2-node{rank}",
+                             [*extra, "--node-rank", str(rank)]) for rank in (0, 1)]
+    with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
+        try:
+            for started in [pool.submit(node.start) for node in nodes]:
+                started.result()  # the nodes wait for each other: started together
+            nodes[0].logs = lambda: "".join(node.log_text() for node in nodes)
+            yield nodes[0]
+        finally:
+            for node in nodes:
+                node.stop()  # a node still starting sees its process gone and gives up
 
 
 def test_tp2_greedy_is_token_identical_and_accepted_as_at_tp1(plain_server, dflash_server, dflash_tp2):
@@ -41,7 +60,8 @@ def test_tp2_greedy_is_token_identical_and_accepted_as_at_tp1(plain_server, dfla
         assert tp2_ids == tp1_ids == base_ids, prompt
         assert (tp2["spec_verify_ct"], tp2["spec_accept_histogram"]) == \
             (tp1["spec_verify_ct"], tp1["spec_accept_histogram"]), prompt
-    assert "TP1" in dflash_tp2.log_text(), "the TP 2 server runs a second rank"
+    assert "TP1" in dflash_tp2.logs(), "the TP 2 server runs a second rank"
+    assert dflash_tp2.logs().count("DFLASH: overlap scheduler") == 2, "both ranks run DFLASH's worker"
 
 
 def test_tp2_concurrent_greedy_and_sampled_requests(plain_server, dflash_server, dflash_tp2):
