@@ -19,9 +19,9 @@ import concurrent.futures
 
 import pytest
 
+from dflash_sglang.deploy.launch import free_port
 from openai_client import greedy_completion as _complete
 from test_server_e2e import PROMPTS
-from dflash_sglang.deploy.launch import free_port
 from tiny_servers import assert_no_leak, dflash_args, tiny_server
 
 
