@@ -18,12 +18,11 @@ from __future__ import annotations
 import concurrent.futures
 
 import pytest
-
-from dflash_sglang.deploy.launch import free_port
 from openai_client import greedy_completion as _complete
 from test_server_e2e import PROMPTS
 from tiny_servers import assert_no_leak, dflash_args, tiny_server
 
+from dflash_sglang.deploy.launch import free_port
 
 # DFLASH at TP 1 is the shared server with the agreeing drafter in the overlap loop (conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("dflash_server", [("drafter-agree", "overlap")], indirect=True,
