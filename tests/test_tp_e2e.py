@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 
 import pytest
+
 from openai_client import greedy_completion as _complete
 from test_server_e2e import PROMPTS
 from tiny_servers import assert_no_leak, dflash_args, tiny_server
